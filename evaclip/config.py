@@ -157,6 +157,17 @@ def _unwrap_optional(tp) -> tuple[Any, bool]:
     return tp, False
 
 
+def _parse_scalar(text: str) -> Any:
+    """Parse a command-line value as YAML; also accept ``1e-3`` (YAML 1.1 reads it as a string)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def _coerce(key: str, value: Any, tp) -> Any:
     """Check ``value`` against the annotated type ``tp``; strings from the command line are parsed as YAML."""
     base, optional = _unwrap_optional(tp)
@@ -165,7 +176,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
             return None
         raise ConfigError(f"config key '{key}' may not be null")
     if isinstance(value, str) and base is not str:
-        value = yaml.safe_load(value)
+        value = _parse_scalar(value)
         if value is None and optional:
             return None
     origin = typing.get_origin(base) or base
@@ -219,8 +230,10 @@ def _set_dotted(obj, key: str, value: Any) -> None:
             raise _unknown(".".join(parts[: i + 1]), _field_types(type(target)) if dataclasses.is_dataclass(target) else [])
         target = getattr(target, p)
         if isinstance(target, dict):  # free-form mapping, e.g. model.overrides.width=64
-            target[".".join(parts[i + 1 :])] = yaml.safe_load(value) if isinstance(value, str) else value
+            target[".".join(parts[i + 1 :])] = _parse_scalar(value) if isinstance(value, str) else value
             return
+    if not dataclasses.is_dataclass(target):
+        raise ConfigError(f"unknown config key '{key}': '{'.'.join(parts[:-1])}' is a value, not a section")
     _apply(target, {parts[-1]: value}, ".".join(parts[:-1]) + "." if len(parts) > 1 else "")
 
 
