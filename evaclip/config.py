@@ -27,6 +27,7 @@ class ModelCfg:
     text_init: Optional[str] = None  # text-tower init: OpenAI / open_clip / EVA-CLIP checkpoint
     attn_backend: str = "auto"  # auto | flash_attn | sdpa | eager
     token_drop: float = 0.0  # fraction of image patch tokens dropped in training (0.5 in the paper's big runs)
+    token_drop_until: Optional[int] = None  # optimizer step where token dropping ends (FLIP-style unmasked tuning)
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the towers
     overrides: dict = field(default_factory=dict)  # architecture overrides passed to create_model
@@ -84,12 +85,16 @@ class EvalCfg:
     zeroshot: Optional[str] = None  # clip_benchmark webdataset dir or ImageNet-style folder
     retrieval: Optional[str] = None  # image-text shards
     batch_size: int = 64
+    workers: int = 2  # DataLoader workers for evaluation data
+    classnames: Optional[str] = None  # zero-shot class-name file (default: the data's own, or open_clip's ImageNet)
+    templates: Optional[str] = None  # zero-shot prompt-template file ({c} = class name)
 
 
 @dataclass
 class CkptCfg:
     every: int = 0  # steps between checkpoints (0: only at the end)
     keep_last: int = 2
+    checksum: bool = True  # sha256 of every file in meta.json, verified on resume (catches silent corruption)
 
 
 @dataclass
@@ -105,7 +110,8 @@ class LogCfg:
 class DistCfg:
     strategy: str = "ddp"  # ddp | fsdp
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
-    cpu_offload: bool = False  # fsdp: offload optimizer state to CPU
+    cpu_offload: bool = False  # fsdp: sharded params, grads and optimizer state on the host (step runs there)
+    reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (False: keep to backward)
 
 
 @dataclass
@@ -123,6 +129,7 @@ class TrainCfg:
     epochs: int = 1
     max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs)
     accum_freq: int = 1  # micro-batches per optimizer step (contrastive batch kept over all of them)
+    global_batch: Optional[int] = None  # if set: data.batch_size * accum_freq * world size must equal it (recipes)
     seed: int = 0
     output_dir: str = "runs"
     name: Optional[str] = None  # run name (default: recipe name)
@@ -227,7 +234,8 @@ def _set_dotted(obj, key: str, value: Any) -> None:
     target = obj
     for i, p in enumerate(parts[:-1]):
         if not dataclasses.is_dataclass(target) or p not in _field_types(type(target)):
-            raise _unknown(".".join(parts[: i + 1]), _field_types(type(target)) if dataclasses.is_dataclass(target) else [])
+            known = _field_types(type(target)) if dataclasses.is_dataclass(target) else []
+            raise _unknown(".".join(parts[: i + 1]), known)
         target = getattr(target, p)
         if isinstance(target, dict):  # free-form mapping, e.g. model.overrides.width=64
             target[".".join(parts[i + 1 :])] = _parse_scalar(value) if isinstance(value, str) else value
@@ -249,6 +257,14 @@ def validate(cfg: TrainCfg) -> TrainCfg:
         raise ConfigError(f"config key 'model.token_drop' must be in [0, 1), got {cfg.model.token_drop}")
     if cfg.accum_freq < 1:
         raise ConfigError(f"config key 'accum_freq' must be >= 1, got {cfg.accum_freq}")
+    if cfg.model.token_drop_until is not None and cfg.model.token_drop_until < 0:
+        raise ConfigError(f"config key 'model.token_drop_until' must be >= 0, got {cfg.model.token_drop_until}")
+    if cfg.max_bad_steps < 1:
+        raise ConfigError(f"config key 'max_bad_steps' must be >= 1, got {cfg.max_bad_steps}")
+    if cfg.ckpt.every < 0 or cfg.log.every < 1:
+        raise ConfigError("config keys 'ckpt.every' must be >= 0 and 'log.every' >= 1")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ConfigError(f"config key 'max_steps' must be >= 1, got {cfg.max_steps}")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"config key 'data.batch_size' must be >= 1, got {cfg.data.batch_size}")
     if cfg.data.resampled and not cfg.data.synthetic and not cfg.data.train_num_samples:

@@ -1,0 +1,165 @@
+"""Check webdataset shards: count samples, decode every image, report bad samples, and summarise the data.
+
+    python -m data_tools.inspect_shards 'data/{00000..00099}.tar' --plot stats.png
+
+Reports every bad sample as ``shard  key  reason`` (unreadable image, no image, empty caption), compares the counts
+with ``sizes.json`` when present, prints caption-length and image-size statistics, and writes a PNG of histograms.
+Exit status: 0, or 1 with ``--strict`` when any sample is bad or a shard cannot be read.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import sys
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from data_tools.common import progress
+from evaclip.data.shards import check_shards_exist, expand_spec, shard_sizes
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def inspect_shard(url: str, text_key: str = "txt") -> dict:
+    """Decode every sample of one shard. Returns counts, per-sample stats and the bad samples with reasons."""
+    from webdataset.tariterators import tarfile_samples
+
+    out = {"shard": url, "count": 0, "bad": [], "caption_chars": [], "caption_words": [], "widths": [],
+           "heights": [], "error": None}
+    try:
+        for s in tarfile_samples([{"url": url}]):
+            out["count"] += 1
+            key = s.get("__key__", "?")
+            ik = next((k for k in IMAGE_EXTS if k in s), None)
+            if ik is None:
+                out["bad"].append((url, key, "no image (expected one of " + ", ".join(IMAGE_EXTS) + ")"))
+                continue
+            try:
+                img = Image.open(io.BytesIO(s[ik]))
+                img.load()
+            except Exception as e:  # PIL raises many exception types on bad bytes
+                out["bad"].append((url, key, f"unreadable {ik}: {type(e).__name__}: {str(e).split(' <_io.')[0]}"))
+                continue
+            cap = s.get(text_key, b"")
+            cap = cap.decode("utf-8", errors="replace").strip() if isinstance(cap, bytes) else ""
+            if not cap:
+                out["bad"].append((url, key, f"empty or missing caption ({text_key})"))
+                continue
+            out["caption_chars"].append(len(cap))
+            out["caption_words"].append(len(cap.split()))
+            out["widths"].append(img.size[0])
+            out["heights"].append(img.size[1])
+    except Exception as e:  # a truncated or unreadable tar: report it, keep going with the other shards
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _work(args):
+    return inspect_shard(*args)
+
+
+def _stats(v) -> dict:
+    if len(v) == 0:
+        return {}
+    a = np.asarray(v, dtype=np.float64)
+    p = np.percentile(a, [5, 50, 95])
+    return {"min": float(a.min()), "p5": float(p[0]), "median": float(p[1]), "mean": round(float(a.mean()), 2),
+            "p95": float(p[2]), "max": float(a.max())}
+
+
+def plot_histograms(words, chars, widths, heights, path: str) -> None:
+    """Histograms of caption length (words, characters) and image size (width, height, shorter side) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: never open a window
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ax[0].hist(words, bins=min(50, max(1, len(set(words)))), color="tab:blue")
+    ax[0].set(title="caption length", xlabel="words", ylabel="samples")
+    ax[1].hist(chars, bins=50, color="tab:cyan")
+    ax[1].set(title="caption length", xlabel="characters", ylabel="samples")
+    short = np.minimum(widths, heights) if len(widths) else []
+    ax[2].hist([widths, heights, short], bins=40, label=["width", "height", "shorter side"])
+    ax[2].set(title="image size", xlabel="pixels", ylabel="samples")
+    ax[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def inspect(spec: str, workers: int = 1, text_key: str = "txt", plot: Optional[str] = None,
+            show_progress: bool = True) -> dict:
+    """Inspect every shard of ``spec``; returns a report dict (counts, bad samples, statistics)."""
+    urls = [u for s in expand_spec(spec) for u in s]
+    check_shards_exist(urls, spec)
+    tasks = [(u, text_key) for u in urls]
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 and len(urls) > 1 else None
+    results = pool.imap(_work, tasks) if pool else map(_work, tasks)
+    per = []
+    try:
+        for r in progress(results, total=len(urls), desc="inspect", unit="shard", disable=not show_progress):
+            per.append(r)
+    finally:
+        if pool:
+            pool.terminate()
+    cat = lambda k: [x for r in per for x in r[k]]
+    words, chars, widths, heights = cat("caption_words"), cat("caption_chars"), cat("widths"), cat("heights")
+    expected = shard_sizes(urls)
+    mismatched = [] if expected is None else [
+        {"shard": r["shard"], "sizes_json": e, "found": r["count"]} for r, e in zip(per, expected) if e != r["count"]]
+    report = {
+        "shards": len(urls), "samples": sum(r["count"] for r in per), "good": len(words),
+        "bad": [{"shard": u, "key": k, "reason": why} for u, k, why in cat("bad")],
+        "shard_errors": [{"shard": r["shard"], "error": r["error"]} for r in per if r["error"]],
+        "sizes_json_mismatch": mismatched,
+        "caption_words": _stats(words), "caption_chars": _stats(chars),
+        "width": _stats(widths), "height": _stats(heights), "shorter_side": _stats(np.minimum(widths, heights)),
+    }
+    if plot:
+        plot_histograms(words, chars, widths, heights, plot)
+        report["plot"] = plot
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_tools.inspect_shards", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("spec", help="shard spec: brace pattern, '::'-separated sources, or a folder of .tar")
+    ap.add_argument("--plot", default=None, help="write histograms of caption length and image size to this PNG")
+    ap.add_argument("--json", default=None, help="write the full report to this JSON file")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--text-key", default="txt")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when any sample or shard is bad")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = ap.parse_args(argv)
+    try:
+        r = inspect(a.spec, a.workers, a.text_key, a.plot, show_progress=not a.quiet)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{r['samples']} samples in {r['shards']} shard(s): {r['good']} good, {len(r['bad'])} bad")
+    for b in r["bad"]:
+        print(f"  BAD {b['shard']}  {b['key']}  {b['reason']}")
+    for e in r["shard_errors"]:
+        print(f"  SHARD ERROR {e['shard']}: {e['error']}")
+    for m in r["sizes_json_mismatch"]:
+        print(f"  sizes.json says {m['sizes_json']} for {m['shard']}, found {m['found']}")
+    for name in ("caption_words", "caption_chars", "width", "height", "shorter_side"):
+        if r[name]:
+            print(f"{name:>14}: " + "  ".join(f"{k} {v:g}" for k, v in r[name].items()))
+    if a.plot:
+        print(f"histograms: {a.plot}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=1)
+    return 1 if a.strict and (r["bad"] or r["shard_errors"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

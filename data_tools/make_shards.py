@@ -1,0 +1,220 @@
+"""Image-text pairs -> webdataset tar shards (``{key}.jpg`` + ``{key}.txt`` + ``{key}.json``) plus ``sizes.json``.
+
+Input is a folder of images with sidecar ``.txt`` captions (``cat.jpg`` + ``cat.txt``), or a CSV / TSV / JSONL /
+parquet table with a local image path column and a caption column (relative paths are taken from the table's folder).
+
+    python -m data_tools.make_shards pairs.parquet out/ --samples-per-shard 10000 --max-side 512 --workers 8
+
+Unreadable images, empty captions and exact duplicate images (same bytes) are skipped, never written, and reported
+in the summary (``summary.json`` in the output folder).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from typing import Iterator, Optional
+
+from PIL import Image
+
+from data_tools.common import ShardSink, clean_caption, encode_image, progress, resize_shorter, to_rgb
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_COLS = ("image", "image_path", "path", "filepath", "file", "filename", "img")
+CAPTION_COLS = ("caption", "text", "txt", "title", "label")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# inputs: each yields (source_path, raw_caption or None)
+# ----------------------------------------------------------------------------------------------------------------------
+def iter_folder(root: str) -> Iterator[tuple[str, Optional[str]]]:
+    """Images under ``root`` (recursive, sorted) with the caption from the ``.txt`` next to each (None if absent)."""
+    for d, dirs, files in os.walk(root):
+        dirs.sort()
+        for f in sorted(files):
+            if f.lower().endswith(IMAGE_EXTS):
+                p = os.path.join(d, f)
+                txt = os.path.splitext(p)[0] + ".txt"
+                cap = None
+                if os.path.isfile(txt):
+                    with open(txt, encoding="utf-8", errors="replace") as fh:
+                        cap = fh.read()
+                yield p, cap
+
+
+def _pick(cols: list[str], wanted: Optional[str], defaults: tuple, what: str, path: str) -> str:
+    if wanted:
+        if wanted not in cols:
+            raise SystemExit(f"error: {path} has no column '{wanted}' (columns: {cols})")
+        return wanted
+    for c in defaults:
+        if c in cols:
+            return c
+    raise SystemExit(f"error: cannot find the {what} column of {path} among {cols}; pass --{what}-col")
+
+
+def read_table(path: str, image_col: Optional[str] = None, caption_col: Optional[str] = None
+               ) -> list[tuple[str, Optional[str]]]:
+    """Rows of a .csv/.tsv/.jsonl/.parquet file as (absolute image path, caption)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","))
+        cols = list(rows[0].keys()) if rows else []
+    elif ext in (".jsonl", ".json"):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError as e:
+                        raise SystemExit(f"error: {path}:{n} is not valid JSON ({e})") from None
+        cols = sorted({k for r in rows for k in r})
+    elif ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        cols = table.column_names
+        rows = table.to_pylist()
+    else:
+        raise SystemExit(f"error: unsupported input {path}: expected a folder, .csv, .tsv, .jsonl or .parquet")
+    if not rows:
+        raise SystemExit(f"error: {path} has no rows")
+    ic = _pick(cols, image_col, IMAGE_COLS, "image", path)
+    cc = _pick(cols, caption_col, CAPTION_COLS, "caption", path)
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    for r in rows:
+        p = r.get(ic)
+        p = "" if p is None else str(p)
+        cap = r.get(cc)
+        out.append((p if os.path.isabs(p) else os.path.join(base, p), None if cap is None else str(cap)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# per-item work (runs in the worker processes)
+# ----------------------------------------------------------------------------------------------------------------------
+def process_item(item: tuple[str, Optional[str]], max_side: Optional[int], fmt: str, quality: int) -> dict:
+    """Read, validate, resize and encode one pair. Returns ``{"ok": True, ...}`` or ``{"ok": False, "reason": ...}``."""
+    path, raw_caption = item
+    caption = clean_caption(raw_caption) if raw_caption else ""
+    if not caption:
+        return {"ok": False, "path": path, "reason": "empty caption"}
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return {"ok": False, "path": path, "reason": f"unreadable file: {e.strerror or e}"}
+    digest = hashlib.sha1(data).hexdigest()
+    try:
+        img = Image.open(io.BytesIO(data))
+        src_format, (w0, h0) = img.format, img.size
+        img.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad bytes
+        msg = str(e).split(" <_io.")[0]  # drop the BytesIO repr PIL appends
+        return {"ok": False, "path": path, "reason": f"unreadable image: {type(e).__name__}: {msg}"}
+    out = resize_shorter(img, max_side)
+    if out is img and src_format == "JPEG" and img.mode == "RGB" and fmt == "jpg":
+        encoded = data  # already a small-enough RGB JPEG: keep the bytes, no generation loss
+    else:
+        encoded = encode_image(to_rgb(out) if fmt == "jpg" else out, fmt, quality)
+    meta = {"source": path, "sha1": digest, "width": out.size[0], "height": out.size[1],
+            "original_width": w0, "original_height": h0}
+    return {"ok": True, "image": encoded, "caption": caption, "meta": meta, "sha1": digest}
+
+
+def _work(args):
+    return process_item(*args)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------------------------------
+def make_shards(items: list[tuple[str, Optional[str]]], out_dir: str, samples_per_shard: int = 10000,
+                max_side: Optional[int] = None, fmt: str = "jpg", quality: int = 95, dedup: bool = True,
+                workers: int = 1, prefix: str = "", show_progress: bool = True, max_report: int = 20) -> dict:
+    """Write ``items`` [(image path, caption)] as shards into ``out_dir``; returns the summary dict (also saved)."""
+    t0 = time.time()
+    skipped: dict[str, int] = {}
+    examples: list[dict] = []
+    seen: set[str] = set()
+    sink = ShardSink(out_dir, samples_per_shard, prefix=prefix)
+    tasks = ((it, max_side, fmt, quality) for it in items)
+    pool = mp.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers) if workers > 1 else None
+    results = pool.imap(_work, tasks, chunksize=16) if pool else map(_work, tasks)
+    written = 0
+    ext = "jpg" if fmt == "jpg" else "png"
+    try:
+        for r in progress(results, total=len(items), desc="make_shards", unit="img", disable=not show_progress):
+            if r["ok"] and dedup and r["sha1"] in seen:
+                r = {"ok": False, "path": r["meta"]["source"], "reason": "duplicate image"}
+            if not r["ok"]:
+                kind = r["reason"].split(":")[0]
+                skipped[kind] = skipped.get(kind, 0) + 1
+                if len(examples) < max_report:
+                    examples.append({"path": r["path"], "reason": r["reason"]})
+                continue
+            seen.add(r["sha1"])
+            sink.write({"__key__": f"{written:09d}", ext: r["image"], "txt": r["caption"], "json": r["meta"]})
+            written += 1
+    finally:
+        if pool:
+            pool.terminate()
+        sizes = sink.close()
+    summary = {"inputs": len(items), "written": written, "skipped": skipped, "skipped_total": sum(skipped.values()),
+               "skipped_examples": examples, "shards": len(sizes), "spec": sink.shard_spec,
+               "seconds": round(time.time() - t0, 2)}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_tools.make_shards", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("input", help="folder of images with sidecar .txt captions, or a .csv/.tsv/.jsonl/.parquet table")
+    ap.add_argument("output", help="output folder for the shards, sizes.json and summary.json")
+    ap.add_argument("--samples-per-shard", type=int, default=10000)
+    ap.add_argument("--max-side", type=int, default=None,
+                    help="downscale so the shorter side is at most this many pixels (default: keep the size)")
+    ap.add_argument("--format", choices=("jpg", "png"), default="jpg", help="image encoding in the shards")
+    ap.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
+    ap.add_argument("--no-dedup", action="store_true", help="keep exact duplicate images")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--prefix", default="", help="shard name prefix: PREFIX-00000.tar (default: 00000.tar)")
+    ap.add_argument("--image-col", default=None, help=f"table column of image paths (default: first of {IMAGE_COLS})")
+    ap.add_argument("--caption-col", default=None, help=f"table column of captions (default: first of {CAPTION_COLS})")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = ap.parse_args(argv)
+    if a.samples_per_shard < 1:
+        ap.error("--samples-per-shard must be >= 1")
+    if a.max_side is not None and a.max_side < 1:
+        ap.error("--max-side must be >= 1")
+    if not os.path.exists(a.input):
+        ap.error(f"input not found: {a.input}")
+    items = list(iter_folder(a.input)) if os.path.isdir(a.input) else read_table(a.input, a.image_col, a.caption_col)
+    if not items:
+        ap.error(f"no images found in {a.input}")
+    s = make_shards(items, a.output, a.samples_per_shard, a.max_side, a.format, a.quality, not a.no_dedup,
+                    a.workers, a.prefix, show_progress=not a.quiet)
+    print(f"wrote {s['written']} of {s['inputs']} samples in {s['shards']} shard(s) ({s['spec']}) in {s['seconds']}s")
+    if s["skipped_total"]:
+        print(f"skipped {s['skipped_total']}: " + ", ".join(f"{k}: {v}" for k, v in sorted(s["skipped"].items())))
+        for e in s["skipped_examples"]:
+            print(f"  {e['path']}: {e['reason']}")
+    if s["written"] == 0:
+        print("error: nothing written", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""``python -m evaclip.bench {train,attention,optimizer,data,all} [options] --out DIR``: run, print, write JSON + MD.
+
+``all`` is what ``make bench`` runs: defaults sized for this repository's 2-core CPU CI machine (a few minutes) and,
+on a CUDA machine, for one GPU (bf16, EVA02-CLIP-B-16, largest batch that fits). Each subcommand's ``--help`` lists
+its options; ``train`` options may also be given to ``all`` after ``--train``.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any, Callable, Optional
+
+import torch
+
+from evaclip.bench import attention as attn_bench
+from evaclip.bench import train as train_bench
+from evaclip.bench.report import machine_info, markdown, section, write_report
+
+__all__ = ["main"]
+
+# `make bench` on a CPU: a small EVA-02 CLIP at 224 px, image-dominated (a 2-layer narrow text tower), so the
+# token-drop ratio is visible in the step time; alternating with open_clip's equivalent.
+CPU_TRAIN_ARGS = ["--model", "EVA02-CLIP-S-16-bench", "--batch", "8", "--token-drop", "0", "0.5", "--vs", "open_clip",
+                  "--steps", "2", "--rounds", "3", "--warmup", "1"]
+GPU_TRAIN_ARGS = ["--model", "EVA02-CLIP-B-16", "--batch", "auto", "--precision", "bf16", "--token-drop", "0", "0.5",
+                  "--vs", "open_clip", "--steps", "10", "--rounds", "3", "--warmup", "3"]
+
+
+def _generic_section(title: str, result: Any, notes: Optional[list[str]] = None) -> dict:
+    """A section from another benchmark's return value (a dict of rows, a list of rows, or one row)."""
+    if isinstance(result, dict) and all(isinstance(v, dict) for v in result.values()) and result:
+        rows = list(result.values())
+    elif isinstance(result, list):
+        rows = [r for r in result if isinstance(r, dict)]
+    elif isinstance(result, dict):
+        rows = [result]
+    else:
+        rows = []
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k, v in r.items() if k not in keys and not isinstance(v, (dict, list))]
+    return section(title, [(k, k) for k in keys], rows, notes)
+
+
+def _delegate(module: str, title: str, argv: list[str]) -> dict:
+    """Run another engineer's benchmark module (``main(argv)``) and turn what it returns into a section."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"evaclip.bench.{module}")
+    except ImportError as e:
+        return section(title, [], [], [f"not run: evaclip.bench.{module} is not importable ({e})"])
+    result = mod.main(argv)
+    return _generic_section(title, result, [f"python -m evaclip.bench.{module} {shlex.join(argv)}".strip()])
+
+
+def _data_section(argv: list[str], out: Optional[str]) -> dict:
+    """``evaclip.bench.data`` writes ``<out>/data.json``; its rows become a section (images/s per worker)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from evaclip.bench import data as data_bench
+
+    out_dir = out or tempfile.mkdtemp(prefix="evaclip_bench_")
+    argv = [*argv, "--out", out_dir]
+    data_bench.main(argv)
+    rows = []
+    for r in json.loads((Path(out_dir) / "data.json").read_text()).get("rows", []):
+        row = {"source": r.get("source"), "samples": r.get("samples"), "ratio": r.get("ratio")}
+        for side in ("evaclip", "open_clip"):
+            got = r.get(side, {})
+            row[side] = got.get("images_per_s", got.get("error"))
+        rows.append(row)
+    cols = [("source", "source"), ("samples", "samples"), ("evaclip", "evaclip img/s per worker"),
+            ("open_clip", "open_clip img/s per worker"), ("ratio", "ratio")]
+    notes = [f"python -m evaclip.bench.data {shlex.join(argv)}", "one DataLoader worker (one core) per side, "
+             "open_clip's train transform at 224 px and its tokenizer, resampled webdataset shards"]
+    return section("Data pipeline (decode + augment + tokenize)", cols, rows, notes)
+
+
+def _run_train(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="evaclip bench train")
+    train_bench.add_args(p)
+    return train_bench.bench_train(train_bench.cfg_from_args(p.parse_args(argv)))
+
+
+def _run_attention(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="evaclip bench attention")
+    attn_bench.add_args(p)
+    return attn_bench.run(p.parse_args(argv))
+
+
+def _all(argv: list[str], device: torch.device, out: Optional[str]) -> list[dict]:
+    on_gpu = device.type == "cuda"
+    train_args = argv or (GPU_TRAIN_ARGS if on_gpu else CPU_TRAIN_ARGS)
+    sections = [_run_train(train_args), _run_attention(["--device", str(device.type)])]
+    # The optimizer benchmark runs on a real model's parameter set; on CPU the B/16 set keeps it to seconds.
+    sections.append(_delegate("optimizer", "LAMB step: foreach vs torch_optimizer.Lamb",
+                              ["--model", "EVA02-CLIP-B-16", "--device", device.type]))
+    sections.append(_data_section([], out))
+    return sections
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str], Optional[str]], list[dict]]] = {
+    "train": lambda a, out: [_run_train(a)],
+    "attention": lambda a, out: [_run_attention(a)],
+    "optimizer": lambda a, out: [_delegate("optimizer", "LAMB step: foreach vs torch_optimizer.Lamb", a)],
+    "data": lambda a, out: [_data_section(a, out)],
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse ``argv`` (default: sys.argv[1:]), run the benchmark, print the table, write ``--out`` JSON + Markdown.
+
+    Returns the report dict (``machine``, ``command``, ``sections``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="evaclip bench", description=__doc__.splitlines()[0],
+                                epilog="options after the subcommand go to it (see `evaclip bench train --help`)")
+    p.add_argument("what", choices=[*SUBCOMMANDS, "all"])
+    p.add_argument("--out", default=None, help="write <out>/<what>.json and .md (default: print only)")
+    p.add_argument("--train", default=None, help="for `all`: the train options as one string")
+    args, rest = p.parse_known_args(argv)
+    device = train_bench.resolve_device("auto")
+    if args.what == "all":
+        if rest:
+            p.error(f"`all` takes only --out and --train; got {rest}")
+        sections = _all(shlex.split(args.train) if args.train else [], device, args.out)
+    else:
+        sections = SUBCOMMANDS[args.what](rest, args.out)
+    report = {"title": f"evaclip bench {args.what}", "command": "python -m evaclip.bench " + shlex.join(argv),
+              "machine": machine_info(device), "sections": sections}
+    print(markdown(report))
+    if args.out:
+        json_path, md_path = write_report(report, args.out, args.what)
+        print(f"wrote {json_path} and {md_path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

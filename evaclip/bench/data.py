@@ -1,0 +1,166 @@
+"""Data pipeline benchmark (not a test): images/s per worker, evaclip vs open_clip_train's webdataset pipeline.
+
+    python -m evaclip.bench.data --out bench_results
+
+Both pipelines read the same shards with the same transforms (``open_clip.image_transform(224, is_train=True)``) and
+the same tokenizer, one DataLoader worker, resampled mode, in separate processes. Sources: the demo dataset (32x32
+PNG) and generated 1500x1000 JPEGs. open_clip_train 3.x needs webdataset<=0.2.86, so its side runs from a separate
+venv (default ``.venv-openclip``):
+
+    python3 -m venv .venv-openclip && .venv-openclip/bin/pip install torch==2.14.1 torchvision==0.29.1 \\
+        open_clip_torch open_clip_train 'webdataset<=0.2.86'
+
+Top-level imports are stdlib only: the open_clip venv runs this same file as a script (``--side open_clip``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _time_loader(loader, batch_size: int, warmup: int = 2) -> dict:
+    # the first batches include worker start-up and tar opening: time the steady state after them
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    n = 0
+    for images, tokens in it:
+        assert images.shape[0] == tokens.shape[0]
+        n += images.shape[0]
+    dt = time.perf_counter() - t0
+    return {"images": n, "seconds": round(dt, 3), "images_per_s": round(n / dt, 1)}
+
+
+def run_evaclip(spec: str, num_samples: int, batch_size: int, image_size: int, workers: int) -> dict:
+    import open_clip
+
+    from evaclip.config import DataCfg
+    from evaclip.data import build_train_loader
+
+    cfg = DataCfg(train=spec, resampled=True, train_num_samples=num_samples, batch_size=batch_size, workers=workers,
+                  shuffle_buffer=100)
+    pre = open_clip.image_transform(image_size, is_train=True)
+    info = build_train_loader(cfg, pre, open_clip.get_tokenizer("ViT-B-16"), pin_memory=False)
+    return _time_loader(info.loader, batch_size)
+
+
+def run_open_clip(spec: str, num_samples: int, batch_size: int, image_size: int, workers: int) -> dict:
+    from types import SimpleNamespace
+
+    import open_clip
+    from open_clip_train.data import get_wds_dataset
+
+    args = SimpleNamespace(train_data=spec, train_data_upsampling_factors=None, dataset_resampled=True,
+                           train_num_samples=num_samples, batch_size=batch_size, workers=workers, world_size=1,
+                           seed=0, distributed=False, val_data=None, val_num_samples=None)
+    pre = open_clip.image_transform(image_size, is_train=True)
+    data = get_wds_dataset(args, pre, is_train=True, epoch=0, tokenizer=open_clip.get_tokenizer("ViT-B-16"))
+    return _time_loader(data.dataloader, batch_size)
+
+
+def make_large_source(out: str, n: int = 96, per_shard: int = 24, seed: int = 0) -> str:
+    """``n`` 1500x1000 JPEGs (smooth colour fields with texture, quality 90) in shards; returns the brace spec."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, ROOT)
+    from data_tools.common import ShardSink, encode_image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:1000, 0:1500].astype(np.float32)
+    sink = ShardSink(out, per_shard, prefix="large")
+    for i in range(n):
+        f = rng.uniform(0.002, 0.02, size=(3, 2))
+        ph = rng.uniform(0, 6.3, size=3)
+        img = np.stack([np.sin(xx * f[c, 0] + yy * f[c, 1] + ph[c]) for c in range(3)], -1) * 90 + 128
+        img += rng.normal(0, 12, size=img.shape)
+        sink.write({"__key__": f"{i:06d}", "jpg": encode_image(Image.fromarray(img.clip(0, 255).astype(np.uint8)),
+                                                                  "jpg", 90), "txt": f"a synthetic photo {i}"})
+    sink.close()
+    return sink.shard_spec
+
+
+def _side(args) -> int:
+    fn = run_evaclip if args.side == "evaclip" else run_open_clip
+    print(json.dumps(fn(args.spec, args.num_samples, args.batch_size, args.image_size, args.workers)))
+    return 0
+
+
+def _measure(python: str, side: str, spec: str, num_samples: int, batch_size: int, image_size: int,
+             workers: int) -> dict:
+    cmd = [python, os.path.abspath(__file__), "--side", side, "--spec", spec, "--num-samples", str(num_samples),
+           "--batch-size", str(batch_size), "--image-size", str(image_size), "--workers", str(workers)]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if r.returncode != 0:
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m evaclip.bench.data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench_results", help="folder for data.json and data.md")
+    ap.add_argument("--openclip-python", default=os.path.join(ROOT, ".venv-openclip", "bin", "python"))
+    ap.add_argument("--demo", default=None, help="demo dataset folder (default: build one in a temp folder)")
+    ap.add_argument("--small-samples", type=int, default=2048)
+    ap.add_argument("--large-samples", type=int, default=192)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--repeats", type=int, default=2, help="runs per side; the best is reported (shared machines)")
+    # internal: one side's measurement in its own process
+    ap.add_argument("--side", choices=("evaclip", "open_clip"), help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--num-samples", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.side:
+        return _side(a)
+    if not os.path.isfile(a.openclip_python):
+        print(f"warning: {a.openclip_python} not found: open_clip side skipped (see --help to create it)")
+    tmp = tempfile.mkdtemp(prefix="evaclip_bench_data_")
+    if a.demo is None:
+        sys.path.insert(0, ROOT)
+        from data_tools.make_demo import make_demo
+
+        small = make_demo(os.path.join(tmp, "demo"), show_progress=False)["train"]
+    else:
+        with open(os.path.join(a.demo, "demo.json")) as f:
+            small = json.load(f)["train"]
+    large = make_large_source(os.path.join(tmp, "large"))
+    rows = []
+    for name, spec, n in (("demo 32x32 PNG", small, a.small_samples), ("1500x1000 JPEG", large, a.large_samples)):
+        row = {"source": name, "samples": n}
+        for side, py in (("evaclip", sys.executable), ("open_clip", a.openclip_python)):
+            if not os.path.isfile(py):
+                continue
+            runs = [_measure(py, side, spec, n, a.batch_size, a.image_size, 1) for _ in range(a.repeats)]
+            good = [r for r in runs if "images_per_s" in r]
+            row[side] = max(good, key=lambda r: r["images_per_s"]) if good else runs[0]
+        if "images_per_s" in row.get("evaclip", {}) and "images_per_s" in row.get("open_clip", {}):
+            row["ratio"] = round(row["evaclip"]["images_per_s"] / row["open_clip"]["images_per_s"], 2)
+        rows.append(row)
+        print(json.dumps(row))
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "data.json"), "w") as f:
+        json.dump({"batch_size": a.batch_size, "image_size": a.image_size, "workers": 1, "rows": rows}, f, indent=1)
+    fmt = lambda r, s: (f"{r[s]['images_per_s']:.0f}" if "images_per_s" in r.get(s, {})
+                        else r.get(s, {}).get("error", "-"))
+    lines = ["| source | evaclip img/s/worker | open_clip img/s/worker | ratio |", "|---|---|---|---|"]
+    lines += [f"| {r['source']} | {fmt(r, 'evaclip')} | {fmt(r, 'open_clip')} | {r.get('ratio', '-')} |" for r in rows]
+    with open(os.path.join(a.out, "data.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

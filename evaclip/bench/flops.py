@@ -1,0 +1,74 @@
+"""FLOPs of a training step (counted with torch's FlopCounterMode) and the device's measured matmul peak, for MFU.
+
+Shapes: N the side of the square matmul used to measure the peak.
+
+MFU here follows the PaLM definition: counted model FLOPs of one full step / step time / peak FLOP/s of the device.
+The peak is measured in the same process and precision by a large matmul (so a throttled GPU or a CPU with fewer
+threads is judged against what it can actually do), not taken from a datasheet.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from evaclip.bench.measure import synchronize
+
+__all__ = ["count_flops", "matmul_peak_flops", "mfu"]
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """Run ``fn()`` once under FlopCounterMode; returns the total FLOPs (forward and backward).
+
+    FlopCounterMode counts matmuls, convolutions and SDPA (forward and backward); elementwise work (norms,
+    activations, the optimizer update) is not counted, as is usual for MFU. Kernels the counter does not know
+    (e.g. the flash-attn package's custom ops) count zero: count on an SDPA build of the same model instead.
+    """
+    # Per-module totals are not returned: the counter's module tracker attributes backward ops to the wrong
+    # modules (a 2-layer text tower "costs" as much as the image tower), so only the global total is trustworthy.
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _default_matmul_size(device: torch.device) -> int:
+    # Big enough to saturate the device, small enough to measure in well under a second.
+    return 8192 if device.type == "cuda" else 2048
+
+
+def matmul_peak_flops(device: torch.device | str, dtype: torch.dtype, *, size: int | None = None,
+                      min_seconds: float = 0.3, rounds: int = 3) -> float:
+    """Best sustained FLOP/s of an ``N x N @ N x N`` matmul on ``device`` in ``dtype`` (best of ``rounds``)."""
+    device = torch.device(device)
+    n = size or _default_matmul_size(device)
+    if n < 64:
+        raise ValueError(f"matmul peak size must be >= 64, got {n}")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a_NN = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b_NN = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    out_NN = torch.empty(n, n, device=device, dtype=dtype)
+    torch.mm(a_NN, b_NN, out=out_NN)  # warm-up: kernel selection, thread pool start
+    synchronize(device)
+    # Calibrate the iteration count so one round lasts about min_seconds.
+    t0 = time.perf_counter()
+    torch.mm(a_NN, b_NN, out=out_NN)
+    synchronize(device)
+    iters = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6)))
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            torch.mm(a_NN, b_NN, out=out_NN)
+        synchronize(device)
+        best = max(best, 2.0 * n ** 3 * iters / (time.perf_counter() - t0))
+    return best
+
+
+def mfu(flops_per_step: float, step_seconds: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation in [0, 1+): counted FLOPs per step / step time / peak FLOP/s."""
+    if step_seconds <= 0 or peak_flops <= 0:
+        raise ValueError(f"mfu needs positive step time and peak, got {step_seconds}, {peak_flops}")
+    return flops_per_step / step_seconds / peak_flops

@@ -1,0 +1,154 @@
+"""Benchmark (not a test): one LAMB step on a real CLIP parameter set, evaclip's foreach Lamb vs torch_optimizer.Lamb.
+
+Parameters and gradients are random tensors with the model's shapes, grouped exactly as training groups them
+(per-tower layer decay 0.75, weight-decay exclusions), so the number of tensors per group is realistic.
+
+    python -m evaclip.bench.optimizer --model EVA02-CLIP-B-16 [--device cpu|cuda] [--steps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from evaclip.config import OptimCfg
+from evaclip.optim import Lamb, build_param_groups
+
+# The recipe-like settings the groups are built with (EVA02-CLIP-B-16: layer decay 0.75 in both towers).
+BENCH_CFG = dict(lr=5e-4, weight_decay=0.05, visual_ld=0.75, text_ld=0.75, betas=[0.9, 0.98], eps=1e-6)
+_OPEN_CLIP_NAMES = {"EVA02-CLIP-B-16": "EVA02-B-16", "EVA02-CLIP-L-14": "EVA02-L-14",
+                    "EVA02-CLIP-L-14-336": "EVA02-L-14-336", "EVA02-CLIP-bigE-14": "EVA02-E-14",
+                    "EVA02-CLIP-bigE-14-plus": "EVA02-E-14-plus"}
+
+
+class _OpenClipLayout(nn.Module):
+    """open_clip's EVA02 CLIP with evaclip's optimizer hooks: same parameter shapes, used until evaclip.models lands."""
+
+    _EMBED = re.compile(r"(cls_token|pos_embed|patch_embed|token_embedding|positional_embedding)")
+    _BLOCK = re.compile(r"\.(?:blocks|resblocks)\.(\d+)\.")
+
+    def __init__(self, open_clip_name: str) -> None:
+        super().__init__()
+        import open_clip
+
+        model = open_clip.create_model(open_clip_name)
+        self.visual, self.text, self.logit_scale = model.visual, model.text, model.logit_scale
+        self._depth = {t: 1 + max(int(m.group(1)) for n, _ in self.named_parameters() if n.startswith(t + ".")
+                                  for m in [self._BLOCK.search(n)] if m) for t in ("visual", "text")}
+
+    def no_weight_decay(self) -> set[str]:
+        return {"logit_scale"}
+
+    def param_tower(self, name: str) -> str:
+        return name.split(".", 1)[0] if name.startswith(("visual.", "text.")) else "other"
+
+    def num_layers(self, tower: str) -> int:
+        return self._depth[tower]
+
+    def layer_id(self, name: str) -> int:
+        block = self._BLOCK.search(name)
+        if block:
+            return int(block.group(1)) + 1
+        return 0 if self._EMBED.search(name) else self._depth[self.param_tower(name)] + 1
+
+
+def parameter_groups(model_name: str) -> tuple[list[dict], str]:
+    """Param groups (names and shapes) of ``model_name`` on CPU, and where the architecture came from."""
+    try:
+        from evaclip.models import create_model
+    except ImportError:
+        create_model = None
+    if create_model is not None:
+        model, source = create_model(model_name), "evaclip.models"
+    elif model_name in _OPEN_CLIP_NAMES:
+        model, source = _OpenClipLayout(_OPEN_CLIP_NAMES[model_name]), f"open_clip {_OPEN_CLIP_NAMES[model_name]}"
+    else:
+        raise ValueError(f"unknown model {model_name!r}; without evaclip.models the benchmark knows "
+                         f"{sorted(_OPEN_CLIP_NAMES)}")
+    return build_param_groups(model, OptimCfg(**BENCH_CFG)), source
+
+
+def _fresh_groups(groups: list[dict], device: torch.device, seed: int = 0) -> list[dict]:
+    """Copies of the groups with new random parameters and gradients on ``device`` (same for every impl)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for g in groups:
+        params = []
+        for p in g["params"]:
+            q = nn.Parameter(torch.randn(p.shape, device=device, generator=gen) * 0.02)
+            q.grad = torch.randn(p.shape, device=device, generator=gen) * 1e-3
+            params.append(q)
+        out.append({k: v for k, v in g.items() if k not in ("params", "param_names")} | {"params": params})
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(make_optimizer, groups: list[dict], device: torch.device, steps: int, warmup: int = 1) -> float:
+    """Median seconds per optimizer step (after ``warmup`` steps that also allocate the state)."""
+    opt = make_optimizer(_fresh_groups(groups, device))
+    for _ in range(warmup):
+        opt.step()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    del opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
+def run(model_name: str = "EVA02-CLIP-B-16", device: str = "cpu", steps: int = 5) -> dict:
+    """Time one LAMB step, foreach vs torch_optimizer.Lamb; prints and returns the figures and their ratio."""
+    import torch_optimizer
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    groups, source = parameter_groups(model_name)
+    kw = dict(lr=BENCH_CFG["lr"], betas=tuple(BENCH_CFG["betas"]), eps=BENCH_CFG["eps"],
+              weight_decay=BENCH_CFG["weight_decay"])
+    ref_s = time_steps(lambda g: torch_optimizer.Lamb(g, **kw), groups, dev, steps)
+    ours_s = time_steps(lambda g: Lamb(g, **kw), groups, dev, steps)
+    result = dict(
+        model=model_name, source=source, device=str(dev),
+        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        threads=torch.get_num_threads(), num_params=sum(p.numel() for g in groups for p in g["params"]),
+        num_tensors=sum(len(g["params"]) for g in groups), num_groups=len(groups), steps=steps,
+        foreach_ms=round(ours_s * 1e3, 2), reference_ms=round(ref_s * 1e3, 2), speedup=round(ref_s / ours_s, 3),
+    )
+    print(f"LAMB step, {model_name} ({result['num_params'] / 1e6:.1f}M params, {result['num_tensors']} tensors, "
+          f"{result['num_groups']} groups) on {result['device_name']}: foreach {result['foreach_ms']} ms, "
+          f"torch_optimizer {result['reference_ms']} ms, speedup x{result['speedup']}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="EVA02-CLIP-B-16")
+    ap.add_argument("--device", default=None, help="cpu | cuda (default: both where CUDA is available)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    results = {d: run(args.model, d, args.steps) for d in devices}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

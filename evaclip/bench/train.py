@@ -1,0 +1,517 @@
+"""Training-step benchmark: samples/s, step time, peak memory and MFU of a full step, optionally vs open_clip.
+
+Shapes: B batch, C channels, H/W image side, L context length, D embedding dim.
+
+A step is what the training loop does per optimizer step on synthetic data: forward of both towers, contrastive loss,
+backward, optimizer step, zero_grad, logit-scale clamp (no gradient clipping on either side: open_clip's default).
+``--vs open_clip`` builds open_clip's equivalent model in the same process: its EVA02 path (a timm ``Eva`` trunk
+with the token-pool head as projection, registered under a name that encodes our shapes, so no weights are fetched),
+its text transformer, its ``ClipLoss``, the same precision and patch-dropout ratio. Runs alternate (ours, theirs,
+theirs, ours, ...) so a busy shared machine slows both alike; the figure per run is the median over rounds.
+
+Optimizers: the headline pair is what each user gets: evaclip's foreach LAMB vs ``torch_optimizer.Lamb`` on
+open_clip (the LAMB that EVA-CLIP's public training code uses; open_clip itself only ships AdamW). A third run,
+open_clip's model with evaclip's foreach LAMB, isolates the model + loss speedup from the optimizer speedup.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from evaclip.bench.flops import count_flops, matmul_peak_flops, mfu
+from evaclip.bench.measure import PeakMemory, median, memory_in_use, release_host_memory, time_calls
+from evaclip.bench.report import section
+
+__all__ = ["TRAIN_COLUMNS", "Runner", "TrainBenchCfg", "bench_train", "find_max_batch", "resolve_device",
+           "resolve_dtype"]
+
+TRAIN_COLUMNS = [("impl", "impl"), ("optimizer", "optimizer"), ("model", "model"), ("params_m", "params (M)"),
+                 ("precision", "precision"), ("token_drop", "token drop"), ("batch", "B"),
+                 ("samples_per_s", "samples/s"), ("step_ms", "step ms"), ("peak_mem_mb", "peak mem MB"),
+                 ("gflops_per_sample", "GFLOP/sample"), ("mfu_pct", "MFU %")]
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available else cpu; asking for cuda without it is an error that says so."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return device
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bf16 on CUDA, fp32 on CPU; else fp32 | bf16 | fp16."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if precision not in _DTYPES:
+        raise ValueError(f"precision must be one of {sorted(_DTYPES)} or auto, got {precision!r}")
+    return _DTYPES[precision]
+
+
+@dataclass
+class TrainBenchCfg:
+    """What ``bench train`` measures; one row per (implementation, optimizer, token-drop ratio)."""
+
+    model: str = "EVA02-CLIP-B-16"
+    batch: int | str = 8  # int, or "auto": the largest batch that fits (CUDA only), searched per implementation
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast, fp32 master weights)
+    token_drop: list = field(default_factory=lambda: [0.5])
+    device: str = "auto"
+    attn_backend: str = "auto"
+    compile: bool = False  # torch.compile the towers (evaclip's model.compile)
+    vs: Optional[str] = None  # "open_clip"
+    steps: int = 3  # timed steps per round
+    warmup: int = 2  # untimed steps before the first round (after the memory step)
+    rounds: int = 3
+    overrides: dict = field(default_factory=dict)  # architecture overrides for create_model (e.g. depth)
+    seed: int = 0
+    count_flops: bool = True
+    profile: Optional[str] = None  # directory: write a torch.profiler table + trace per run
+
+
+@dataclass
+class Runner:
+    """One measured configuration: a model, its optimizer and loss, and a synthetic batch on the device."""
+
+    impl: str
+    optimizer_name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    forward_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, tokens) -> scalar loss
+    batch: tuple[torch.Tensor, torch.Tensor]
+    token_drop: float
+    amp_dtype: Optional[torch.dtype]
+    peak_mem: Optional[int] = None
+    flops: Optional[int] = None
+    times: list = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch[0].shape[0]
+
+    def step(self) -> None:
+        """forward, loss, backward, optimizer step, zero_grad, logit-scale clamp."""
+        images_BCHW, tokens_BL = self.batch
+        device_type = images_BCHW.device.type
+        amp = torch.autocast(device_type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        with amp:
+            loss = self.forward_loss(images_BCHW, tokens_BL)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100.0))
+
+
+# ---------------------------------------------------------------------------------------------------------- builders
+
+
+def _evaclip_model(cfg: TrainBenchCfg, token_drop: float, device: torch.device) -> nn.Module:
+    from evaclip.models import create_model
+
+    model = create_model(cfg.model, attn_backend=cfg.attn_backend, token_drop=token_drop, **cfg.overrides)
+    model = model.to(device).train()
+    if cfg.compile:
+        model.visual = torch.compile(model.visual)
+        model.text = torch.compile(model.text)
+    return model
+
+
+def _evaclip_loss_fn(model: nn.Module) -> Callable:
+    from evaclip.config import LossCfg
+    from evaclip.losses import build_loss
+
+    loss = build_loss(LossCfg())
+
+    def forward_loss(images_BCHW, tokens_BL):
+        out = model(images_BCHW, tokens_BL)
+        return loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)["loss"]
+
+    return forward_loss
+
+
+def _evaclip_lamb(model: nn.Module) -> torch.optim.Optimizer:
+    from evaclip.config import OptimCfg
+    from evaclip.optim import build_optimizer
+
+    return build_optimizer(model, OptimCfg(name="lamb", impl="foreach"))
+
+
+def model_dims(model_name: str, overrides: dict) -> dict:
+    """The shapes of a registered evaclip architecture (after overrides) as plain numbers, for building twins."""
+    from evaclip.models import get_model_config
+
+    cfg = get_model_config(model_name, **overrides) if overrides else get_model_config(model_name)
+    v, t = cfg.vision, cfg.text
+    return dict(embed_dim=cfg.embed_dim, image_size=v.image_size, patch_size=v.patch_size, width=v.width,
+                depth=v.depth, heads=v.heads, mlp_ratio=v.mlp_ratio, rope=getattr(v, "rope", True),
+                text_width=t.width, text_depth=t.depth, text_heads=t.heads, text_mlp_ratio=t.mlp_ratio,
+                context_length=t.context_length, vocab_size=t.vocab_size)
+
+
+def _timm_eva_name(d: dict) -> str:
+    """Register (once) a timm entrypoint building an EVA-02 CLIP trunk with these shapes; returns its name.
+
+    This is open_clip's EVA02 path exactly (``eva02_*_clip_224`` arguments with other sizes); registering a name is
+    the one way to give open_clip's TimmModel non-stock shapes without fetching weights.
+    """
+    import timm
+    from timm.models import register_model
+    from timm.models.eva import Eva
+
+    name = (f"evaclip_bench_eva02_clip_w{d['width']}_d{d['depth']}_h{d['heads']}_p{d['patch_size']}"
+            f"_i{d['image_size']}")
+    if timm.models.is_model(name):
+        return name
+    args = dict(img_size=d["image_size"], patch_size=d["patch_size"], embed_dim=d["width"], depth=d["depth"],
+                num_heads=d["heads"], qkv_fused=False, mlp_ratio=d["mlp_ratio"], swiglu_mlp=True, scale_mlp=True,
+                scale_attn_inner=True, use_rot_pos_emb=d["rope"], ref_feat_shape=(16, 16))
+
+    def entry(pretrained: bool = False, **kwargs) -> Eva:
+        if pretrained:
+            raise ValueError(f"{name} is a benchmark-only architecture with no weights")
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # create_model's, not the model's
+            kwargs.pop(key, None)
+        return Eva(**{**args, "global_pool": "token", **kwargs})
+
+    entry.__name__ = name
+    entry.__module__ = __name__
+    register_model(entry)
+    return name
+
+
+def open_clip_model(d: dict, token_drop: float, device: torch.device) -> nn.Module:
+    """open_clip's EVA02 CLIP (CustomTextCLIP, timm trunk, open_clip text transformer) with the shapes in ``d``."""
+    from open_clip.model import CustomTextCLIP
+
+    vision_cfg = dict(image_size=d["image_size"], timm_model_name=_timm_eva_name(d), timm_model_pretrained=False,
+                      timm_pool="token", timm_proj=None, patch_dropout=token_drop)
+    text_cfg = dict(context_length=d["context_length"], vocab_size=d["vocab_size"], width=d["text_width"],
+                    heads=d["text_heads"], layers=d["text_depth"], mlp_ratio=d["text_mlp_ratio"])
+    model = CustomTextCLIP(d["embed_dim"], vision_cfg, text_cfg)
+    model.output_dict = False
+    return model.to(device).train()
+
+
+def _open_clip_loss_fn(model: nn.Module) -> Callable:
+    from open_clip.loss import ClipLoss
+
+    loss = ClipLoss()
+
+    def forward_loss(images_BCHW, tokens_BL):
+        image_BD, text_BD, scale = model(images_BCHW, tokens_BL)[:3]
+        return loss(image_BD, text_BD, scale)
+
+    return forward_loss
+
+
+def open_clip_param_groups(model: nn.Module, weight_decay: float = 0.05) -> list[dict]:
+    """open_clip's training script's two groups: no weight decay for gains, biases, norms and logit_scale."""
+    def exclude(n, p):
+        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay}]
+
+
+def _lamb_kwargs() -> dict:
+    from evaclip.config import OptimCfg
+
+    o = OptimCfg()
+    return dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, clamp_value=o.clamp_value, debias=o.debias)
+
+
+def _reference_lamb(groups: list[dict]) -> torch.optim.Optimizer:
+    import torch_optimizer
+
+    return torch_optimizer.Lamb(groups, **_lamb_kwargs())
+
+
+def _foreach_lamb(groups: list[dict]) -> torch.optim.Optimizer:
+    from evaclip.optim import Lamb
+
+    return Lamb(groups, **_lamb_kwargs())
+
+
+def _synthetic(batch: int, d: dict, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from evaclip.data.synthetic import synthetic_batches
+
+    images_BCHW, tokens_BL = next(synthetic_batches(batch, d["image_size"], d["context_length"], d["vocab_size"],
+                                                    steps=1, seed=seed))
+    return images_BCHW.to(device), tokens_BL.to(device)
+
+
+# ------------------------------------------------------------------------------------------------------ measurement
+
+
+def _free(device: torch.device) -> None:
+    release_host_memory()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _build_runners(cfg: TrainBenchCfg, d: dict, token_drop: float, batch: dict, device: torch.device,
+                   amp_dtype) -> list[Runner]:
+    """Build each implementation and run its first step under the memory meter (weights, grads, optimizer state and
+    activations all count), the baseline being the memory in use before that model was built."""
+    runners = []
+
+    def first_step(runner: Runner, baseline: int) -> Runner:
+        with PeakMemory(device, baseline=baseline) as mem:
+            runner.step()
+        runner.peak_mem = mem.peak_bytes
+        runners.append(runner)
+        _free(device)
+        return runner
+
+    _free(device)
+    base = memory_in_use(device)
+    model = _evaclip_model(cfg, token_drop, device)
+    first_step(Runner("evaclip", "lamb (foreach)", model, _evaclip_lamb(model), _evaclip_loss_fn(model),
+                      _synthetic(batch["evaclip"], d, device, cfg.seed), token_drop, amp_dtype), base)
+    if cfg.vs == "open_clip":
+        base = memory_in_use(device)
+        oc = open_clip_model(d, token_drop, device)
+        first_step(Runner("open_clip", "torch_optimizer.Lamb", oc, _reference_lamb(open_clip_param_groups(oc)),
+                          _open_clip_loss_fn(oc), _synthetic(batch["open_clip"], d, device, cfg.seed), token_drop,
+                          amp_dtype), base)
+        # Same model object, evaclip's optimizer: memory is not comparable (shares the weights), so not reported.
+        r = Runner("open_clip", "lamb (foreach)", oc, _foreach_lamb(open_clip_param_groups(oc)),
+                   _open_clip_loss_fn(oc), runners[-1].batch, token_drop, amp_dtype)
+        r.step()
+        runners.append(r)
+    return runners
+
+
+def _count(runner: Runner) -> None:
+    runner.flops = count_flops(runner.step)
+
+
+def _alternate(runners: list[Runner], cfg: TrainBenchCfg, device: torch.device) -> None:
+    for r in runners:
+        for _ in range(cfg.warmup):
+            r.step()
+    for k in range(cfg.rounds):
+        order = runners if k % 2 == 0 else runners[::-1]
+        for r in order:
+            r.times.append(time_calls(r.step, cfg.steps, device))
+
+
+def _profile(runner: Runner, out_dir: str, device: torch.device, steps: int = 2) -> str:
+    """torch.profiler over ``steps`` steps: the op table (sorted by self time) and a Chrome trace in ``out_dir``."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(steps):
+            runner.step()
+    tag = f"{runner.impl}_{runner.optimizer_name.split()[0]}_drop{runner.token_drop}".replace(".", "")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=25)
+    (out / f"profile_{tag}.txt").write_text(table)
+    prof.export_chrome_trace(str(out / f"trace_{tag}.json"))
+    return table
+
+
+def find_max_batch(make_runner: Callable[[int], Runner], device: torch.device, start: int = 32,
+                   limit: int = 4096, multiple: int = 8) -> int:
+    """The largest batch (a multiple of ``multiple``) whose full step fits in GPU memory: doubling, then bisection."""
+    if device.type != "cuda":
+        raise ValueError("--batch auto searches the largest batch that fits in GPU memory; it needs --device cuda")
+
+    def fits(b: int) -> bool:
+        runner = None
+        try:
+            runner = make_runner(b)
+            runner.step()
+            runner.step()  # the second step holds the optimizer state as well
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            del runner
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    lo, hi = 0, start
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    if lo == 0:
+        raise RuntimeError(f"even batch {start} does not fit; pass a smaller --batch")
+    hi = min(hi, limit + multiple)
+    while hi - lo > multiple:
+        mid = (lo + hi) // 2 // multiple * multiple
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _auto_batches(cfg: TrainBenchCfg, d: dict, token_drop: float, device: torch.device, amp_dtype) -> dict:
+    def make(impl: str) -> Callable[[int], Runner]:
+        def build(b: int) -> Runner:
+            if impl == "evaclip":
+                m = _evaclip_model(cfg, token_drop, device)
+                return Runner(impl, "", m, _evaclip_lamb(m), _evaclip_loss_fn(m), _synthetic(b, d, device, 0),
+                              token_drop, amp_dtype)
+            m = open_clip_model(d, token_drop, device)
+            return Runner(impl, "", m, _reference_lamb(open_clip_param_groups(m)), _open_clip_loss_fn(m),
+                          _synthetic(b, d, device, 0), token_drop, amp_dtype)
+        return build
+
+    out = {"evaclip": find_max_batch(make("evaclip"), device)}
+    out["open_clip"] = find_max_batch(make("open_clip"), device) if cfg.vs == "open_clip" else out["evaclip"]
+    return out
+
+
+def _params_m(model: nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def bench_train(cfg: TrainBenchCfg) -> dict:
+    """Run the benchmark described by ``cfg``; returns a report section (rows + ratios in the notes and summary)."""
+    if cfg.vs not in (None, "open_clip"):
+        raise ValueError(f"--vs must be open_clip, got {cfg.vs!r}")
+    if cfg.steps < 1 or cfg.rounds < 1 or cfg.warmup < 0:
+        raise ValueError(f"need steps >= 1, rounds >= 1, warmup >= 0; got {cfg.steps}, {cfg.rounds}, {cfg.warmup}")
+    for r in cfg.token_drop:
+        if not 0.0 <= r < 1.0:
+            raise ValueError(f"--token-drop ratios must be in [0, 1), got {r}")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.precision, device)
+    if dtype == torch.float16:
+        raise ValueError("bench train runs fp32 or bf16 (fp16 would need a GradScaler in both loops); use bf16")
+    amp_dtype = None if dtype == torch.float32 else dtype
+    torch.manual_seed(cfg.seed)
+    d = model_dims(cfg.model, cfg.overrides)
+    peak = matmul_peak_flops(device, dtype)
+    rows, runners_by_drop = [], {}
+    for token_drop in cfg.token_drop:
+        if cfg.batch == "auto":
+            batch = _auto_batches(cfg, d, token_drop, device, amp_dtype)
+        else:
+            batch = {"evaclip": int(cfg.batch), "open_clip": int(cfg.batch)}
+        runners = _build_runners(cfg, d, token_drop, batch, device, amp_dtype)
+        if cfg.count_flops:
+            for r in runners:
+                _count(r)
+        _alternate(runners, cfg, device)
+        if cfg.profile:
+            for r in runners:
+                _profile(r, cfg.profile, device)
+        for r in runners:
+            step_s = median(r.times)
+            rows.append({
+                "impl": r.impl, "optimizer": r.optimizer_name, "model": cfg.model, "params_m": _params_m(r.model),
+                "precision": str(dtype).replace("torch.", ""), "token_drop": token_drop, "batch": r.batch_size,
+                "samples_per_s": r.batch_size / step_s, "step_ms": 1e3 * step_s,
+                "peak_mem_mb": r.peak_mem / 2 ** 20 if r.peak_mem is not None else None,
+                "gflops_per_sample": r.flops / r.batch_size / 1e9 if r.flops else None,
+                "mfu_pct": 100 * mfu(r.flops, step_s, peak) if r.flops else None,
+                "step_ms_rounds": [1e3 * t for t in r.times],
+            })
+        runners_by_drop[token_drop] = [(r.impl, r.optimizer_name) for r in runners]
+        del runners
+        _free(device)
+    summary = _summary(rows)
+    notes = _notes(cfg, device, dtype, peak, summary)
+    sec = section(f"Training step: {cfg.model}", TRAIN_COLUMNS, rows, notes)
+    sec["summary"] = summary
+    sec["config"] = dataclasses.asdict(cfg)
+    sec["matmul_peak_tflops"] = peak / 1e12
+    return sec
+
+
+def _row(rows: list[dict], impl: str, optimizer: str, token_drop: float) -> Optional[dict]:
+    for r in rows:
+        if r["impl"] == impl and r["optimizer"] == optimizer and r["token_drop"] == token_drop:
+            return r
+    return None
+
+
+def _summary(rows: list[dict]) -> dict:
+    """The ratios the targets are stated in: vs open_clip (headline and same optimizer) and token drop vs none."""
+    out = {}
+    for td in sorted({r["token_drop"] for r in rows}):
+        ours = _row(rows, "evaclip", "lamb (foreach)", td)
+        theirs = _row(rows, "open_clip", "torch_optimizer.Lamb", td)
+        same = _row(rows, "open_clip", "lamb (foreach)", td)
+        if ours and theirs:
+            out[f"speedup_vs_open_clip@drop{td}"] = ours["samples_per_s"] / theirs["samples_per_s"]
+        if ours and same:
+            out[f"speedup_vs_open_clip_same_optimizer@drop{td}"] = ours["samples_per_s"] / same["samples_per_s"]
+    drops = sorted({r["token_drop"] for r in rows if r["impl"] == "evaclip"})
+    base = _row(rows, "evaclip", "lamb (foreach)", 0.0)
+    if base:
+        for td in drops:
+            if td > 0:
+                row = _row(rows, "evaclip", "lamb (foreach)", td)
+                if row and row["batch"] == base["batch"]:
+                    out[f"step_time_ratio_drop{td}_vs_0"] = row["step_ms"] / base["step_ms"]
+    return out
+
+
+def _notes(cfg: TrainBenchCfg, device: torch.device, dtype: torch.dtype, peak: float, summary: dict) -> list[str]:
+    notes = [f"{k}: {v:.3f}" for k, v in summary.items()]
+    mem = ("peak torch.cuda.max_memory_allocated over the first step minus memory in use before the model was built"
+           if device.type == "cuda" else
+           "peak RSS (sampled every 2 ms) over the first step minus RSS before the model was built")
+    notes += [
+        f"step = forward + contrastive loss + backward + optimizer step on synthetic data; median over {cfg.rounds} "
+        f"alternating rounds of {cfg.steps} steps after {cfg.warmup} warm-up steps",
+        f"MFU = counted FLOPs per step (torch FlopCounterMode: matmuls, convs, SDPA) / step time / matmul peak "
+        f"{peak / 1e12:.3g} TFLOP/s measured in this run ({str(dtype).replace('torch.', '')} "
+        f"{'8192' if device.type == 'cuda' else '2048'}^3 matmul)",
+        f"peak memory: {mem}; not reported for open_clip + foreach LAMB (it shares the model of the run above)",
+    ]
+    if cfg.compile:
+        notes.append("evaclip towers wrapped in torch.compile (compile time excluded: it happens in the memory step)")
+    return notes
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """The ``bench train`` command-line options."""
+    p.add_argument("--model", default=TrainBenchCfg.model, help="a registered evaclip architecture")
+    p.add_argument("--batch", default="8", help="per-device batch, or 'auto' (largest that fits; CUDA only)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--token-drop", type=float, nargs="+", default=[0.5], help="one or more ratios, e.g. 0 0.5")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--attn-backend", default="auto", choices=["auto", "flash_attn", "sdpa", "eager"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the evaclip towers")
+    p.add_argument("--vs", default=None, choices=["open_clip"], help="also run open_clip's equivalent model")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="architecture overrides for create_model, e.g. depth=6 (see evaclip.models)")
+    p.add_argument("--no-flops", action="store_true", help="skip FLOP counting (and MFU)")
+    p.add_argument("--profile", default=None, metavar="DIR", help="write torch.profiler tables and traces here")
+
+
+def cfg_from_args(args: argparse.Namespace) -> TrainBenchCfg:
+    """Parsed ``bench train`` options -> TrainBenchCfg (overrides parsed as YAML scalars, like config overrides)."""
+    from evaclip.config import _parse_scalar, parse_overrides
+
+    batch = args.batch if args.batch == "auto" else int(args.batch)
+    overrides = {k: _parse_scalar(v) for k, v in parse_overrides(args.set).items()}
+    return TrainBenchCfg(model=args.model, batch=batch, precision=args.precision, token_drop=list(args.token_drop),
+                         device=args.device, attn_backend=args.attn_backend, compile=args.compile, vs=args.vs,
+                         steps=args.steps, warmup=args.warmup, rounds=args.rounds, overrides=overrides,
+                         count_flops=not args.no_flops, profile=args.profile)

@@ -1,0 +1,394 @@
+"""Training checkpoints: atomic folder-per-step saves, keep-last-K, verified resume.
+
+Layout (one folder per optimizer step, ``RUN/ckpt/step_00000100/``)::
+
+    model.pt        model state dict (of the bare model; DDP / compile wrappers removed)
+    optim.pt        {"optimizer", "scheduler", "scaler"} state dicts
+    trainer.pt      step, epoch, data position, counters, resolved config (YAML text)
+    rng_rank{R}.pt  python / numpy / torch / cuda RNG states of rank R
+    config.yaml     the resolved config, for people
+    meta.json       written last: format version, step, world size, size and sha256 of every file above
+
+A save writes into ``ckpt/.tmp_step_XXXXXXXX/``, fsyncs every file, writes ``meta.json``, then renames the folder to
+``step_XXXXXXXX`` and fsyncs ``ckpt/``: a folder named ``step_*`` is complete by construction, and ``meta.json`` lets
+resume detect a checkpoint damaged later (truncated copy, bad disk) before touching the model. Everything stored is
+tensors and primitives, so every load uses ``torch.load(weights_only=True)``.
+
+The model / optimizer state goes through ``get_state_io(strategy)``: DDP saves full state dicts on rank 0; the FSDP
+module can register sharded save / load functions with ``register_state_io("fsdp", ...)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from evaclip import distributed as du
+from evaclip.logging import get_logger
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+log = get_logger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt, or does not match the run it is loaded into."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# files
+# ----------------------------------------------------------------------------------------------------------------------
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems (and Windows) do not open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path.tmp``, fsync, rename: a reader sees the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def torch_load(path: Path) -> Any:
+    """``torch.load`` on the CPU with ``weights_only=True`` (no pickled code runs)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# RNG state as tensors and primitives (weights_only-loadable)
+# ----------------------------------------------------------------------------------------------------------------------
+def get_rng_state() -> dict:
+    """python, numpy, torch and (if initialised) CUDA generator states of this process."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of ``get_rng_state``."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            log.warning("checkpoint has CUDA RNG states of %d devices, this process sees %d: CUDA RNG not restored",
+                        len(cuda_states), torch.cuda.device_count())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# model / optimizer state: the seam for sharded (FSDP) checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class StateIO:
+    """How one parallelism strategy saves and loads model + optimizer state inside a checkpoint folder.
+
+    ``save(folder, model, optimizer, rank)`` runs on every rank (collective strategies need all of them);
+    ``load(folder, model, optimizer)`` runs on every rank after the folder has been verified.
+    ``files(world_size)`` names the files it writes (checked by ``meta.json``).
+    """
+
+    save: Callable[[Path, nn.Module, torch.optim.Optimizer, int], None]
+    load: Callable[[Path, nn.Module, Optional[torch.optim.Optimizer]], None]
+    files: Callable[[int], list[str]]
+
+
+def _full_save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> None:
+    if rank == 0:
+        atomic_torch_save(du.unwrap(model).state_dict(), folder / "model.pt")
+        atomic_torch_save(optimizer.state_dict(), folder / "optimizer.pt")
+
+
+def load_model_state(model: nn.Module, state_dict: dict, source: str) -> None:
+    """Strict load that names the missing / unexpected keys."""
+    missing, unexpected = du.unwrap(model).load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not match the model: missing keys {sorted(missing)[:10]}, "
+                              f"unexpected keys {sorted(unexpected)[:10]}")
+
+
+def _full_load(folder: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    load_model_state(model, torch_load(folder / "model.pt"), str(folder / "model.pt"))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch_load(folder / "optimizer.pt"))
+
+
+_STATE_IO: dict[str, StateIO] = {
+    "ddp": StateIO(_full_save, _full_load, lambda world_size: ["model.pt", "optimizer.pt"]),
+}
+
+
+def register_state_io(strategy: str, io: StateIO) -> None:
+    """Plug in how ``strategy`` (e.g. ``fsdp``) saves / loads model and optimizer state."""
+    _STATE_IO[strategy] = io
+
+
+def get_state_io(strategy: str) -> StateIO:
+    if strategy not in _STATE_IO and strategy == "fsdp":
+        import evaclip.fsdp  # noqa: F401  (registers its StateIO on import, if it provides one)
+    if strategy not in _STATE_IO:
+        raise CheckpointError(f"no checkpoint format registered for dist.strategy={strategy!r}")
+    return _STATE_IO[strategy]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# save
+# ----------------------------------------------------------------------------------------------------------------------
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    scheduler=None,
+    scaler=None,
+    trainer_state: dict,
+    config_yaml: str,
+    rank: int = 0,
+    world_size: int = 1,
+    strategy: str = "ddp",
+    keep_last: int = 2,
+    checksum: bool = True,
+) -> Path:
+    """Write the checkpoint of ``step`` atomically under ``root`` and prune to the newest ``keep_last``.
+
+    Collective: every rank must call it (each writes its own RNG state). Returns the final folder.
+    """
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp_{step_dir_name(step)}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    du.barrier()
+    io = get_state_io(strategy)
+    io.save(tmp, model, optimizer, rank)
+    atomic_torch_save(get_rng_state(), tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        atomic_torch_save({"scheduler": scheduler.state_dict() if scheduler is not None else None,
+                           "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None},
+                          tmp / "optim.pt")
+        atomic_torch_save(dict(trainer_state, step=step, config_yaml=config_yaml), tmp / "trainer.pt")
+        atomic_write_text(config_yaml, tmp / "config.yaml")
+    du.barrier()
+    if rank == 0:
+        names = io.files(world_size) + ["optim.pt", "trainer.pt", "config.yaml"]
+        names += [f"rng_rank{r}.pt" for r in range(world_size)]
+        files = {}
+        for name in names:
+            p = tmp / name
+            if not p.is_file():
+                raise CheckpointError(f"checkpoint save of step {step}: {name} was not written")
+            _fsync_file(p)
+            files[name] = {"size": p.stat().st_size, "sha256": sha256_file(p) if checksum else None}
+        meta = {"format": FORMAT_VERSION, "step": step, "world_size": world_size, "strategy": strategy,
+                "files": files}
+        atomic_write_text(json.dumps(meta, indent=1), tmp / "meta.json")
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        prune_checkpoints(root, keep_last)
+    du.barrier()
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete-by-name checkpoint folders under ``root``, newest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (``keep_last <= 0`` keeps everything)."""
+    if keep_last <= 0:
+        return
+    for old in list_checkpoints(root)[keep_last:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# verify / find / load
+# ----------------------------------------------------------------------------------------------------------------------
+def verify_checkpoint(path: Path, checksum: bool = True) -> dict:
+    """Check ``meta.json`` and every file it lists (size, sha256); returns the meta. Raises CheckpointError."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} has no meta.json (incomplete save)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from e
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, this evaclip reads {FORMAT_VERSION}")
+    for name, info in meta["files"].items():
+        p = path / name
+        if not p.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        size = p.stat().st_size
+        if size != info["size"]:
+            raise CheckpointError(f"{path}: {name} is {size} bytes, expected {info['size']} (truncated?)")
+        if checksum and info.get("sha256") and sha256_file(p) != info["sha256"]:
+            raise CheckpointError(f"{path}: {name} fails its sha256 check (corrupt)")
+    return meta
+
+
+def find_resume_checkpoint(root: Path, checksum: bool = True) -> Optional[Path]:
+    """The newest checkpoint under ``root`` that verifies; damaged newer ones are reported and skipped."""
+    for path in list_checkpoints(root):
+        try:
+            verify_checkpoint(path, checksum)
+            return path
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s; trying the previous one", path.name, e)
+    return None
+
+
+def resolve_resume(resume: Optional[str], ckpt_root: Path, checksum: bool = True) -> Optional[Path]:
+    """``resume`` of the config -> a verified checkpoint folder, or None to start fresh.
+
+    ``auto``: newest good checkpoint of this run (None if there is none yet). A path: that folder, or the newest good
+    checkpoint of a run folder / ``ckpt`` folder it names. Decided on rank 0 and broadcast.
+    """
+    if not resume:
+        return None
+    decision: tuple[str, Optional[str]] = ("none", None)
+    if du.get_rank() == 0:
+        try:
+            chosen = _choose(resume, Path(ckpt_root), checksum)
+            decision = ("path", str(chosen)) if chosen is not None else ("none", None)
+        except CheckpointError as e:
+            decision = ("error", str(e))
+    kind, value = du.broadcast_object(decision)
+    if kind == "error":
+        raise CheckpointError(value)
+    return Path(value) if kind == "path" else None
+
+
+def _choose(resume: str, ckpt_root: Path, checksum: bool) -> Optional[Path]:
+    if resume == "auto":
+        chosen = find_resume_checkpoint(ckpt_root, checksum)
+        if chosen is None:
+            log.info("resume=auto: no checkpoint in %s yet, starting from scratch", ckpt_root)
+        return chosen
+    p = Path(resume)
+    if (p / "meta.json").is_file():
+        verify_checkpoint(p, checksum)
+        return p
+    if p.is_dir():
+        chosen = find_resume_checkpoint(p / "ckpt" if (p / "ckpt").is_dir() else p, checksum)
+        if chosen is None:
+            raise CheckpointError(f"resume={resume}: no valid checkpoint found there")
+        return chosen
+    raise CheckpointError(f"resume={resume}: no such checkpoint folder")
+
+
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    *,
+    scheduler=None,
+    scaler=None,
+    rank: int = 0,
+    world_size: int = 1,
+    strategy: str = "ddp",
+    restore_rng: bool = True,
+) -> dict:
+    """Restore model / optimizer / scheduler / scaler / RNG from a verified folder; returns the trainer state."""
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    trainer = torch_load(path / "trainer.pt")
+    optim_extra = torch_load(path / "optim.pt")
+    if meta.get("strategy", "ddp") != strategy:
+        raise CheckpointError(f"{path} was saved with dist.strategy={meta.get('strategy')}, this run uses {strategy}")
+    get_state_io(strategy).load(path, model, optimizer)
+    if scheduler is not None and optim_extra.get("scheduler") is not None:
+        scheduler.load_state_dict(optim_extra["scheduler"])
+    if scaler is not None and scaler.is_enabled():
+        if optim_extra.get("scaler") is not None:
+            scaler.load_state_dict(optim_extra["scaler"])
+        else:
+            log.warning("%s has no loss-scaler state (saved without fp16): the scale starts fresh", path.name)
+    if meta["world_size"] != world_size:
+        log.warning("%s was written by %d processes, this run has %d: RNG streams and the data order restart "
+                    "from the saved step, not exactly where they stopped", path.name, meta["world_size"], world_size)
+    if restore_rng:
+        rng_file = path / f"rng_rank{rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch_load(rng_file))
+    return trainer

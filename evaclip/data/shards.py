@@ -1,0 +1,596 @@
+"""Webdataset pipeline: shard specs -> per-worker sample streams -> decoded, transformed, tokenized batches.
+
+Shapes: B batch, C channels, H/W image height/width, L context length.
+
+Why a hand-written stream instead of ``wds.WebDataset(...).shuffle().decode()...``: exact resume and DDP safety need
+control over *which* batch each worker produces. Every worker owns a fixed, known set of global batch indices
+(``i % W == w`` within a rank), so (a) the DataLoader's round-robin order equals the global batch order, (b) a restart
+at step k makes each worker skip exactly its share of the first k batches (cheaply, before transforms), and (c) every
+rank yields the same number of batches even when shards do not divide evenly (no DDP hang). Tar reading, ``pipe:``
+URLs and the loader come from webdataset.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+from braceexpand import braceexpand
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_SKIP_REASONS = ("corrupt_image", "missing_image", "missing_caption")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# shard specs
+# ----------------------------------------------------------------------------------------------------------------------
+def is_local(url: str) -> bool:
+    """True for plain file paths (not ``pipe:`` commands or ``scheme://`` URLs)."""
+    return not url.startswith("pipe:") and "://" not in url
+
+
+def expand_spec(spec: str) -> list[list[str]]:
+    """``'a/{0..3}.tar::b/x.tar'`` -> one list of shard URLs per ``::``-separated source, braces expanded.
+
+    A source that is a local directory stands for every ``*.tar`` in it (sorted).
+    """
+    if not spec or not str(spec).strip():
+        raise ValueError("empty shard spec: set data.train (e.g. 'data/{00000..00099}.tar')")
+    sources = []
+    for part in str(spec).split("::"):
+        part = part.strip()
+        if not part:
+            raise ValueError(f"empty source in shard spec '{spec}' (check the '::' separators)")
+        if is_local(part) and os.path.isdir(part):
+            urls = sorted(os.path.join(part, f) for f in os.listdir(part) if f.endswith(".tar"))
+            if not urls:
+                raise FileNotFoundError(f"no .tar shards in directory {part}")
+        else:
+            urls = list(braceexpand(part))
+        sources.append(urls)
+    return sources
+
+
+def check_shards_exist(urls: Iterable[str], spec: str = "") -> None:
+    """Raise FileNotFoundError naming every missing local shard (remote URLs are checked when opened)."""
+    missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        where = f" (from spec '{spec}')" if spec else ""
+        raise FileNotFoundError(f"shard not found: {', '.join(missing[:5])}{more}{where}")
+
+
+def shard_sizes(urls: Sequence[str]) -> Optional[list[int]]:
+    """Samples per shard from the ``sizes.json`` next to each shard (written by make_shards); None if any is unknown."""
+    cache: dict[str, dict] = {}
+    out = []
+    for u in urls:
+        if not is_local(u):
+            return None
+        d, name = os.path.split(u)
+        if d not in cache:
+            p = os.path.join(d, "sizes.json")
+            try:
+                with open(p) as f:
+                    cache[d] = json.load(f)
+            except (OSError, ValueError):
+                cache[d] = {}
+        if name not in cache[d]:
+            return None
+        out.append(int(cache[d][name]))
+    return out
+
+
+def count_tar_samples(url: str) -> int:
+    """Count the distinct sample keys in a local tar by reading member headers only (no payload decode)."""
+    import tarfile
+
+    keys = set()
+    with tarfile.open(url) as tf:
+        for m in tf:
+            if m.isfile() and not os.path.basename(m.name).startswith("_"):
+                keys.add(_split_key(m.name)[0])
+    return len(keys)
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    # webdataset convention: the key is everything before the first dot of the basename
+    d, base = os.path.split(name)
+    k, _, ext = base.partition(".")
+    return os.path.join(d, k), ext
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# decoding
+# ----------------------------------------------------------------------------------------------------------------------
+def decode_image(data: bytes, min_side: Optional[int] = None) -> Image.Image:
+    """Bytes -> RGB PIL image. For JPEGs, ``min_side`` enables DCT-domain reduced decoding (``Image.draft``): the
+    image is decoded at 1/2, 1/4 or 1/8 scale when its shorter side stays >= ``min_side``, which is several times
+    faster for sources much larger than the crop. Raises on corrupt or truncated data."""
+    img = Image.open(io.BytesIO(data))
+    if min_side and img.format == "JPEG":
+        w, h = img.size
+        s = min(w, h)
+        if s >= 2 * min_side:
+            # draft picks the largest reduction keeping the size >= the request; scale the request by the aspect
+            img.draft("RGB", (max(1, w * min_side // s), max(1, h * min_side // s)))
+    img.load()
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def crop_size(preprocess: Callable) -> Optional[int]:
+    """The output side of a torchvision transform pipeline (its last Resize / crop), used to bound JPEG drafting."""
+    size = None
+    for t in getattr(preprocess, "transforms", [preprocess]):
+        s = getattr(t, "size", None)
+        if s is not None:
+            size = s if isinstance(s, int) else (min(s) if len(s) else None)
+    return size
+
+
+def _first_key(sample: dict, keys: Sequence[str]) -> Optional[str]:
+    for k in keys:
+        if k in sample:
+            return k
+    return None
+
+
+class SkipCounter:
+    """Skipped-sample counts shared by all DataLoader workers (a process-shared array, one slot per reason)."""
+
+    def __init__(self):
+        self._arr = mp.Array("q", len(_SKIP_REASONS), lock=True)
+
+    def add(self, reason: str, n: int = 1) -> None:
+        with self._arr.get_lock():
+            self._arr[_SKIP_REASONS.index(reason)] += n
+
+    def by_reason(self) -> dict[str, int]:
+        return {r: int(v) for r, v in zip(_SKIP_REASONS, self._arr[:])}
+
+    def total(self) -> int:
+        return sum(self._arr[:])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# per-worker streams
+# ----------------------------------------------------------------------------------------------------------------------
+def _raw_samples(urls: Iterable[str]) -> Iterator[dict]:
+    from webdataset.tariterators import tarfile_samples
+
+    def handler(exn):
+        # a shard that vanished or a broken remote stream mid-epoch: fail loudly, naming the URL (in exn.args)
+        raise exn
+
+    yield from tarfile_samples(({"url": u} for u in urls), handler=handler)
+
+
+def _shuffle(it: Iterator, bufsize: int, rng: random.Random) -> Iterator:
+    """Buffer shuffle: keep ``bufsize`` samples, emit a random one per new arrival (deterministic given ``rng``)."""
+    if bufsize <= 1:
+        yield from it
+        return
+    buf = []
+    for x in it:
+        if len(buf) < bufsize:
+            buf.append(x)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], x = x, buf[i]
+        yield x
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _seed_int(*parts) -> int:
+    return int.from_bytes(hashlib.blake2b("-".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _batch_share(num_batches: int, num_workers: int, worker: int, start: int = 0) -> range:
+    """Global batch indices in [start, num_batches) that logical worker ``worker`` produces (i % W == worker)."""
+    first = start + (worker - start) % num_workers
+    return range(first, num_batches, num_workers)
+
+
+@dataclass
+class _StreamSpec:
+    """Everything a worker needs to build its stream; pickled into each DataLoader worker."""
+
+    sources: list  # list[list[url]]
+    sizes: Optional[list]  # samples per shard of the flattened shard list, or None
+    weights: Optional[list]
+    resampled: bool
+    batch_size: int
+    num_batches: int  # per rank
+    rank: int
+    world_size: int
+    num_workers: int  # logical workers per rank (>= 1)
+    seed: int
+    epoch: int = 0
+    start_step: int = 0
+    shuffle_buffer: int = 0
+    image_keys: tuple = IMAGE_EXTS
+    text_key: str = "txt"
+    outputs: tuple = ("image", "text")  # what each batch holds, in order
+    deterministic_aug: bool = True
+    flat: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.flat = [u for s in self.sources for u in s]
+
+
+def assign_shards(spec: _StreamSpec) -> list[list[str]]:
+    """Exact mode: the epoch's shard order (seeded shuffle), split over ``world_size * num_workers`` slots.
+
+    With known sizes, shards go greedily to the least-loaded slot so the per-worker sample counts stay balanced;
+    slot ``rank * num_workers + w`` belongs to worker ``w`` of ``rank``."""
+    n_slots = spec.world_size * spec.num_workers
+    order = list(range(len(spec.flat)))
+    random.Random(_seed_int("shards", spec.seed, spec.epoch)).shuffle(order)
+    slots: list[list[str]] = [[] for _ in range(n_slots)]
+    if spec.sizes is None:
+        for j, i in enumerate(order):
+            slots[j % n_slots].append(spec.flat[i])
+    else:
+        load = [0] * n_slots
+        for i in order:
+            s = min(range(n_slots), key=lambda k: (load[k], k))
+            slots[s].append(spec.flat[i])
+            load[s] += spec.sizes[i]
+    return slots
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Iterable of collated batches for one rank; each DataLoader worker produces its own share of batch indices."""
+
+    def __init__(self, spec: _StreamSpec, preprocess: Optional[Callable], tokenizer: Optional[Callable],
+                 counter: SkipCounter, draft_side: Optional[int] = None):
+        super().__init__()
+        self.spec = spec
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.counter = counter
+        self.draft_side = draft_side
+
+    # -- sample sources ------------------------------------------------------------------------------------------
+    def _passes(self, logical: int, state: dict) -> Iterator[Iterator[str]]:
+        """Shard URL sequences, one per pass. Exact mode: this worker's shards, again and again -- a worker whose
+        shards run out before its batch quota cycles them, so every rank yields the same number of batches and DDP
+        never waits on a rank that stopped early. Resampled mode: one endless pass of weighted draws."""
+        spec = self.spec
+        if spec.resampled:
+            rng = random.Random(_seed_int("resample", spec.seed, spec.epoch, spec.rank, logical))
+            weights = spec.weights or [len(s) for s in spec.sources]
+            yield self._guard((spec.sources[rng.choices(range(len(spec.sources)), weights=weights)[0]]
+                               for _ in iter(int, 1)), spec.flat, 4 * len(spec.flat) + 16, state,
+                              spec.shuffle_buffer, rng)
+        else:
+            mine = assign_shards(spec)[spec.rank * spec.num_workers + logical]
+            while True:
+                yield self._guard(iter(mine), mine, 2 * len(mine), state, spec.shuffle_buffer)
+
+    @staticmethod
+    def _guard(urls, shards: list, limit: int, state: dict, buffer: int,
+               rng: Optional[random.Random] = None) -> Iterator[str]:
+        # stop an endless stream that keeps reading shards without finding a single valid sample
+        for u in urls:
+            # empty shards, or shards read well past the shuffle buffer's fill (webdataset reads one sample ahead)
+            # without one decodable sample
+            if state["shards_since_raw"] > limit or (
+                    state["shards_since_valid"] > limit and state["raw_since_valid"] > 2 * buffer + 100):
+                raise RuntimeError(f"no valid samples in {len(shards)} shard(s) after {limit} shard reads "
+                                   f"(first: {shards[0]}); every sample was corrupt or lacked an image/caption")
+            state["shards_since_raw"] += 1
+            state["shards_since_valid"] += 1
+            yield rng.choice(u) if rng is not None else u
+
+    def _valid_samples(self, logical: int) -> Iterator[dict]:
+        """Raw samples that have an image and (if wanted) a caption, shuffled (not decoded yet)."""
+        spec = self.spec
+        rng = random.Random(_seed_int("shuffle", spec.seed, spec.epoch, spec.rank, logical))
+        state = self._state = {"shards_since_raw": 0, "shards_since_valid": 0, "raw_since_valid": 0}
+        # shuffle within a pass so a cycling worker's first pass is exactly its shards' samples
+        for urls in self._passes(logical, state):
+            yield from _shuffle(self._filter(_raw_samples(urls), state), spec.shuffle_buffer, rng)
+
+    def _filter(self, raw: Iterator[dict], state: dict) -> Iterator[dict]:
+        # cheap checks before the shuffle buffer, so the buffer only holds usable samples
+        spec = self.spec
+        need_text = "text" in spec.outputs
+        for s in raw:
+            state["shards_since_raw"] = 0
+            state["raw_since_valid"] += 1
+            ik = _first_key(s, spec.image_keys)
+            if ik is None:
+                self.counter.add("missing_image")
+                continue
+            s["__image__"] = s[ik]
+            if need_text:
+                t = s.get(spec.text_key)
+                t = t.decode("utf-8", errors="replace").strip() if isinstance(t, (bytes, bytearray)) else ""
+                if not t:
+                    self.counter.add("missing_caption")
+                    continue
+                s["__text__"] = t
+            yield s
+
+    def _decoded(self, samples: Iterator[dict], min_side: Optional[int]) -> Iterator[tuple[dict, Any]]:
+        state = getattr(self, "_state", None)
+        for s in samples:
+            try:
+                img = decode_image(s["__image__"], min_side)
+            except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) on bad bytes
+                self.counter.add("corrupt_image")
+                log.debug("skipping %s from %s: %s", s.get("__key__"), s.get("__url__"), e)
+                continue
+            if state is not None:
+                state["shards_since_valid"] = state["raw_since_valid"] = 0
+            yield s, img
+
+    def __iter__(self) -> Iterator:
+        spec = self.spec
+        info = torch.utils.data.get_worker_info()
+        physical = info.id if info is not None else 0
+        n_phys = info.num_workers if info is not None else 1
+        if n_phys != spec.num_workers:
+            raise RuntimeError(f"stream built for {spec.num_workers} workers runs in {n_phys}; use the DataInfo loader")
+        # after a restart at step k the loader's worker 0 must produce batch k: rotate the logical roles
+        logical = (physical + spec.start_step) % spec.num_workers
+        done_before = len(range(logical, min(spec.start_step, spec.num_batches), spec.num_workers))
+        todo = _batch_share(spec.num_batches, spec.num_workers, logical, spec.start_step)
+        if len(todo) == 0:
+            return
+        valid = self._valid_samples(logical)
+        # skip this worker's share of the batches before start_step: decode at the smallest JPEG draft scale only to
+        # learn which samples are valid (so the stream lines up exactly); no transforms, no tokenization
+        for _ in zip(range(done_before * spec.batch_size), self._decoded(valid, min_side=1)):
+            pass
+        decoded = self._decoded(valid, min_side=self.draft_side)
+        for bi in todo:
+            batch = [x for _, x in zip(range(spec.batch_size), decoded)]
+            yield self._collate(batch, bi)
+
+    def _collate(self, batch: list[tuple[dict, Any]], batch_index: int):
+        spec = self.spec
+        out = []
+        with _aug_seed(_seed_int("aug", spec.seed, spec.epoch, spec.rank, batch_index), spec.deterministic_aug):
+            images = [self.preprocess(img) if self.preprocess is not None else img for _, img in batch]
+        for o in spec.outputs:
+            if o == "image":
+                out.append(torch.stack(images) if self.preprocess is not None else images)
+            elif o == "text":
+                texts = [s["__text__"] for s, _ in batch]
+                out.append(self.tokenizer(texts) if self.tokenizer is not None else texts)
+            elif o == "cls":
+                out.append(torch.tensor([int(s["cls"].decode().strip()) for s, _ in batch], dtype=torch.long))
+            elif o == "key":
+                out.append([s["__key__"] for s, _ in batch])
+        return tuple(out)
+
+
+class _aug_seed:
+    """Seed torch's RNG per global batch so random augmentations are identical after a restart. In the main process
+    (workers=0) the caller's RNG state is restored afterwards."""
+
+    def __init__(self, seed: int, enabled: bool):
+        self.seed, self.enabled = seed, enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return
+        self.main = torch.utils.data.get_worker_info() is None
+        if self.main:
+            self.state = (torch.get_rng_state(), random.getstate())
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
+
+    def __exit__(self, *exc):
+        if self.enabled and self.main:
+            torch.set_rng_state(self.state[0])
+            random.setstate(self.state[1])
+
+
+class _OrderedEvalStream(torch.utils.data.IterableDataset):
+    """Eval: one rank's shards read in order; worker ``w`` decodes batches ``i % W == w`` only, so the loader's
+    round-robin yields samples in the original order. Batches are cut on raw samples; a corrupt image makes its
+    batch one shorter instead of shifting every later batch."""
+
+    def __init__(self, stream: ShardStream, urls: list[str]):
+        super().__init__()
+        self.stream, self.urls = stream, urls
+
+    def __iter__(self):
+        st, spec = self.stream, self.stream.spec
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        need_text = "text" in spec.outputs
+        pending: list[dict] = []
+        index = 0
+
+        def flush(items, bi):
+            batch = list(st._decoded(iter(items), min_side=st.draft_side))
+            return st._collate(batch, bi) if batch else None
+
+        for s in _raw_samples(self.urls):
+            mine = index // spec.batch_size % n == w
+            ik = _first_key(s, spec.image_keys)
+            t = s.get(spec.text_key)
+            t = t.decode("utf-8", errors="replace").strip() if isinstance(t, (bytes, bytearray)) else ""
+            if ik is None or (need_text and not t) or ("cls" in spec.outputs and "cls" not in s):
+                if mine:
+                    st.counter.add("missing_image" if ik is None else "missing_caption")
+                continue
+            index += 1
+            if mine:
+                s["__image__"], s["__text__"] = s[ik], t
+                pending.append(s)
+                if len(pending) == spec.batch_size:
+                    out = flush(pending, (index - 1) // spec.batch_size)
+                    pending = []
+                    if out is not None:
+                        yield out
+        if pending:
+            out = flush(pending, (index - 1) // spec.batch_size)
+            if out is not None:
+                yield out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# builders
+# ----------------------------------------------------------------------------------------------------------------------
+class DataInfo:
+    """A rank's train loader and its bookkeeping (see docs/ARCHITECTURE.md, Data)."""
+
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool):
+        self.stream = stream
+        self._num_workers = num_workers
+        self._pin = pin_memory
+        self.loader = self._make_loader()
+
+    def _make_loader(self):
+        import webdataset as wds
+
+        # batches are built inside the workers (batch_size=None); workers are re-created per epoch so the new
+        # epoch / start step reach them with the pickled stream
+        return wds.WebLoader(self.stream, batch_size=None, shuffle=False, num_workers=self._num_workers,
+                             pin_memory=self._pin, persistent_workers=False)
+
+    @property
+    def num_batches(self) -> int:
+        """Batches per epoch for this rank (the same on every rank)."""
+        return self.stream.spec.num_batches
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per epoch over all ranks (num_batches * batch_size * world_size)."""
+        spec = self.stream.spec
+        return spec.num_batches * spec.batch_size * spec.world_size
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch (shard order, shuffles, augmentations) and the batch index to start from."""
+        if not 0 <= start_step <= self.num_batches:
+            raise ValueError(f"start_step {start_step} outside [0, {self.num_batches}] for this epoch")
+        self.stream.spec.epoch = epoch
+        self.stream.spec.start_step = start_step
+
+    def skipped(self) -> int:
+        """Samples skipped so far (corrupt image, missing image or caption), summed over all workers."""
+        return self.stream.counter.total()
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        return self.stream.counter.by_reason()
+
+    def __len__(self) -> int:
+        return self.num_batches - self.stream.spec.start_step
+
+
+def _split_keys(keys: str) -> tuple:
+    return tuple(k.strip().lstrip(".") for k in keys.split(";") if k.strip())
+
+
+def build_train_loader(cfg, preprocess: Callable, tokenizer: Callable, *, rank: int = 0, world_size: int = 1,
+                       seed: int = 0, epoch: int = 0, start_step: int = 0, pin_memory: Optional[bool] = None
+                       ) -> DataInfo:
+    """Train loader for one rank from ``cfg`` (a ``DataCfg``); yields ``(images_BCHW, tokens_BL)``.
+
+    Exact mode (``cfg.resampled=False``): every shard once per epoch, shards shuffled per epoch from ``seed`` and
+    split over ranks and workers; every rank yields ``total // (world_size * batch_size)`` batches. Resampled mode:
+    shards drawn with replacement (sources mixed by ``cfg.train_weights``); an epoch is ``cfg.train_num_samples``.
+    Missing local shards and empty datasets raise before any worker starts.
+    """
+    if cfg.synthetic:
+        raise ValueError("data.synthetic is true: use evaclip.data.synthetic.synthetic_batches instead")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, {world_size})")
+    spec_str = cfg.train
+    sources = expand_spec(spec_str)
+    flat = [u for s in sources for u in s]
+    check_shards_exist(flat, spec_str)
+    weights = cfg.train_weights
+    if weights is not None:
+        if len(weights) != len(sources):
+            raise ValueError(f"data.train_weights has {len(weights)} entries but data.train has {len(sources)} "
+                             f"'::'-separated sources")
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"data.train_weights must be non-negative with a positive sum, got {weights}")
+    sizes = shard_sizes(flat)
+    if cfg.resampled:
+        if not cfg.train_num_samples:
+            raise ValueError("data.train_num_samples is required in resampled mode (it defines the epoch)")
+        total = cfg.train_num_samples
+    else:
+        if sizes is None and all(is_local(u) for u in flat):
+            sizes = [count_tar_samples(u) for u in flat]
+        if sizes is not None:
+            total = sum(sizes)
+            if total == 0:
+                raise ValueError(f"no samples in the {len(flat)} shard(s) of '{spec_str}'")
+            if cfg.train_num_samples:
+                total = min(total, cfg.train_num_samples)
+        elif cfg.train_num_samples:
+            total = cfg.train_num_samples
+        else:
+            raise ValueError(f"cannot count the samples of '{spec_str}' (remote shards without sizes.json): "
+                             "set data.train_num_samples")
+        if len(flat) < world_size:
+            raise ValueError(f"exact mode needs at least one shard per rank: {len(flat)} shard(s) for "
+                             f"{world_size} ranks; use more shards or data.resampled=true")
+    global_batch = cfg.batch_size * world_size
+    num_batches = total // global_batch
+    if num_batches == 0:
+        raise ValueError(f"{total} samples are fewer than one global batch ({cfg.batch_size} x {world_size} ranks) "
+                         f"from '{spec_str}'")
+    if total % global_batch and rank == 0:
+        log.info("epoch of %d samples rounded down to %d full global batches", total, num_batches)
+    workers = max(0, cfg.workers)
+    if not cfg.resampled:
+        # no idle worker: each one needs at least a shard of its own
+        workers = min(workers, len(flat) // world_size)
+    spec = _StreamSpec(sources=sources, sizes=sizes, weights=weights, resampled=cfg.resampled,
+                       batch_size=cfg.batch_size, num_batches=num_batches, rank=rank, world_size=world_size,
+                       num_workers=max(1, workers), seed=seed, shuffle_buffer=cfg.shuffle_buffer,
+                       image_keys=_split_keys(cfg.image_key), text_key=cfg.text_key.strip().lstrip("."))
+    stream = ShardStream(spec, preprocess, tokenizer, SkipCounter(), draft_side=crop_size(preprocess))
+    info = DataInfo(stream, workers, torch.cuda.is_available() if pin_memory is None else pin_memory)
+    info.set_epoch(epoch, start_step)
+    return info
+
+
+def build_eval_loader(spec: str, preprocess: Optional[Callable], tokenizer: Optional[Callable] = None, *,
+                      batch_size: int = 64, workers: int = 0, keys: Sequence[str] = ("image", "text"),
+                      rank: int = 0, world_size: int = 1, image_key: str = "jpg;png;jpeg;webp",
+                      text_key: str = "txt") -> torch.utils.data.DataLoader:
+    """In-order eval loader over ``spec`` (brace-expanded shards or a directory of ``.tar``), this rank's part only.
+
+    ``keys`` picks the batch contents, in order, from ``image`` (BCHW tensor, or PIL list without ``preprocess``),
+    ``text`` (tokens BL with a tokenizer, else list[str]), ``cls`` (int64 labels, clip_benchmark layout) and
+    ``key`` (sample keys). Ranks get contiguous shard ranges; the last batch may be short; nothing is shuffled.
+    """
+    unknown = set(keys) - {"image", "text", "cls", "key"}
+    if unknown:
+        raise ValueError(f"unknown eval keys {sorted(unknown)}; choose from image, text, cls, key")
+    urls = [u for s in expand_spec(spec) for u in s]
+    check_shards_exist(urls, spec)
+    per = -(-len(urls) // world_size)
+    mine = urls[rank * per:(rank + 1) * per]
+    sspec = _StreamSpec(sources=[mine], sizes=None, weights=None, resampled=False, batch_size=batch_size,
+                        num_batches=0, rank=rank, world_size=world_size, num_workers=max(1, workers), seed=0,
+                        image_keys=_split_keys(image_key), text_key=text_key, outputs=tuple(keys),
+                        deterministic_aug=False)
+    stream = ShardStream(sspec, preprocess, tokenizer, SkipCounter(), draft_side=crop_size(preprocess))
+    import webdataset as wds
+
+    loader = wds.WebLoader(_OrderedEvalStream(stream, mine), batch_size=None, shuffle=False,
+                           num_workers=workers if mine else 0)
+    loader.skip_counter = stream.counter  # .total() / .by_reason(): samples dropped so far
+    return loader

@@ -1,0 +1,161 @@
+"""Process group, device and model wrapping for one training process (torchrun or plain ``python``).
+
+torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without them the run is a single process and no process
+group is created (every helper here then degrades to the identity). The backend is chosen once, here: NCCL on CUDA,
+gloo on CPU (``dist.backend`` can force one).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from evaclip.config import ConfigError, TrainCfg
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: its global / local rank, the world size and its device."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as e:
+        raise RuntimeError(f"environment variable {name}={value!r} is not an integer (set by torchrun?)") from e
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; ``cuda`` without CUDA is an error."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("config key 'device' is 'cuda' but no CUDA device is available (use device=cpu or auto)")
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
+        return torch.device("cuda", local_rank)
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"config key 'device' must be auto, cpu or cuda, got {requested!r}")
+
+
+def backend_for(cfg: TrainCfg, device: torch.device) -> str:
+    """The ``init_process_group`` backend: the FSDP module decides for fsdp (it may need cpu:gloo beside nccl)."""
+    if cfg.dist.backend == "nccl" and device.type != "cuda":
+        raise ConfigError("config key 'dist.backend' is 'nccl' but the run is on the CPU; use gloo or auto")
+    if cfg.dist.strategy == "fsdp":
+        from evaclip.fsdp import process_group_backend
+
+        return process_group_backend(cfg, device)
+    if cfg.dist.backend != "auto":
+        return cfg.dist.backend
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(cfg: TrainCfg, timeout_s: float = 1800.0) -> DistEnv:
+    """Read the torchrun environment, pick the device, and create the process group when ``WORLD_SIZE > 1``."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    device = resolve_device(cfg.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend_for(cfg, device), timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    elif cfg.dist.strategy == "fsdp" and not dist.is_initialized():
+        # FSDP2 needs a process group even for one process (a 1-rank mesh): make a local one.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group(backend=backend_for(cfg, device), rank=0, world_size=1)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def cleanup() -> None:
+    """Destroy the process group, if one was created."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (``sum`` | ``max`` | ``min``); identity without a process group."""
+    if is_initialized() and dist.get_world_size() > 1:
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(t, op=ops[op])
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s Python object on every rank (small objects: paths, flags)."""
+    if not (is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP / ``torch.compile`` wrappers (FSDP2 shards in place: nothing to unwrap)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def wrap_model(model: nn.Module, cfg: TrainCfg, device: torch.device) -> nn.Module:
+    """Move ``model`` to ``device`` and wrap it for data parallelism.
+
+    ``dist.strategy: ddp``: DistributedDataParallel when a process group with more than one rank exists, the bare
+    model otherwise. ``fsdp``: ``evaclip.fsdp.shard_model`` (FSDP2, in place). Build the optimizer *after* this call.
+    """
+    if cfg.dist.strategy == "fsdp":
+        from evaclip.fsdp import shard_model
+
+        return shard_model(model, cfg, device)
+    model = model.to(device)
+    if is_initialized() and dist.get_world_size() > 1:
+        # Locked towers have requires_grad=False, which DDP skips, so every registered parameter gets a gradient.
+        return nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+        )
+    return model
+
+
+def get_rank() -> int:
+    """Global rank (0 without a process group)."""
+    return dist.get_rank() if is_initialized() else 0

@@ -1,0 +1,161 @@
+"""Shared evaluation plumbing: rank/world, gathering results from every rank, autocast, feature encoding.
+
+Shapes: N samples, D embedding dim, B batch, L context length.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from evaclip.distributed import unwrap  # noqa: F401  (re-exported for the eval modules)
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world_size) of the default process group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a per-rank tensor (any first-dim size, also 0) over all ranks, on CPU, in rank order."""
+    rank, world = rank_world()
+    t = t.detach().cpu()
+    if world == 1:
+        return t
+    parts: list = [None] * world
+    # object gather: ranks hold different sample counts and eval tensors are small next to the forward passes
+    dist.all_gather_object(parts, t)
+    return torch.cat(parts)
+
+
+def gather_list(items: list) -> list:
+    """Concatenate per-rank Python lists over all ranks, in rank order."""
+    rank, world = rank_world()
+    if world == 1:
+        return list(items)
+    parts: list = [None] * world
+    dist.all_gather_object(parts, list(items))
+    return [x for p in parts for x in p]
+
+
+def autocast(device: torch.device | str, amp: bool):
+    """bf16 autocast on CUDA when ``amp`` (fp16 would overflow some EVA activations); a no-op on CPU."""
+    device = torch.device(device)
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer: Callable, texts: Sequence[str], device, batch_size: int = 256,
+                 amp: bool = True) -> torch.Tensor:
+    """Texts -> L2-normalised float32 features ``(N, D)`` on ``device``, encoded in batches of ``batch_size``."""
+    out = []
+    for s in range(0, len(texts), batch_size):
+        tokens_BL = tokenizer(list(texts[s:s + batch_size])).to(device)
+        with autocast(device, amp):
+            f_BD = model.encode_text(tokens_BL)
+        out.append(F.normalize(f_BD.float(), dim=-1))
+    if not out:
+        return torch.zeros(0, device=device)  # 1-D empty: torch.cat skips it when gathering
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_images(model, images_BCHW: torch.Tensor, device, amp: bool = True) -> torch.Tensor:
+    """Images -> L2-normalised float32 features ``(B, D)``."""
+    with autocast(device, amp):
+        f_BD = model.encode_image(images_BCHW.to(device, non_blocking=True))
+    return F.normalize(f_BD.float(), dim=-1)
+
+
+def progress(iterable, desc: str, enabled: bool = True, total=None):
+    """tqdm on rank 0 only (other ranks would interleave their bars)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, disable=not enabled or rank_world()[0] != 0, leave=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checkpoints -> model, preprocess, tokenizer (shared with evaclip.export)
+# ----------------------------------------------------------------------------------------------------------------------
+_WEIGHT_FILES = ("model.pt", "model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _find_run_config(path: Path) -> Optional[dict]:
+    """The resolved training config (``config.yaml``) saved in a checkpoint folder, or beside a weights file."""
+    import yaml
+
+    f = (path if path.is_dir() else path.parent) / "config.yaml"
+    if f.is_file():
+        cfg = yaml.safe_load(f.read_text()) or {}
+        if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
+            return cfg
+    return None
+
+
+def read_state_dict(path: Path) -> dict:
+    """A state dict from a safetensors file or a torch file (``weights_only=True``); training wrappers
+    (``{"model": ...}``, ``{"state_dict": ...}``, ``module.`` prefixes) are unwrapped."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickled code, a zip of something else, a truncated file
+            raise ValueError(f"{path} is not a weights-only torch checkpoint ({type(e).__name__}: {e})") from e
+    for key in ("model", "state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    for p in _WRAPPER_PREFIXES:
+        if sd and all(k.startswith(p) for k in sd):
+            sd = {k[len(p):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", attn_backend: str = "auto"):
+    """Build the model a checkpoint was trained as and load its weights strictly; returns ``(model, name)``.
+
+    ``checkpoint`` is a training checkpoint folder (``model.pt`` + the run's ``config.yaml``), or a state-dict file
+    (safetensors / torch) with ``model_name`` naming the architecture (or a ``config.yaml`` beside it).
+    """
+    from evaclip.models import create_model
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        weights = next((path / f for f in _WEIGHT_FILES if (path / f).is_file()), None)
+        if weights is None:
+            raise FileNotFoundError(f"checkpoint folder {path} has none of {', '.join(_WEIGHT_FILES)}")
+    elif path.is_file():
+        weights = path
+    else:
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    overrides = {}
+    run_cfg = _find_run_config(path)
+    if run_cfg is not None:
+        overrides = dict(run_cfg["model"].get("overrides") or {})
+        if model_name is None:
+            model_name = run_cfg["model"].get("name")
+    if model_name is None:
+        raise ValueError(f"cannot tell which architecture {path} is: pass --model NAME (see evaclip.list_models())")
+    model = create_model(model_name, attn_backend=attn_backend, **overrides)
+    sd = read_state_dict(weights)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not match {model_name}: missing keys {sorted(missing)[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {sorted(unexpected)[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    return model.to(device).eval(), model_name

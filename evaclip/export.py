@@ -1,0 +1,331 @@
+"""Export trained encoders: safetensors + config.json per tower, an open_clip-loadable checkpoint, ONNX.
+
+Shapes: B batch, C channels, H/W image height/width, L context length, E embedding dim.
+
+    evaclip export RUN/ckpt/step_000100 --out export/ --format safetensors open_clip onnx
+
+Layout written under ``--out``::
+
+    image/config.json  image/model.safetensors  image/model.onnx      (load_encoder(out, "image"))
+    text/config.json   text/model.safetensors   text/model.onnx       (load_encoder(out, "text"))
+    open_clip/open_clip_config.json  open_clip/open_clip_model.safetensors  open_clip/<NAME>.json  [timm_model.json]
+
+Every export is checked before it is reported done: safetensors round trip bit-exact, open_clip embeddings and
+ONNX (onnxruntime) outputs against the PyTorch model within tolerance. Export always builds the model with a portable
+attention path (SDPA), so checkpoints trained with flash_attn export on any machine.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from evaclip.encoder import CLIP_BPE, ENCODER_FORMAT, ENCODER_FORMAT_VERSION, ImageEncoder, TextEncoder
+
+FORMATS = ("safetensors", "open_clip", "onnx")
+EXPORT_ATTN_BACKEND = "sdpa"  # portable: runs on CPU and GPU, traces to ONNX; flash_attn does neither
+ONNX_ATOL = 1e-4
+
+# evaclip architecture -> open_clip's built-in config of the same architecture
+OPEN_CLIP_NAMES = {
+    "EVA02-CLIP-B-16": "EVA02-B-16",
+    "EVA02-CLIP-L-14": "EVA02-L-14",
+    "EVA02-CLIP-L-14-336": "EVA02-L-14-336",
+    "EVA02-CLIP-bigE-14": "EVA02-E-14",
+    "EVA02-CLIP-bigE-14-plus": "EVA02-E-14-plus",
+    "EVA01-CLIP-g-14": "EVA01-g-14",
+    "EVA01-CLIP-g-14-plus": "EVA01-g-14-plus",
+}
+
+
+class ExportError(RuntimeError):
+    """An export did not reproduce the PyTorch model (the message gives the measured difference)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# encoder configs
+# ----------------------------------------------------------------------------------------------------------------------
+def _cfg_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+
+
+def encoder_config(model_cfg, architecture: str, tower: str) -> dict:
+    """``config.json`` of one exported tower: enough to rebuild, preprocess for and tokenize for it."""
+    mc = _cfg_dict(model_cfg)
+    v, t = mc["vision"], mc["text"]
+    out = {"format": ENCODER_FORMAT, "format_version": ENCODER_FORMAT_VERSION, "tower": tower,
+           "architecture": architecture, "embed_dim": mc["embed_dim"]}
+    if tower == "image":
+        out.update(image_size=v["image_size"], patch_size=v["patch_size"], mean=list(v["mean"]), std=list(v["std"]),
+                   interpolation="bicubic", resize_mode="shortest")
+    else:
+        out.update(context_length=t["context_length"], vocab_size=t["vocab_size"], tokenizer=CLIP_BPE)
+    out["model_cfg"] = mc  # the whole architecture config: build_tower reads its own section
+    return out
+
+
+def _wrap(model, tower: str, cfg: dict):
+    return ImageEncoder(model.visual, cfg) if tower == "image" else TextEncoder(model.text, cfg)
+
+
+def _example_input(cfg: dict, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if cfg["tower"] == "image":
+        s = cfg["image_size"]
+        return torch.randn(batch, 3, s, s, generator=g)
+    L, V = cfg["context_length"], cfg["vocab_size"]
+    tokens_BL = torch.randint(1, V - 1, (batch, L), generator=g)
+    tokens_BL[:, 0] = V - 2  # start-of-text as the tokenizer writes it
+    tokens_BL[0, L // 2:] = 0  # one padded row, one full row: EOT pooling by argmax must handle both
+    tokens_BL[0, L // 2 - 1] = V - 1
+    tokens_BL[1, -1] = V - 1
+    return tokens_BL
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# safetensors
+# ----------------------------------------------------------------------------------------------------------------------
+def export_safetensors(model, model_cfg, architecture: str, out_dir: Path) -> list[Path]:
+    """Write ``image/`` and ``text/`` (model.safetensors + config.json); checks a bit-exact round trip."""
+    from safetensors.torch import load_file, save_file
+
+    written = []
+    for tower in ("image", "text"):
+        d = out_dir / tower
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = encoder_config(model_cfg, architecture, tower)
+        sd = {k: v.detach().contiguous().cpu() for k, v in _wrap(model, tower, cfg).tower.state_dict().items()}
+        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt", "evaclip_tower": tower})
+        (d / "config.json").write_text(json.dumps(cfg, indent=2))
+        back = load_file(str(d / "model.safetensors"))
+        bad = [k for k in sd if k not in back or not torch.equal(sd[k], back[k])]
+        if bad or len(back) != len(sd):
+            raise ExportError(f"{d / 'model.safetensors'} did not round-trip exactly: {bad[:8]}")
+        written += [d / "model.safetensors", d / "config.json"]
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ONNX
+# ----------------------------------------------------------------------------------------------------------------------
+def export_onnx(model, model_cfg, architecture: str, out_dir: Path, opset: Optional[int] = None,
+                check: bool = True) -> list[Path]:
+    """Write ``image/model.onnx`` and ``text/model.onnx`` (dynamic batch) and check them with onnxruntime."""
+    written = []
+    for tower in ("image", "text"):
+        d = out_dir / tower
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = encoder_config(model_cfg, architecture, tower)
+        enc = _wrap(model, tower, cfg).float().eval()
+        x = _example_input(cfg)
+        name = "images" if tower == "image" else "tokens"
+        path = d / "model.onnx"
+        big = sum(p.numel() * 4 for p in enc.parameters()) > 1.8e9  # protobuf's 2 GB limit: weights beside it
+        with torch.no_grad():
+            torch.onnx.export(enc, (x,), str(path), dynamo=True, input_names=[name], output_names=["features"],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=opset,
+                              external_data=big)
+        (d / "config.json").write_text(json.dumps(cfg, indent=2))
+        written += [path, d / "config.json"]
+        if check:
+            check_onnx(enc, path, x)
+    return written
+
+
+def check_onnx(module: torch.nn.Module, path: Path, x: torch.Tensor, atol: float = ONNX_ATOL) -> float:
+    """Run ``path`` with onnxruntime on ``x`` (and on a batch of 1 to exercise the dynamic axis); returns the max
+    abs difference from ``module(x)``, raising ExportError above ``atol``."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0].name
+    worst = 0.0
+    for xb in (x, x[:1]):
+        with torch.no_grad():
+            ref = module(xb).float().numpy()
+        got = sess.run(None, {inp: xb.numpy()})[0]
+        if got.shape != ref.shape:
+            raise ExportError(f"{path}: onnxruntime output shape {got.shape} != PyTorch {ref.shape}")
+        worst = max(worst, float(abs(got - ref).max()))
+    if worst > atol:
+        raise ExportError(f"{path}: onnxruntime differs from PyTorch by {worst:.2e} (> {atol:.0e})")
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# open_clip
+# ----------------------------------------------------------------------------------------------------------------------
+def open_clip_model_config(model_cfg, timm_model_name: str) -> dict:
+    """open_clip's model config (``embed_dim``, ``vision_cfg`` via timm's Eva, ``text_cfg``) for this architecture."""
+    mc = _cfg_dict(model_cfg)
+    v, t = mc["vision"], mc["text"]
+    return {
+        "embed_dim": mc["embed_dim"],
+        "vision_cfg": {"image_size": v["image_size"], "timm_model_name": timm_model_name,
+                       "timm_model_pretrained": False, "timm_pool": "token", "timm_proj": None},
+        "text_cfg": {"context_length": t["context_length"], "vocab_size": t["vocab_size"], "width": t["width"],
+                     "heads": t["heads"], "layers": t["layers"]},
+        "custom_text": True,
+    }
+
+
+def _standard_open_clip_name(architecture: str, oc_cfg: dict) -> Optional[str]:
+    """open_clip's built-in config name when it describes exactly this architecture, else None."""
+    import open_clip
+
+    name = OPEN_CLIP_NAMES.get(architecture)
+    builtin = open_clip.get_model_config(name) if name else None
+    if builtin is None:
+        return None
+    same = (builtin["embed_dim"] == oc_cfg["embed_dim"] and builtin["text_cfg"] == oc_cfg["text_cfg"]
+            and builtin["vision_cfg"]["image_size"] == oc_cfg["vision_cfg"]["image_size"])
+    return name if same else None
+
+
+def register_open_clip(export_dir) -> str:
+    """Make a non-standard-size open_clip export loadable: registers its timm Eva architecture (``timm_model.json``)
+    with timm and its model config with open_clip; returns the open_clip model name.
+
+        name = evaclip.export.register_open_clip("export/open_clip")
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained="export/open_clip/...")
+
+    Standard EVA-CLIP sizes need none of this (open_clip ships their configs). Only timm and open_clip are used, so a
+    copy of this function works without evaclip installed.
+    """
+    import open_clip
+    import timm
+    from timm.models import register_model
+
+    d = Path(export_dir)
+    info = json.loads((d / "open_clip_config.json").read_text())
+    name = info["evaclip"]["open_clip_name"]
+    tm = d / "timm_model.json"
+    if tm.is_file():
+        spec = json.loads(tm.read_text())
+        if spec["name"] not in timm.list_models(spec["name"]):
+            from timm.models.eva import Eva
+
+            def _build(pretrained: bool = False, **kwargs):
+                if pretrained:
+                    raise ValueError(f"{spec['name']} has no timm pretrained weights; load the evaclip export")
+                return Eva(**{**_json_to_timm(spec["kwargs"]), **kwargs})
+
+            _build.__name__ = spec["name"]
+            register_model(_build)
+    open_clip.add_model_config(d / f"{name}.json")
+    return name
+
+
+def _json_to_timm(kwargs: dict) -> dict:
+    # JSON has no tuples; timm wants (h, w) for these
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def export_open_clip(model, model_cfg, architecture: str, out_dir: Path, check: bool = True) -> list[Path]:
+    """Write an open_clip checkpoint (open_clip's EVA02 layout: timm Eva image tower + open_clip text tower).
+
+    Standard sizes load with ``open_clip.create_model_and_transforms('EVA02-B-16', pretrained=PATH)``; every export
+    also loads with ``'local-dir:' + out_dir/open_clip`` and, after ``register_open_clip``, by name.
+    """
+    from safetensors.torch import save_file
+
+    from evaclip.models.convert import to_open_clip_state_dict
+
+    d = out_dir / "open_clip"
+    d.mkdir(parents=True, exist_ok=True)
+    timm_name, timm_kwargs = timm_eva_spec(model_cfg, architecture)
+    oc_cfg = open_clip_model_config(model_cfg, timm_name)
+    name = _standard_open_clip_name(architecture, oc_cfg) if timm_kwargs is None else None
+    written = []
+    if name is None:
+        name = f"evaclip-{architecture}"
+        if timm_kwargs is not None:
+            (d / "timm_model.json").write_text(json.dumps({"name": timm_name, "kwargs": timm_kwargs}, indent=2))
+            written.append(d / "timm_model.json")
+    mc = _cfg_dict(model_cfg)
+    preprocess = {"size": mc["vision"]["image_size"], "mean": list(mc["vision"]["mean"]),
+                  "std": list(mc["vision"]["std"]), "interpolation": "bicubic", "resize_mode": "shortest"}
+    (d / f"{name}.json").write_text(json.dumps(oc_cfg, indent=2))
+    (d / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": oc_cfg, "preprocess_cfg": preprocess,
+         "evaclip": {"architecture": architecture, "open_clip_name": name}}, indent=2))
+    sd = {k: v.detach().contiguous().cpu() for k, v in to_open_clip_state_dict(model).items()}
+    save_file(sd, str(d / "open_clip_model.safetensors"))
+    written += [d / "open_clip_model.safetensors", d / f"{name}.json", d / "open_clip_config.json"]
+    if check:
+        check_open_clip(model, d)
+    return written
+
+
+def check_open_clip(model, export_dir: Path, atol: float = 1e-4) -> float:
+    """Load the export with open_clip (strictly) and compare image and text embeddings with ``model``."""
+    import open_clip
+
+    name = register_open_clip(export_dir)
+    oc_model = open_clip.create_model(name, pretrained=str(export_dir / "open_clip_model.safetensors"),
+                                      load_weights=True, require_pretrained=True).eval()
+    info = json.loads((export_dir / "open_clip_config.json").read_text())["model_cfg"]
+    s = info["vision_cfg"]["image_size"]
+    g = torch.Generator().manual_seed(0)
+    images_BCHW = torch.randn(2, 3, s, s, generator=g)
+    tokens_BL = open_clip.get_tokenizer(name)(["a photo of a cat", "two dogs playing in the snow"])
+    model = model.float().eval()
+    with torch.no_grad():
+        diffs = [(model.encode_image(images_BCHW) - oc_model.encode_image(images_BCHW)).abs().max(),
+                 (model.encode_text(tokens_BL) - oc_model.encode_text(tokens_BL)).abs().max()]
+    worst = float(max(diffs))
+    if worst > atol:
+        raise ExportError(f"open_clip export {export_dir} differs from the evaclip model by {worst:.2e} (> {atol:.0e})")
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# entry points
+# ----------------------------------------------------------------------------------------------------------------------
+def export(checkpoint: str, out_dir: str, fmt: Sequence[str] | str = "safetensors", *, model_name: Optional[str] = None,
+           check: bool = True, opset: Optional[int] = None) -> list[Path]:
+    """Export a checkpoint (training folder or state-dict file) in one or more formats; returns the files written."""
+    from evaclip.evals.common import load_model
+
+    fmts = [fmt] if isinstance(fmt, str) else list(fmt)
+    bad = [f for f in fmts if f not in FORMATS]
+    if bad or not fmts:
+        raise ValueError(f"unknown export format(s) {bad}: choose from {list(FORMATS)}")
+    model, name = load_model(checkpoint, model_name, "cpu", attn_backend=EXPORT_ATTN_BACKEND)
+    model = model.float().eval()
+    model_cfg = model_config_of(model, name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if "safetensors" in fmts:
+        written += export_safetensors(model, model_cfg, name, out)
+    if "open_clip" in fmts:
+        written += export_open_clip(model, model_cfg, name, out, check=check)
+    if "onnx" in fmts:
+        written += export_onnx(model, model_cfg, name, out, opset=opset, check=check)
+    return written
+
+
+def main(argv: Optional[list] = None) -> int:
+    """``evaclip export CKPT --out DIR --format safetensors|open_clip|onnx [...]``."""
+    p = argparse.ArgumentParser(prog="evaclip export", description="Export the image and text encoders of a "
+                                "checkpoint: safetensors + config.json, open_clip checkpoint, ONNX.")
+    p.add_argument("checkpoint", help="training checkpoint folder (RUN/ckpt/step_N) or a .safetensors / .pt file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", nargs="+", default=["safetensors"], choices=FORMATS, dest="formats")
+    p.add_argument("--model", default=None, help="architecture name (needed for a bare state-dict file)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--no-check", action="store_true", help="skip comparing each export with the PyTorch model")
+    args = p.parse_args(argv)
+    for f in export(args.checkpoint, args.out, args.formats, model_name=args.model, check=not args.no_check,
+                    opset=args.opset):
+        print(f)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""Contrastive losses over the global batch: ClipLoss (softmax InfoNCE) and SigLipLoss (pairwise sigmoid).
+
+Shapes: B local batch, G global batch (world_size * B), D embedding dim.
+
+Both losses work with or without a process group. Across processes, features are all-gathered with gradient
+(``torch.distributed.nn``), whose backward sums the gradients of every rank's loss; with DDP's gradient averaging the
+parameter gradients then equal those of one process on the concatenated batch (tests/test_losses_dist.py checks it).
+Every rank must hold the same batch size B (the data loader drops the last partial batch); checked on the first call.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from evaclip.config import LossCfg
+
+
+def _world(group=None) -> tuple[int, int]:
+    """(rank, world_size) of ``group``, or (0, 1) without an initialised process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_gather_with_grad(x_BD: torch.Tensor, group=None) -> torch.Tensor:
+    """x_GD with a backward that sums every rank's gradient into each slice (reduce-scatter)."""
+    group = dist.group.WORLD if group is None else group
+    import torch.distributed._functional_collectives as fc  # lazy: only distributed runs need it
+
+    if hasattr(fc, "all_gather_single"):  # torch >= 2.10: the autograd-aware functional collective
+        return fc.all_gather_single(x_BD.contiguous(), 0, group)
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(x_BD, group=group), dim=0)
+
+
+def gather_features(x_BD: torch.Tensor, rank: int, world_size: int, with_grad: bool, group=None) -> torch.Tensor:
+    """All ranks' ``x_BD`` concatenated in rank order -> x_GD.
+
+    ``with_grad``: gradients flow back to every rank's features (summed over the ranks' losses). Without it, only
+    this rank's slice keeps its autograd history (the others are constants): cheaper, and with the full (non-local)
+    loss on every rank, the DDP-averaged gradient is the 1-process gradient divided by world_size.
+    """
+    if world_size == 1:
+        return x_BD
+    if with_grad:
+        return _all_gather_with_grad(x_BD, group)
+    parts = [torch.empty_like(x_BD) for _ in range(world_size)]
+    dist.all_gather(parts, x_BD.detach().contiguous(), group=group)
+    parts[rank] = x_BD
+    return torch.cat(parts, dim=0)
+
+
+def _check_inputs(image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale: torch.Tensor) -> None:
+    if image_BD.ndim != 2 or text_BD.ndim != 2 or image_BD.shape != text_BD.shape:
+        raise ValueError(f"expected image and text features of the same shape (B, D), got {tuple(image_BD.shape)} "
+                         f"and {tuple(text_BD.shape)}")
+    if torch.as_tensor(logit_scale).numel() != 1:
+        raise ValueError(f"logit_scale must be a scalar, got shape {tuple(torch.as_tensor(logit_scale).shape)}")
+
+
+class _GlobalBatchLoss(nn.Module):
+    """Shared plumbing: process group lookup and a one-time check that all ranks hold the same batch size."""
+
+    def __init__(self, group=None) -> None:
+        super().__init__()
+        self.group = group
+        self._checked_world = 0
+
+    def _setup(self, image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale) -> tuple[int, int]:
+        _check_inputs(image_BD, text_BD, logit_scale)
+        rank, world_size = _world(self.group)
+        if world_size > 1 and self._checked_world != world_size:
+            # One host sync, once: uneven batches would otherwise fail inside all_gather with an opaque message.
+            sizes = [None] * world_size
+            dist.all_gather_object(sizes, tuple(image_BD.shape), group=self.group)
+            if len(set(sizes)) != 1:
+                raise ValueError(f"all ranks must pass features of the same shape to the loss, got {sizes} "
+                                 "(drop the last partial batch)")
+            self._checked_world = world_size
+        return rank, world_size
+
+
+def _accuracy(logits_BG: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+    return (logits_BG.argmax(dim=1) == labels_B).float().mean().detach()
+
+
+class ClipLoss(_GlobalBatchLoss):
+    """Symmetric InfoNCE over the global batch (CLIP / EVA-CLIP).
+
+    ``local_loss=True``: each rank scores only its own B rows against the G gathered columns (B x G logits instead of
+    G x G); the mean of the ranks' losses is the global loss. ``gather_with_grad``: see ``gather_features``;
+    EVA-CLIP trains with both on.
+    """
+
+    def __init__(self, local_loss: bool = True, gather_with_grad: bool = True, group=None) -> None:
+        super().__init__(group)
+        if local_loss and not gather_with_grad:
+            # Each rank would drop the gradient its rows send to the other ranks' features: a silently wrong gradient.
+            raise ValueError("loss.local_loss=true needs loss.gather_with_grad=true (without it the cross-rank "
+                             "gradient terms are lost); set both, or local_loss=false")
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: Optional[torch.Tensor] = None, output_dict: bool = True):
+        """image/text features (B, D), L2-normalised; logit_scale already exponentiated; logit_bias is ignored.
+
+        Returns {"loss", "i2t_acc", "t2i_acc"} (accuracies over this rank's rows), or the loss if not output_dict.
+        """
+        rank, world_size = self._setup(image_features, text_features, logit_scale)
+        img_BD, txt_BD = image_features, text_features
+        B = img_BD.shape[0]
+        img_GD = gather_features(img_BD, rank, world_size, self.gather_with_grad, self.group)
+        txt_GD = gather_features(txt_BD, rank, world_size, self.gather_with_grad, self.group)
+        if self.local_loss:
+            logits_i2t = logit_scale * img_BD @ txt_GD.T  # (B, G)
+            logits_t2i = logit_scale * txt_BD @ img_GD.T
+            labels = torch.arange(B, device=img_BD.device) + rank * B
+        else:
+            logits_i2t = logit_scale * img_GD @ txt_GD.T  # (G, G)
+            logits_t2i = logits_i2t.T
+            labels = torch.arange(img_GD.shape[0], device=img_BD.device)
+        loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+        if not output_dict:
+            return loss
+        return {"loss": loss, "i2t_acc": _accuracy(logits_i2t, labels), "t2i_acc": _accuracy(logits_t2i, labels)}
+
+
+class SigLipLoss(_GlobalBatchLoss):
+    """Sigmoid pairwise loss (SigLIP, Zhai et al. 2023) over the global batch.
+
+    Each rank scores its B images against all G texts (texts all-gathered with gradient): +1 labels on its own
+    diagonal, -1 everywhere else; loss = -sum(logsigmoid(label * (scale * sim + bias))) / B, as in open_clip.
+    The learnable bias lives on the model (``logit_bias``, from the model config's ``init_logit_bias``).
+    """
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: Optional[torch.Tensor] = None, output_dict: bool = True):
+        """image/text features (B, D), L2-normalised; logit_scale exponentiated; logit_bias a scalar (required)."""
+        if logit_bias is None:
+            raise ValueError("SigLipLoss needs logit_bias: build the model with init_logit_bias (e.g. -10) "
+                             "so it has a learnable logit_bias")
+        rank, world_size = self._setup(image_features, text_features, logit_scale)
+        img_BD, txt_BD = image_features, text_features
+        B = img_BD.shape[0]
+        txt_GD = gather_features(txt_BD, rank, world_size, True, self.group)
+        logits_BG = logit_scale * img_BD @ txt_GD.T + logit_bias
+        labels_B = torch.arange(B, device=img_BD.device) + rank * B
+        signs_BG = -torch.ones_like(logits_BG)
+        signs_BG[torch.arange(B, device=img_BD.device), labels_B] = 1.0
+        loss = -F.logsigmoid(signs_BG * logits_BG).sum() / B
+        if not output_dict:
+            return loss
+        # t2i over the local block only: texts of other ranks have their images elsewhere.
+        logits_local_BB = logits_BG[:, rank * B:(rank + 1) * B]
+        local_labels = torch.arange(B, device=img_BD.device)
+        return {"loss": loss, "i2t_acc": _accuracy(logits_BG, labels_B),
+                "t2i_acc": _accuracy(logits_local_BB.T, local_labels)}
+
+
+def build_loss(cfg: LossCfg) -> nn.Module:
+    """The loss named by ``cfg.name`` ('clip' or 'siglip')."""
+    if cfg.name == "clip":
+        return ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad)
+    if cfg.name == "siglip":
+        return SigLipLoss()
+    raise ValueError(f"loss.name must be 'clip' or 'siglip', got {cfg.name!r}")

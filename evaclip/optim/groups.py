@@ -1,0 +1,120 @@
+"""Parameter groups: per-tower lr / weight decay, layer-wise lr decay, weight-decay exclusions, tower locking.
+
+The model tells us what each parameter is through its hooks (``param_tower``, ``layer_id``, ``num_layers``,
+``no_weight_decay``); the rules below turn that into optimizer groups, merging parameters that share
+(tower, lr_scale, weight_decay) so each group is one large multi-tensor batch.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from evaclip.config import OptimCfg
+
+TOWERS = ("visual", "text", "other")
+_HOOKS = ("param_tower", "layer_id", "num_layers", "no_weight_decay")
+# Name fragments that never take weight decay even if a model's no_weight_decay() forgets them (EVA-CLIP's rules).
+_NO_WD_FRAGMENTS = ("pos_embed", "positional_embedding", "cls_token", "logit_scale", "logit_bias")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The CLIP module inside DDP / torch.compile wrappers (they expose it as ``.module`` / ``._orig_mod``)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _check_hooks(model: nn.Module) -> None:
+    missing = [h for h in _HOOKS if not callable(getattr(model, h, None))]
+    if missing:
+        raise TypeError(
+            f"{type(model).__name__} lacks the optimizer hooks {missing}; build the model with "
+            "evaclip.create_model or implement them (see docs/ARCHITECTURE.md, 'Optimizer hooks')"
+        )
+
+
+def tower_settings(cfg: OptimCfg, tower: str) -> tuple[float, float, float]:
+    """(lr, weight_decay, layer_decay) of a tower; unset tower values fall back to the global ones."""
+    if tower == "visual":
+        return _or(cfg.visual_lr, cfg.lr), _or(cfg.visual_wd, cfg.weight_decay), cfg.visual_ld
+    if tower == "text":
+        return _or(cfg.text_lr, cfg.lr), _or(cfg.text_wd, cfg.weight_decay), cfg.text_ld
+    return cfg.lr, cfg.weight_decay, 1.0
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def lock_towers(model: nn.Module, cfg: OptimCfg) -> None:
+    """Freeze the image tower (``lock_image``, LiT) and / or the text tower (``lock_text``)."""
+    model = unwrap_model(model)
+    locked = {t for t, on in (("visual", cfg.lock_image), ("text", cfg.lock_text)) if on}
+    if not locked:
+        return
+    _check_hooks(model)
+    for name, p in model.named_parameters():
+        if model.param_tower(name) in locked:
+            p.requires_grad_(False)
+
+
+def param_rule(model: nn.Module, name: str, p, cfg: OptimCfg, no_wd_names: set[str]) -> dict:
+    """The optimizer settings of one parameter: tower, layer_id, lr_scale, base_lr, weight_decay.
+
+    ``no_wd_names`` is ``model.no_weight_decay()`` (full parameter names), computed once by the caller.
+    """
+    tower = model.param_tower(name)
+    if tower not in TOWERS:
+        raise ValueError(f"param_tower({name!r}) returned {tower!r}; expected one of {list(TOWERS)}")
+    lr, wd, ld = tower_settings(cfg, tower)
+    if tower == "other":
+        layer_id, scale = 0, 1.0
+    else:
+        depth = model.num_layers(tower)
+        layer_id = model.layer_id(name)
+        if not 0 <= layer_id <= depth + 1:
+            raise ValueError(f"layer_id({name!r}) = {layer_id} is outside [0, {depth + 1}] for the {tower} tower")
+        scale = ld ** (depth + 1 - layer_id)
+    no_wd = (
+        p.ndim <= 1
+        or name.endswith(".bias")
+        or name in no_wd_names
+        or any(f in name for f in _NO_WD_FRAGMENTS)
+    )
+    return dict(tower=tower, layer_id=layer_id, lr_scale=scale, base_lr=lr, weight_decay=0.0 if no_wd else wd)
+
+
+def build_param_groups(model: nn.Module, cfg: OptimCfg) -> list[dict]:
+    """Optimizer param groups for ``model`` (trainable parameters only, so frozen towers get no optimizer state).
+
+    Each group has ``params``, ``param_names``, ``tower``, ``lr_scale``, ``base_lr``, ``lr`` (= base_lr * lr_scale),
+    ``weight_decay`` and ``layer_id`` (the layer of every parameter in it, or None when layer decay is 1 and several
+    layers share the group). Groups are ordered by (tower, layer_id, decay-first) for stable checkpoints.
+    """
+    model = unwrap_model(model)
+    _check_hooks(model)
+    merged: dict = {}
+    no_wd_names = set(model.no_weight_decay())
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        rule = param_rule(model, name, p, cfg, no_wd_names)
+        key = (rule["tower"], rule["lr_scale"], rule["weight_decay"])
+        group = merged.get(key)
+        if group is None:
+            group = merged[key] = dict(rule, params=[], param_names=[], _layers=set())
+        group["params"].append(p)
+        group["param_names"].append(name)
+        group["_layers"].add(rule["layer_id"])
+    if not merged:
+        raise ValueError("the model has no trainable parameters (are both towers locked?)")
+    groups = []
+    for g in merged.values():
+        layers = g.pop("_layers")
+        g["layer_id"] = next(iter(layers)) if len(layers) == 1 else None
+        g["lr"] = g["base_lr"] * g["lr_scale"]
+        groups.append(g)
+    order = {t: i for i, t in enumerate(TOWERS)}
+    groups.sort(key=lambda g: (order[g["tower"]], -g["lr_scale"], g["weight_decay"] == 0))
+    return groups

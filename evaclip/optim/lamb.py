@@ -1,0 +1,257 @@
+"""LAMB over whole parameter groups with ``torch._foreach_*`` ops, plus the batched (DTensor-aware) norm helper.
+
+Two variants, chosen per optimizer:
+
+* ``"torch_optimizer"``: the update of ``torch_optimizer.Lamb`` exactly. The *weight norm* is clamped to
+  ``[0, clamp_value]``, trust ratio = weight_norm / update_norm (1 when either is 0), bias correction only with
+  ``debias=True``, ``adam=True`` forces trust ratio 1.
+* ``"deepspeed"``: the semantics of DeepSpeed's FusedLamb (``csrc/lamb/fused_lamb_cuda_kernel.cu``), which the released
+  EVA-CLIP runs used through their DeepSpeed config: bias correction always (step size ``lr * sqrt(1 - b2^t) /
+  (1 - b1^t)``), eps outside the square root, no clamp of the weight norm, and the trust ratio clamped to
+  ``[min_trust, max_trust]`` (FusedLamb's ``min_coeff=0.01`` / ``max_coeff=10``), 1 when either norm is 0.
+
+Both compute one update per parameter tensor: ``u = m / (sqrt(v) + eps) + wd * p``; ``p -= step_size * trust * u``.
+Nothing in ``step()`` reads a tensor back to the host, so on CUDA the step is a handful of multi-tensor kernels.
+Sharded (DTensor / FSDP2) parameters get whole-parameter norms: local squared norms are stacked and summed with one
+all_reduce per shard group and mesh dimension, not one collective per parameter.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch.optim.optimizer import Optimizer
+
+VARIANTS = ("torch_optimizer", "deepspeed")
+
+
+def _dtensor_cls():
+    """DTensor class, or None where torch.distributed.tensor is unavailable (e.g. builds without distributed)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - depends on the torch build
+        return None
+    return DTensor
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The process-local storage of ``t`` (its shard for a DTensor); in-place ops on it update ``t``."""
+    dtensor = _dtensor_cls()
+    if dtensor is not None and isinstance(t, dtensor):
+        return t.to_local()
+    return t
+
+
+def _shard_key(t: torch.Tensor):
+    """(mesh, mesh dims that shard ``t``) for a DTensor with at least one Shard placement, else None."""
+    dtensor = _dtensor_cls()
+    if dtensor is None or not isinstance(t, dtensor):
+        return None
+    dims = tuple(i for i, pl in enumerate(t.placements) if pl.is_shard())
+    if any(pl.is_partial() for pl in t.placements):
+        raise ValueError("LAMB norms need parameters with Shard/Replicate placements, got a Partial placement")
+    return (t.device_mesh, dims) if dims else None
+
+
+def global_sq_norms(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Squared L2 norms of whole tensors, one 0-d fp32 tensor each, without a host sync.
+
+    ``tensors`` are process-local (``local_tensor``) views; ``like[i]`` is the (possibly DTensor) parameter that
+    ``tensors[i]`` belongs to, and decides how shards are summed: tensors sharded on the same mesh dims share one
+    all_reduce per sharded mesh dimension (a stack of all their squared norms), so the number of collectives does not
+    grow with the number of parameters. Replicated and plain tensors need no communication.
+    """
+    if not tensors:
+        return []
+    norms = torch._foreach_norm(tensors)
+    sq = [n.float().square() for n in norms]
+    buckets: dict = defaultdict(list)
+    for i, ref in enumerate(like):
+        key = _shard_key(ref)
+        if key is not None:
+            buckets[(id(key[0]), key[1])].append((i, key[0]))
+    for (_, dims), members in buckets.items():
+        mesh = members[0][1]
+        idx = [i for i, _ in members]
+        stacked = torch.stack([sq[i] for i in idx])
+        for d in dims:
+            dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
+        for j, i in enumerate(idx):
+            sq[i] = stacked[j]
+    return sq
+
+
+def _group_by_device_dtype(*lists: list) -> dict:
+    """Split parallel lists by the (device, dtype) of the first: each foreach call needs one (device, dtype)."""
+    out: dict = defaultdict(lambda: tuple([] for _ in lists))
+    for items in zip(*lists):
+        key = (items[0].device, items[0].dtype)
+        for dst, t in zip(out[key], items):
+            dst.append(t)
+    return out
+
+
+def _chunks(like: list[torch.Tensor], budget: int) -> list[slice]:
+    """Consecutive slices of at most ``budget`` elements (at least one tensor each), bounding the step's temporaries.
+
+    Sized by the *global* numel so that every rank of a sharded run cuts the same chunks and issues the same
+    collectives in the same order.
+    """
+    out, start, total = [], 0, 0
+    for i, t in enumerate(like):
+        if total and total + t.numel() > budget:
+            out.append(slice(start, i))
+            start, total = i, 0
+        total += t.numel()
+    out.append(slice(start, len(like)))
+    return out
+
+
+class Lamb(Optimizer):
+    """LAMB (You et al., 2019) with the signature and update of ``torch_optimizer.Lamb``, vectorised per group.
+
+    Args:
+        params: parameters or parameter-group dicts (groups may override lr, betas, eps, weight_decay).
+        lr, betas, eps, weight_decay: as in ``torch_optimizer.Lamb``.
+        clamp_value: upper clamp of the weight norm (torch_optimizer variant only).
+        adam: trust ratio 1 (plain Adam with L2-coupled decay), for comparisons.
+        debias: Adam bias correction (torch_optimizer variant; the deepspeed variant always corrects).
+        variant: ``"torch_optimizer"`` or ``"deepspeed"`` (see the module docstring).
+        min_trust, max_trust: trust-ratio clamp of the deepspeed variant (FusedLamb's min_coeff / max_coeff).
+
+    The step's temporary (the raw update) covers at most ``chunk_numel`` elements at a time, so peak memory is
+    bounded whatever the group size (a class attribute; each chunk costs one batch of kernels and, for sharded
+    parameters, its own batched all_reduce).
+    """
+
+    chunk_numel = 1 << 25
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0,
+        clamp_value: float = 10,
+        adam: bool = False,
+        debias: bool = False,
+        *,
+        variant: str = "torch_optimizer",
+        min_trust: float = 0.01,
+        max_trust: float = 10.0,
+    ) -> None:
+        if lr <= 0.0:
+            raise ValueError(f"Lamb: lr must be > 0, got {lr}")
+        if eps < 0.0:
+            raise ValueError(f"Lamb: eps must be >= 0, got {eps}")
+        for i, b in enumerate(betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"Lamb: betas[{i}] must be in [0, 1), got {b}")
+        if weight_decay < 0:
+            raise ValueError(f"Lamb: weight_decay must be >= 0, got {weight_decay}")
+        if clamp_value < 0.0:
+            raise ValueError(f"Lamb: clamp_value must be >= 0, got {clamp_value}")
+        if variant not in VARIANTS:
+            raise ValueError(f"Lamb: variant must be one of {list(VARIANTS)}, got {variant!r}")
+        if not 0.0 < min_trust <= max_trust:
+            raise ValueError(f"Lamb: need 0 < min_trust <= max_trust, got {min_trust}, {max_trust}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        # Same attributes as torch_optimizer.Lamb: these flags are optimizer-wide there too.
+        self.clamp_value = clamp_value
+        self.adam = adam
+        self.debias = debias
+        self.variant = variant
+        self.min_trust = min_trust
+        self.max_trust = max_trust
+        super().__init__(params, defaults)
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            # Python int: bias correction stays on the host, so no device read-back is needed to compute it.
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        """One LAMB step over every group; returns the closure's loss if a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, step_sizes = [], [], [], [], []
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lamb does not support sparse gradients")
+                state = self._init_state(p)
+                state["step"] += 1
+                t = state["step"]
+                if self.debias or self.variant == "deepspeed":
+                    correction = (1 - beta2**t) ** 0.5 / (1 - beta1**t)
+                else:
+                    correction = 1.0
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                step_sizes.append(group["lr"] * correction)
+            if params:
+                self._update(params, grads, exp_avgs, exp_avg_sqs, step_sizes, group)
+        return loss
+
+    def _update(self, params, grads, exp_avgs, exp_avg_sqs, step_sizes, group) -> None:
+        # Work on local shards; only the norms need the whole parameter (global_sq_norms).
+        lists = [[local_tensor(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+        for p_l, g_l, m_l, v_l, like, sizes in _group_by_device_dtype(*lists, params, step_sizes).values():
+            for sl in _chunks(like, self.chunk_numel):
+                self._update_chunk(p_l[sl], g_l[sl], m_l[sl], v_l[sl], like[sl], sizes[sl], group)
+
+    def _update_chunk(self, p_l, g_l, m_l, v_l, like, step_sizes, group) -> None:
+        """One LAMB update of tensors sharing a device and dtype; temporaries are one tensor per parameter."""
+        beta1, beta2 = group["betas"]
+        wd = group["weight_decay"]
+        torch._foreach_lerp_(m_l, g_l, 1 - beta1)  # = beta1 * m + (1 - beta1) * g, in one pass
+        torch._foreach_mul_(v_l, beta2)
+        torch._foreach_addcmul_(v_l, g_l, g_l, value=1 - beta2)
+        # u = m / (sqrt(v) + eps) built in the one temporary (a second one costs page faults on CPU, memory on GPU)
+        upd = torch._foreach_sqrt(v_l)
+        torch._foreach_add_(upd, group["eps"])
+        torch._foreach_reciprocal_(upd)
+        torch._foreach_mul_(upd, m_l)
+        if wd != 0:
+            torch._foreach_add_(upd, p_l, alpha=wd)
+        w_norm = torch.stack(global_sq_norms(p_l, like)).sqrt()
+        u_norm = torch.stack(global_sq_norms(upd, like)).sqrt()
+        trust = self._trust_ratio(w_norm, u_norm)
+        # lr (and bias correction) per tensor, folded into the trust ratio so one multiply scales each update.
+        if len(set(step_sizes)) == 1:  # the usual case: every tensor of the group is at the same step
+            coeffs = (trust * -step_sizes[0]).unbind(0)
+        else:
+            sizes = torch.tensor(step_sizes, dtype=torch.float32).to(trust.device, non_blocking=True)
+            coeffs = (trust * -sizes).unbind(0)
+        if p_l[0].device.type == "cpu":
+            torch._foreach_addcmul_(p_l, upd, coeffs)  # one pass; on CUDA the 0-d factors would leave the fast path
+        else:
+            torch._foreach_mul_(upd, coeffs)
+            torch._foreach_add_(p_l, upd)
+
+    def _trust_ratio(self, w_norm: torch.Tensor, u_norm: torch.Tensor) -> torch.Tensor:
+        """Per-tensor trust ratio from whole-tensor norms (vectors of length n_params), on the device."""
+        one = torch.ones_like(w_norm)
+        if self.adam:
+            return one
+        if self.variant == "deepspeed":
+            ratio = (w_norm / u_norm).clamp(self.min_trust, self.max_trust)
+        else:
+            w_norm = w_norm.clamp(0, self.clamp_value)
+            ratio = w_norm / u_norm
+        return torch.where((w_norm == 0) | (u_norm == 0), one, ratio)

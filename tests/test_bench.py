@@ -1,0 +1,100 @@
+"""The benchmark harness (not the figures): FLOP counting, peak meter, report files, the train step on a tiny model.
+
+No timing assertions: the machine is shared; figures live in docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from evaclip.bench import flops, measure, report
+from evaclip.bench import train as train_bench
+from evaclip.bench.__main__ import main as bench_main
+
+
+def test_count_flops_matches_the_analytic_linear_count():
+    lin = nn.Linear(32, 16, bias=False)
+    x = torch.randn(8, 32)
+
+    def step():
+        lin(x).sum().backward()
+
+    # forward 2·B·in·out; backward: grad wrt weight (input has no grad) 2·B·in·out
+    assert flops.count_flops(step) == 2 * (2 * 8 * 32 * 16)
+
+
+def test_matmul_peak_and_mfu():
+    peak = flops.matmul_peak_flops("cpu", torch.float32, size=128, min_seconds=0.01, rounds=1)
+    assert peak > 0
+    assert flops.mfu(1e9, 0.5, 4e9) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="positive"):
+        flops.mfu(1e9, 0.0, 1e9)
+    with pytest.raises(ValueError, match="size"):
+        flops.matmul_peak_flops("cpu", torch.float32, size=8)
+
+
+def test_peak_memory_sees_a_large_cpu_allocation():
+    measure.release_host_memory()
+    with measure.PeakMemory("cpu", interval_s=0.001) as mem:
+        x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched so it is resident
+        x.add_(1)
+        del x
+    assert mem.peak_bytes >= 48 * 2 ** 20
+
+
+def test_report_writes_json_and_markdown(tmp_path):
+    sec = report.section("T", [("a", "A"), ("b", "B")], [{"a": 1.23456, "b": None}, {"a": 1234.5, "b": "x|y"}],
+                         ["a note"])
+    rep = {"title": "t", "machine": report.machine_info("cpu"), "sections": [sec], "command": "cmd"}
+    j, m = report.write_report(rep, tmp_path, "t")
+    assert json.loads(j.read_text())["sections"][0]["rows"][0]["a"] == 1.23456
+    md = m.read_text()
+    assert "| A | B |" in md and "| 1.23 | - |" in md and "| 1,234 | x\\|y |" in md and "- a note" in md
+    assert rep["machine"]["cpu_cores"] >= 1 and rep["machine"]["torch"] == torch.__version__
+
+
+class _FakeRunner:
+    def __init__(self, b: int, fits_up_to: int):
+        self.b, self.fits_up_to = b, fits_up_to
+
+    def step(self):
+        if self.b > self.fits_up_to:
+            raise torch.cuda.OutOfMemoryError("fake OOM")
+
+
+def test_find_max_batch_bisects_to_the_largest_fitting_multiple():
+    tried = []
+
+    def make(b):
+        tried.append(b)
+        return _FakeRunner(b, 300)
+
+    # The device check is what stops CPU runs; the search itself only needs OutOfMemoryError.
+    assert train_bench.find_max_batch(make, torch.device("cuda"), start=32, multiple=8) == 296
+    assert tried[:5] == [32, 64, 128, 256, 512]
+    with pytest.raises(ValueError, match="cuda"):
+        train_bench.find_max_batch(make, torch.device("cpu"))
+
+
+def test_bad_arguments_fail_with_a_clear_message():
+    with pytest.raises(ValueError, match="token-drop"):
+        train_bench.bench_train(train_bench.TrainBenchCfg(token_drop=[1.0]))
+    with pytest.raises(ValueError, match="--vs"):
+        train_bench.bench_train(train_bench.TrainBenchCfg(vs="timm"))
+    with pytest.raises(ValueError, match="precision"):
+        train_bench.resolve_dtype("fp8", torch.device("cpu"))
+    with pytest.raises(SystemExit):
+        bench_main(["nonsense"])
+
+
+def test_attention_bench_runs_and_matches_eager(tmp_path):
+    rep = bench_main(["attention", "--device", "cpu", "--seq", "17", "--head-dim", "8", "--batch", "1",
+                      "--heads", "2", "--iters", "1", "--out", str(tmp_path)])
+    rows = rep["sections"][0]["rows"]
+    assert {r["backend"] for r in rows} == {"eager", "sdpa"}
+    for r in rows:
+        assert r["ms"] > 0 and r["gflops"] > 0 and r["max_err"] < 1e-5
+    assert (tmp_path / "attention.json").is_file() and (tmp_path / "attention.md").is_file()

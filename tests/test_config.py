@@ -1,0 +1,85 @@
+"""Config: recipes load, unknown keys and wrong types fail early naming the key, the resolved config round-trips."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evaclip.config import ConfigError, from_dict, load_config, to_dict
+from evaclip.train import check_global_batch, cli
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_loads_and_round_trips(recipe):
+    cfg = load_config(recipe)
+    assert cfg.name == recipe.stem
+    assert from_dict(yaml.safe_load(yaml.safe_dump(to_dict(cfg)))) == cfg
+
+
+def test_paper_recipes_match_the_published_global_batch():
+    expect = {"eva02_clip_b16": 131072, "eva02_clip_l14": 131072, "eva02_clip_l14_336": 61440,
+              "eva02_clip_bige14_plus": 144000, "eva01_clip_g14_plus": 114688}
+    for name, batch in expect.items():
+        cfg = load_config(name)
+        assert cfg.global_batch == batch
+        assert cfg.optim.name == "lamb" and cfg.optim.grad_clip_norm == 5.0
+        assert batch % cfg.data.batch_size == 0  # a whole number of GPUs at accum 1
+    assert load_config("eva02_clip_bige14_plus").model.token_drop == 0.5
+
+
+def test_unknown_override_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lrr' \(did you mean 'lr'\?\)"):
+        load_config("demo_cpu", ["optim.lrr=1e-3"])
+    with pytest.raises(ConfigError, match="unknown config key 'modle'"):
+        load_config("demo_cpu", ["modle.name=x"])
+    with pytest.raises(ConfigError, match="'optim.lr.x'"):
+        load_config("demo_cpu", ["optim.lr.x=1"])
+
+
+def test_unknown_recipe_key_is_named(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  lr: 1.0e-3\n  warmup: 10\n")
+    with pytest.raises(ConfigError, match="unknown config key 'optim.warmup'"):
+        load_config(recipe)
+
+
+@pytest.mark.parametrize("override, key", [("data.batch_size=big", "data.batch_size"), ("accum_freq=1.5", "accum_freq"),
+                                           ("model.grad_checkpointing=maybe", "model.grad_checkpointing"),
+                                           ("precision=fp8", "precision"), ("model.token_drop=1.0", "model.token_drop"),
+                                           ("max_bad_steps=0", "max_bad_steps")])
+def test_wrong_type_or_value_is_named(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config("demo_cpu", [override])
+
+
+def test_overrides_are_typed():
+    cfg = load_config("demo_cpu", ["optim.lr=2e-3", "max_steps=7", "resume=auto", "model.token_drop_until=5"])
+    assert cfg.optim.lr == 2e-3 and cfg.max_steps == 7 and cfg.resume == "auto" and cfg.model.token_drop_until == 5
+
+
+def test_global_batch_mismatch_suggests_accum_freq():
+    cfg = load_config("eva02_clip_b16")
+    check_global_batch(cfg, 64)
+    with pytest.raises(ConfigError, match="set accum_freq=8"):
+        check_global_batch(cfg, 8)
+
+
+def test_cli_rejects_bad_key_before_any_work(tmp_path, capsys):
+    rc = cli(["demo_cpu", "optim.lrr=1", f"output_dir={tmp_path}"])
+    assert rc == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was created
+
+
+def test_evaclip_command_dispatch(capsys):
+    from evaclip.cli import main as evaclip_main
+
+    assert evaclip_main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out
+    assert evaclip_main(["trian"]) == 2
+    assert "unknown command 'trian'" in capsys.readouterr().err
+    assert evaclip_main(["train", "demo_cpu", "data.batch_size=x"]) == 2
+    assert "'data.batch_size'" in capsys.readouterr().err

@@ -1,0 +1,185 @@
+"""Encoder export: safetensors round trip, open_clip loading (and clip_benchmark on it), ONNX vs PyTorch; evaluation of
+a real tiny model on the demo held-out set.
+
+Shapes: B batch, C channels, H/W image height/width, L context length, E embedding dim.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+import evaclip
+from evaclip.export import ExportError, export, register_open_clip
+
+MODEL = "EVA02-CLIP-tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny model with non-trivial weights saved as a plain state-dict file."""
+    torch.manual_seed(0)
+    model = evaclip.create_model(MODEL, attn_backend="eager").eval()
+    with torch.no_grad():  # perturb every weight so a key mix-up cannot go unnoticed (inits leave many zeros / ones)
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    export(str(tiny_ckpt[0]), str(out), ["safetensors", "open_clip"], model_name=MODEL)
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from data_tools.make_demo import make_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    return make_demo(str(root), seed=0, copies=1, zeroshot_frac=0.05, retrieval_frac=0.03, show_progress=False)
+
+
+def _inputs(model, batch=3):
+    g = torch.Generator().manual_seed(1)
+    cfg = json.loads((model["dir"] / "image" / "config.json").read_text()) if isinstance(model, dict) else None
+    return g, cfg
+
+
+def test_safetensors_round_trip_exact(tiny_ckpt, exported):
+    _, model = tiny_ckpt
+    img = evaclip.load_encoder(exported, "image")
+    txt = evaclip.load_encoder(exported / "text", "text")
+    for enc, tower in ((img, model.visual), (txt, model.text)):
+        ref = tower.state_dict()
+        got = enc.tower.state_dict()
+        assert ref.keys() == got.keys()
+        assert all(torch.equal(ref[k], got[k]) for k in ref)
+    cfg = img.config
+    assert cfg["architecture"] == MODEL and cfg["tower"] == "image"
+    for key in ("embed_dim", "image_size", "mean", "std"):
+        assert key in cfg
+    assert {"context_length", "tokenizer", "embed_dim"} <= set(txt.config)
+    images_BCHW = torch.randn(2, 3, cfg["image_size"], cfg["image_size"], generator=torch.Generator().manual_seed(1))
+    tokens_BL = txt.tokenizer(["a photo of a seven", "the digit 3"])
+    with torch.no_grad():
+        torch.testing.assert_close(img(images_BCHW), model.encode_image(images_BCHW), rtol=0, atol=1e-5)
+        torch.testing.assert_close(txt(tokens_BL, normalize=True), model.encode_text(tokens_BL, normalize=True),
+                                   rtol=0, atol=1e-5)
+
+
+def test_load_encoder_errors(exported, tmp_path):
+    with pytest.raises(ValueError, match="holds the text encoder"):
+        evaclip.load_encoder(exported / "text", "image")
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        evaclip.load_encoder(tmp_path, "image")
+    with pytest.raises(ValueError, match="tower must be one of"):
+        evaclip.load_encoder(exported, "audio")
+
+
+def test_open_clip_export_same_embeddings(tiny_ckpt, exported):
+    import open_clip
+
+    _, model = tiny_ckpt
+    d = exported / "open_clip"
+    name = register_open_clip(d)  # timm Eva + open_clip config of this non-standard size
+    oc_model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(d / "open_clip_model.safetensors"))
+    oc_model.eval()
+    s = json.loads((d / f"{name}.json").read_text())["vision_cfg"]["image_size"]
+    images_BCHW = torch.randn(3, 3, s, s, generator=torch.Generator().manual_seed(2))
+    tokens_BL = open_clip.get_tokenizer(name)(["a cat", "handwritten digit 7", "the number seven, written by hand"])
+    with torch.no_grad():
+        torch.testing.assert_close(oc_model.encode_image(images_BCHW), model.encode_image(images_BCHW),
+                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(oc_model.encode_text(tokens_BL), model.encode_text(tokens_BL), rtol=0, atol=1e-5)
+    # the local-dir form needs no name at all
+    oc2 = open_clip.create_model(f"local-dir:{d}").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(oc2.encode_image(images_BCHW), model.encode_image(images_BCHW), rtol=0, atol=1e-5)
+
+
+def test_onnx_matches_pytorch(tiny_ckpt, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    path, model = tiny_ckpt
+    export(str(path), str(tmp_path), "onnx", model_name=MODEL)  # export() itself checks within 1e-4
+    cfg = json.loads((tmp_path / "image" / "config.json").read_text())
+    s = cfg["image_size"]
+    images_BCHW = torch.randn(5, 3, s, s, generator=torch.Generator().manual_seed(3))  # a batch size not exported
+    sess = ort.InferenceSession(str(tmp_path / "image" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"images": images_BCHW.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, model.encode_image(images_BCHW), rtol=1e-4, atol=1e-4)
+    txt = evaclip.load_encoder(tmp_path.parent / tmp_path.name, "text") if (tmp_path / "text" / "model.safetensors").exists() else None
+    assert txt is None  # onnx only: no safetensors written
+    import open_clip
+
+    tokens_BL = open_clip.get_tokenizer("", context_length=json.loads((tmp_path / "text" / "config.json").read_text())[
+        "context_length"])(["one", "a handwritten digit nine", "x y z"])
+    sess = ort.InferenceSession(str(tmp_path / "text" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"tokens": tokens_BL.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, model.encode_text(tokens_BL), rtol=1e-4, atol=1e-4)
+
+
+def test_export_rejects_bad_requests(tiny_ckpt, tmp_path):
+    path, _ = tiny_ckpt
+    with pytest.raises(ValueError, match="unknown export format"):
+        export(str(path), str(tmp_path), "tflite", model_name=MODEL)
+    with pytest.raises(ValueError, match="--model"):
+        export(str(path), str(tmp_path), "safetensors")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        export(str(tmp_path / "nope.pt"), str(tmp_path), "safetensors", model_name=MODEL)
+
+
+def test_eval_cli_on_demo_heldout(tiny_ckpt, demo, tmp_path, capsys):
+    from evaclip.evals import main
+
+    path, _ = tiny_ckpt
+    out = tmp_path / "res.json"
+    assert main([str(path), "--model", MODEL, "--zeroshot", demo["zeroshot"], "--retrieval", demo["retrieval"],
+                 "--out", str(out), "--workers", "0", "--quiet", "--batch-size", "32"]) == 0
+    res = json.loads(out.read_text())["results"]
+    printed = capsys.readouterr().out
+    assert "zeroshot/top1" in printed and "retrieval/i2t_R@1" in printed
+    assert res["zeroshot/num_samples"] == demo["zeroshot_num_samples"]
+    assert res["retrieval/num_images"] == demo["retrieval_num_samples"]
+    for k in ("zeroshot/top1", "zeroshot/top5", "zeroshot/mean_per_class_recall", "retrieval/t2i_R@10"):
+        assert 0.0 <= res[k] <= 1.0
+    assert res["zeroshot/top1"] <= res["zeroshot/top5"]
+
+
+@pytest.mark.slow
+def test_clip_benchmark_agrees_with_evaclip_eval(tiny_ckpt, exported, demo, tmp_path, monkeypatch):
+    """clip_benchmark (open_clip model type) on our open_clip export == evaclip eval on the checkpoint."""
+    from clip_benchmark import cli
+
+    from evaclip.evals import main
+
+    path, _ = tiny_ckpt
+    d = exported / "open_clip"
+    name = register_open_clip(d)
+    cb_out = tmp_path / "cb.json"
+    monkeypatch.setattr(sys, "argv", [
+        "clip_benchmark", "eval", "--dataset", "wds/demo", "--dataset_root", demo["zeroshot"], "--model_type",
+        "open_clip", "--model", name, "--pretrained", str(d / "open_clip_model.safetensors"), "--no_amp",
+        "--num_workers", "0", "--batch_size", "32", "--output", str(cb_out), "--quiet"])
+    cli.main()
+    cb = json.loads(cb_out.read_text())["metrics"]
+    ev_out = tmp_path / "ev.json"
+    main([str(path), "--model", MODEL, "--zeroshot", demo["zeroshot"], "--out", str(ev_out), "--workers", "0",
+          "--quiet", "--no-amp"])
+    ev = json.loads(ev_out.read_text())["results"]
+    assert ev["zeroshot/top1"] == pytest.approx(cb["acc1"], abs=1e-9)
+    assert ev["zeroshot/top5"] == pytest.approx(cb["acc5"], abs=1e-9)
+    assert ev["zeroshot/mean_per_class_recall"] == pytest.approx(cb["mean_per_class_recall"], abs=1e-9)
+
+
+def test_export_error_type():
+    assert issubclass(ExportError, RuntimeError)
