@@ -1,2 +1,7 @@
 """evaclip: train CLIP models the EVA-CLIP way."""
 __version__ = "0.1.0"
+
+from .data.transforms import get_tokenizer, get_transforms  # noqa: E402
+from .models import create_model, get_model_config, list_models  # noqa: E402
+
+__all__ = ["__version__", "create_model", "get_model_config", "list_models", "get_tokenizer", "get_transforms"]

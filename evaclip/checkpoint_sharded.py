@@ -153,3 +153,40 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if dist.is_initialized() and dist.get_rank() != 0:
         return {}
     return sd
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the dist.strategy=fsdp format of evaclip.checkpoint: DCP files in a "dcp/" subfolder of the step folder
+# ----------------------------------------------------------------------------------------------------------------------
+SUBDIR = "dcp"
+
+
+def _io_save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> None:
+    save_sharded(Path(folder) / SUBDIR, model, optimizer)
+
+
+def _io_load(folder: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    load_sharded(Path(folder) / SUBDIR, model, optimizer)
+
+
+def _io_files(world_size: int) -> list[str]:
+    # DCP's FileSystemWriter writes one file per rank (single_file_per_rank) and the coordinator's .metadata.
+    return [f"{SUBDIR}/{METADATA_FILE}"] + [f"{SUBDIR}/__{r}_0.distcp" for r in range(world_size)]
+
+
+def checkpoint_weights(folder: str | os.PathLike) -> Optional[Path]:
+    """The DCP folder holding the weights of a training checkpoint folder, or None if it is not a sharded one."""
+    for cand in (Path(folder) / SUBDIR, Path(folder)):
+        if is_sharded_checkpoint(cand):
+            return cand
+    return None
+
+
+def register() -> None:
+    """Make ``evaclip.checkpoint`` save / load ``dist.strategy=fsdp`` runs with this module."""
+    from evaclip.checkpoint import StateIO, register_state_io
+
+    register_state_io("fsdp", StateIO(_io_save, _io_load, _io_files))
+
+
+register()

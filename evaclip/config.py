@@ -182,6 +182,8 @@ def _coerce(key: str, value: Any, tp) -> Any:
         if optional:
             return None
         raise ConfigError(f"config key '{key}' may not be null")
+    if optional and isinstance(value, str) and value.strip() in ("null", "Null", "NULL", "~", "None"):
+        return None  # `key=null` on the command line clears an optional key, whatever its type
     if isinstance(value, str) and base is not str:
         value = _parse_scalar(value)
         if value is None and optional:

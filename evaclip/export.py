@@ -60,12 +60,29 @@ def encoder_config(model_cfg, architecture: str, tower: str) -> dict:
     out = {"format": ENCODER_FORMAT, "format_version": ENCODER_FORMAT_VERSION, "tower": tower,
            "architecture": architecture, "embed_dim": mc["embed_dim"]}
     if tower == "image":
-        out.update(image_size=v["image_size"], patch_size=v["patch_size"], mean=list(v["mean"]), std=list(v["std"]),
+        mean, std = _mean_std(v)
+        out.update(image_size=v["image_size"], patch_size=v["patch_size"], mean=mean, std=std,
                    interpolation="bicubic", resize_mode="shortest")
     else:
         out.update(context_length=t["context_length"], vocab_size=t["vocab_size"], tokenizer=CLIP_BPE)
     out["model_cfg"] = mc  # the whole architecture config: build_tower reads its own section
     return out
+
+
+def model_config_of(model, architecture: str):
+    """The architecture config the model was built with (its own, so create_model overrides are included)."""
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    if cfg is None:
+        from evaclip.models import get_model_config
+
+        cfg = get_model_config(architecture)
+    return cfg
+
+
+def _mean_std(v: dict) -> tuple[list, list]:
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return list(v.get("mean") or OPENAI_DATASET_MEAN), list(v.get("std") or OPENAI_DATASET_STD)
 
 
 def _wrap(model, tower: str, cfg: dict):
@@ -225,6 +242,99 @@ def _json_to_timm(kwargs: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
+def _get(cfg: dict, *names, default=None):
+    for n in names:
+        if n in cfg and cfg[n] is not None:
+            return cfg[n]
+    return default
+
+
+def timm_eva_spec(model_cfg, architecture: str, model) -> tuple[str, Optional[dict]]:
+    """The timm ``Eva`` architecture open_clip should build for this image tower: ``(timm name, None)`` for a standard
+    size (open_clip's config names a registered timm model), else ``(evaclip name, Eva kwargs)``.
+
+    Widths, depth, MLP kind and the optional norms are read off the weights (they cannot disagree with them); heads,
+    image size and RoPE come from the config.
+    """
+    import open_clip
+
+    oc_name = OPEN_CLIP_NAMES.get(architecture)
+    builtin = open_clip.get_model_config(oc_name) if oc_name else None
+    v = _cfg_dict(model_cfg)["vision"]
+    sd = model.visual.state_dict()
+    keys = list(sd)
+    width, _, patch, _ = sd["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("blocks."))
+    swiglu = any(".mlp.w12." in k or ".mlp.w1." in k for k in keys)
+    hidden = sd["blocks.0.mlp.w3.weight" if swiglu else "blocks.0.mlp.fc2.weight"].shape[1]
+    image_size = v["image_size"]
+    if builtin is not None and builtin["vision_cfg"]["image_size"] == image_size:
+        import timm
+
+        with torch.device("meta"):  # shapes only: no memory even for bigE
+            ref = timm.create_model(builtin["vision_cfg"]["timm_model_name"], pretrained=False, num_classes=0)
+        if ref.embed_dim == width and len(ref.blocks) == depth:
+            return builtin["vision_cfg"]["timm_model_name"], None
+    grid = image_size // patch
+    rope = bool(_get(v, "rope", "use_rope", "use_rot_pos_emb", default=any("rope" in k for k in keys)))
+    kwargs = dict(img_size=image_size, patch_size=int(patch), embed_dim=int(width), depth=depth,
+                  num_heads=int(_get(v, "heads", "num_heads")), mlp_ratio=hidden / width, qkv_fused=False,
+                  qkv_bias=any(".attn.q_bias" in k or ".attn.q_proj.bias" in k for k in keys),
+                  swiglu_mlp=swiglu, scale_mlp=any(".mlp.ffn_ln." in k for k in keys),
+                  scale_attn_inner=any(".attn.inner_attn_ln." in k for k in keys), use_rot_pos_emb=rope,
+                  global_pool="token")
+    if int(width * kwargs["mlp_ratio"]) != hidden:  # timm computes int(dim * ratio): keep it exact
+        kwargs["mlp_ratio"] = (hidden + 0.5) / width
+    if rope:
+        ref_grid = _get(v, "rope_ref_grid", "pt_hw_seq_len", "rope_pt_grid", default=grid)
+        kwargs["ref_feat_shape"] = [int(ref_grid), int(ref_grid)]
+    safe = "".join(c if c.isalnum() else "_" for c in architecture.lower())
+    return f"evaclip_{safe}", kwargs
+
+
+def _visual_to_timm(sd: dict) -> dict:
+    """evaclip image-tower keys -> timm ``Eva`` keys (split fused q/k/v and SwiGLU w1/w2; rename the sub-norms)."""
+    out = {}
+    for k, t in sd.items():
+        if "rope" in k:  # RoPE tables are recomputed by both implementations
+            continue
+        if k.endswith(".attn.qkv.weight"):
+            q, kk, vv = t.chunk(3, dim=0)
+            p = k[: -len("qkv.weight")]
+            out.update({p + "q_proj.weight": q, p + "k_proj.weight": kk, p + "v_proj.weight": vv})
+            continue
+        if k.endswith((".mlp.w12.weight", ".mlp.w12.bias")):
+            g, x = t.chunk(2, dim=0)
+            p, leaf = k.rsplit(".w12.", 1)
+            out.update({f"{p}.fc1_g.{leaf}": g, f"{p}.fc1_x.{leaf}": x})
+            continue
+        for a, b in ((".attn.q_bias", ".attn.q_proj.bias"), (".attn.v_bias", ".attn.v_proj.bias"),
+                     (".attn.inner_attn_ln.", ".attn.norm."), (".mlp.ffn_ln.", ".mlp.norm."),
+                     (".mlp.w1.", ".mlp.fc1_g."), (".mlp.w2.", ".mlp.fc1_x."), (".mlp.w3.", ".mlp.fc2.")):
+            if a in k:
+                k = k.replace(a, b)
+                break
+        out[k] = t
+    return out
+
+
+def _to_open_clip_state_dict(model) -> dict:
+    """The whole model in open_clip's EVA02 layout (``visual.trunk.*`` timm Eva, ``text.*``, ``logit_scale``);
+    evaclip.models.convert's mapping when it has one."""
+    try:
+        from evaclip.models.convert import to_open_clip_state_dict
+    except ImportError:
+        to_open_clip_state_dict = None
+    if to_open_clip_state_dict is not None:
+        return to_open_clip_state_dict(model)
+    out = {f"visual.trunk.{k}": v for k, v in _visual_to_timm(model.visual.state_dict()).items()}
+    out.update({f"text.{k}": v for k, v in model.text.state_dict().items()})
+    for k, v in model.state_dict().items():
+        if not k.startswith(("visual.", "text.")):
+            out[k] = v
+    return out
+
+
 def export_open_clip(model, model_cfg, architecture: str, out_dir: Path, check: bool = True) -> list[Path]:
     """Write an open_clip checkpoint (open_clip's EVA02 layout: timm Eva image tower + open_clip text tower).
 
@@ -233,11 +343,9 @@ def export_open_clip(model, model_cfg, architecture: str, out_dir: Path, check: 
     """
     from safetensors.torch import save_file
 
-    from evaclip.models.convert import to_open_clip_state_dict
-
     d = out_dir / "open_clip"
     d.mkdir(parents=True, exist_ok=True)
-    timm_name, timm_kwargs = timm_eva_spec(model_cfg, architecture)
+    timm_name, timm_kwargs = timm_eva_spec(model_cfg, architecture, model)
     oc_cfg = open_clip_model_config(model_cfg, timm_name)
     name = _standard_open_clip_name(architecture, oc_cfg) if timm_kwargs is None else None
     written = []
@@ -246,14 +354,15 @@ def export_open_clip(model, model_cfg, architecture: str, out_dir: Path, check: 
         if timm_kwargs is not None:
             (d / "timm_model.json").write_text(json.dumps({"name": timm_name, "kwargs": timm_kwargs}, indent=2))
             written.append(d / "timm_model.json")
-    mc = _cfg_dict(model_cfg)
-    preprocess = {"size": mc["vision"]["image_size"], "mean": list(mc["vision"]["mean"]),
-                  "std": list(mc["vision"]["std"]), "interpolation": "bicubic", "resize_mode": "shortest"}
+    v = _cfg_dict(model_cfg)["vision"]
+    mean, std = _mean_std(v)
+    preprocess = {"size": v["image_size"], "mean": mean, "std": std, "interpolation": "bicubic",
+                  "resize_mode": "shortest"}
     (d / f"{name}.json").write_text(json.dumps(oc_cfg, indent=2))
     (d / "open_clip_config.json").write_text(json.dumps(
         {"model_cfg": oc_cfg, "preprocess_cfg": preprocess,
          "evaclip": {"architecture": architecture, "open_clip_name": name}}, indent=2))
-    sd = {k: v.detach().contiguous().cpu() for k, v in to_open_clip_state_dict(model).items()}
+    sd = {k: v.detach().contiguous().cpu() for k, v in _to_open_clip_state_dict(model).items()}
     save_file(sd, str(d / "open_clip_model.safetensors"))
     written += [d / "open_clip_model.safetensors", d / f"{name}.json", d / "open_clip_config.json"]
     if check:

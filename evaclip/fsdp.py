@@ -34,7 +34,13 @@ _PRECISION_DTYPE = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def _fsdp_api():
     """The FSDP2 entry points; a clear error on torch builds that predate them (fully_shard is public from 2.6)."""
     try:
-        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            FSDPModule,
+            MixedPrecisionPolicy,
+            OffloadPolicy,
+            fully_shard,
+        )
     except ImportError as e:  # pragma: no cover - depends on the torch build
         raise RuntimeError(
             f"dist.strategy=fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6); this is torch "
@@ -49,9 +55,6 @@ def check_fsdp_config(cfg: TrainCfg) -> None:
         if cfg.dist.cpu_offload:
             raise ConfigError("config key 'dist.cpu_offload' needs dist.strategy=fsdp (DDP keeps full replicas)")
         return
-    if cfg.precision == "fp16":
-        # FSDP2 shards gradients as DTensors; fp16 would need a sharded-aware loss scaler. bf16 needs none.
-        raise ConfigError("config key 'precision': fp16 is not supported with dist.strategy=fsdp; use bf16")
     if cfg.dist.cpu_offload and cfg.dist.backend == "nccl":
         raise ConfigError(
             "config key 'dist.backend': dist.cpu_offload keeps sharded weights and optimizer state on the CPU, whose "
@@ -75,11 +78,11 @@ def process_group_backend(cfg: TrainCfg, device: torch.device) -> str:
 
 
 def mixed_precision(precision: str, *, root: bool = False):
-    """FSDP2 ``MixedPrecisionPolicy`` for a training precision (``fp32 | bf16``).
+    """FSDP2 ``MixedPrecisionPolicy`` for a training precision (``fp32 | bf16 | fp16``).
 
-    bf16: parameters all-gathered and used in bf16, gradients reduced in fp32, master weights stay fp32 (the sharded
-    parameters keep their dtype). ``root=True`` gives the root unit's policy: its own parameters (the logit scale)
-    stay fp32 and its floating outputs are cast to fp32 for the loss.
+    bf16 / fp16: parameters all-gathered and used in the low precision, gradients reduced in fp32, master weights stay
+    fp32 (the sharded parameters keep their dtype; fp16 also needs ``make_grad_scaler``). ``root=True`` gives the
+    root unit's policy: its own parameters stay fp32 and its floating outputs are cast to fp32 for the loss.
     """
     _, _, policy_cls, _, _ = _fsdp_api()
     if precision not in _PRECISION_DTYPE:
@@ -100,6 +103,21 @@ def offload_policy(cpu_offload: bool, device: torch.device):
         return none_cls()
     # Pinned host memory makes the copies asynchronous; it only means something with a CUDA device.
     return cpu_cls(pin_memory=device.type == "cuda")
+
+
+def make_grad_scaler(precision: str, strategy: str, device: torch.device):
+    """The loss scaler of a run: enabled for fp16 only; FSDP2 runs get ``ShardedGradScaler``.
+
+    With sharded gradients each rank sees only its shard, so an overflow may show on one rank alone; the sharded
+    scaler max-reduces the inf flag over the process group, so every rank skips the same steps (a plain GradScaler
+    would let the ranks' parameters diverge).
+    """
+    enabled = precision == "fp16"
+    if strategy == "fsdp" and enabled:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device=device.type)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -127,6 +145,9 @@ def towers(model: nn.Module, blocks: Iterable[nn.Module]) -> list[nn.Module]:
     block_ids = {id(b) for b in blocks}
     out = []
     for child in model.children():
+        # Bare containers have no forward for FSDP's hooks to wrap; their blocks are units already.
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or id(child) in block_ids:
+            continue
         if any(id(m) in block_ids for m in child.modules()):
             out.append(child)
     return out
@@ -157,7 +178,8 @@ def apply_fsdp(
     Args:
         model: a CLIP model (or any module whose towers hold ``nn.ModuleList``s of blocks), on its training device.
         mesh: 1-D data-parallel ``DeviceMesh``; default: all ranks of the default process group on the model's device.
-        precision: ``fp32`` or ``bf16`` (bf16 parameters and compute, fp32 gradient reduction and master weights).
+        precision: ``fp32``, ``bf16`` or ``fp16`` (low-precision parameters and compute, fp32 gradient reduction and
+            master weights).
         cpu_offload: keep sharded parameters, gradients and optimizer state on the host (FSDP2 ``CPUOffloadPolicy``).
         reshard_after_forward: free gathered block weights after forward (ZeRO-3); False keeps them to backward
             (ZeRO-2-like: more memory, one all-gather fewer per block).
@@ -168,7 +190,8 @@ def apply_fsdp(
     """
     fully_shard, fsdp_module_cls, _, _, _ = _fsdp_api()
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("apply_fsdp needs an initialized process group (run under torchrun; see evaclip.distributed)")
+        raise RuntimeError("apply_fsdp needs an initialized process group (run under torchrun; see "
+                           "evaclip.distributed)")
     if isinstance(model, fsdp_module_cls):
         raise RuntimeError(f"{type(model).__name__} is already sharded with FSDP2; apply_fsdp must run once")
     if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules()):
@@ -185,7 +208,8 @@ def apply_fsdp(
         mesh = default_mesh(device)
     if compile:
         compile_blocks(blocks, **(compile_kwargs or {}))
-    common = dict(mesh=mesh, offload_policy=offload_policy(cpu_offload, device))
+    scalars = replicate_scalar_params(model)
+    common = dict(mesh=mesh, offload_policy=offload_policy(cpu_offload, device), ignored_params=scalars or None)
     unit_mp = mixed_precision(precision)
     for blk in blocks:
         fully_shard(blk, mp_policy=unit_mp, reshard_after_forward=reshard_after_forward, **common)
@@ -194,6 +218,28 @@ def apply_fsdp(
     # The root's parameters are needed again right at the start of backward: keeping them gathered is free.
     fully_shard(model, mp_policy=mixed_precision(precision, root=True), reshard_after_forward=False, **common)
     return model
+
+
+def replicate_scalar_params(model: nn.Module) -> set[nn.Parameter]:
+    """Keep 0-d parameters (``logit_scale``, ``logit_bias``) out of FSDP and average their gradients over ranks.
+
+    ``fully_shard`` rejects scalar parameters, and reshaping them to (1,) would change the model's checkpoint format.
+    They stay plain replicated fp32 tensors instead; a post-accumulate-grad hook all-reduces each one's gradient as
+    soon as backward produces it (averaging per micro-batch sums to the average of the accumulated gradient), so the
+    replicas stay identical, as DDP would keep them. Returns the set to pass as ``ignored_params``.
+    """
+    scalars = {p for p in model.parameters() if p.ndim == 0}
+    world = dist.get_world_size()
+
+    def _average(p: torch.Tensor) -> None:
+        if world > 1:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world)
+
+    for p in scalars:
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(_average)
+    return scalars
 
 
 def default_mesh(device: torch.device):
@@ -247,3 +293,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def param_bytes(model: nn.Module) -> int:
     """Bytes of parameter tensors held by this rank (the local shards of sharded parameters)."""
     return sum(_local(p).numel() * _local(p).element_size() for p in model.parameters())
+
+
+# evaclip.checkpoint imports this module for dist.strategy=fsdp; importing the sharded format registers it there.
+from evaclip import checkpoint_sharded as _checkpoint_sharded  # noqa: E402,F401

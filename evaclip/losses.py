@@ -1,6 +1,6 @@
 """Contrastive losses over the global batch: ClipLoss (softmax InfoNCE) and SigLipLoss (pairwise sigmoid).
 
-Shapes: B local batch, G global batch (world_size * B), D embedding dim.
+Shapes: B local batch, G global batch (world_size * B), D embedding dim, R rows scored on this rank (B or G).
 
 Both losses work with or without a process group. Across processes, features are all-gathered with gradient
 (``torch.distributed.nn``), whose backward sums the gradients of every rank's loss; with DDP's gradient averaging the
@@ -117,18 +117,20 @@ class ClipLoss(_GlobalBatchLoss):
         B = img_BD.shape[0]
         img_GD = gather_features(img_BD, rank, world_size, self.gather_with_grad, self.group)
         txt_GD = gather_features(txt_BD, rank, world_size, self.gather_with_grad, self.group)
+        # rows R: this rank's B rows (local loss) or all G rows; columns: the G gathered candidates
         if self.local_loss:
-            logits_i2t = logit_scale * img_BD @ txt_GD.T  # (B, G)
-            logits_t2i = logit_scale * txt_BD @ img_GD.T
-            labels = torch.arange(B, device=img_BD.device) + rank * B
+            logits_i2t_RG = logit_scale * img_BD @ txt_GD.T
+            logits_t2i_RG = logit_scale * txt_BD @ img_GD.T
+            labels_R = torch.arange(B, device=img_BD.device) + rank * B
         else:
-            logits_i2t = logit_scale * img_GD @ txt_GD.T  # (G, G)
-            logits_t2i = logits_i2t.T
-            labels = torch.arange(img_GD.shape[0], device=img_BD.device)
-        loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+            logits_i2t_RG = logit_scale * img_GD @ txt_GD.T
+            logits_t2i_RG = logits_i2t_RG.T
+            labels_R = torch.arange(img_GD.shape[0], device=img_BD.device)
+        loss = 0.5 * (F.cross_entropy(logits_i2t_RG, labels_R) + F.cross_entropy(logits_t2i_RG, labels_R))
         if not output_dict:
             return loss
-        return {"loss": loss, "i2t_acc": _accuracy(logits_i2t, labels), "t2i_acc": _accuracy(logits_t2i, labels)}
+        return {"loss": loss, "i2t_acc": _accuracy(logits_i2t_RG, labels_R),
+                "t2i_acc": _accuracy(logits_t2i_RG, labels_R)}
 
 
 class SigLipLoss(_GlobalBatchLoss):

@@ -37,7 +37,10 @@ from torch import nn
 from evaclip import checkpoint as ckpt
 from evaclip import distributed as du
 from evaclip.config import ConfigError, TrainCfg, load_config, to_dict
+from evaclip.fsdp import make_grad_scaler
 from evaclip.logging import MetricLogger, Throughput, get_logger, setup_console
+from evaclip.losses import build_loss
+from evaclip.optim import build_optimizer, build_scheduler, clamp_logit_scale_, clip_grad_norm_, lock_towers
 
 log = get_logger("evaclip.train")
 
@@ -106,8 +109,6 @@ def check_config(cfg: TrainCfg) -> None:
         raise ConfigError(f"config key 'model.name': unknown model {cfg.model.name!r}; known: {list_models()}")
     if not cfg.data.synthetic and not cfg.data.train:
         raise ConfigError("config key 'data.train' is required (a shard spec), or set data.synthetic=true")
-    if cfg.model.token_drop_until is not None and cfg.model.token_drop == 0:
-        raise ConfigError("config key 'model.token_drop_until' is set but 'model.token_drop' is 0")
     for key in ("pretrained", "image_init", "text_init"):
         path = getattr(cfg.model, key)
         if path is not None and not Path(path).exists():
@@ -209,12 +210,82 @@ def fresh_iter(loader):
         return iter(loader)
 
 
-def next_batch(batches):
+def next_batch(batches, epoch: int = 0):
     """``next(batches)`` without touching the host RNG: with workers=0, or when a new iterator starts, the data
     pipeline runs here and may draw random numbers. Keeping it off the model's stream (token-drop masks, dropout)
     makes that stream a function of the step alone, which exact resume needs."""
     with _host_rng_untouched():
-        return next(batches)
+        try:
+            return next(batches)
+        except StopIteration as e:
+            raise RuntimeError(f"the train loader ended early in epoch {epoch}: every rank must yield the "
+                               "DataInfo's num_batches batches per epoch") from e
+
+
+def _to_device(batch, device: torch.device):
+    images_BCHW, tokens_BL = batch
+    return images_BCHW.to(device, non_blocking=True), tokens_BL.to(device, non_blocking=True)
+
+
+def _token_drop_phase(cfg: TrainCfg, bare: nn.Module, step: int, current: Optional[float], logger) -> float:
+    """Set the image tower's token-drop ratio for ``step`` (``model.token_drop`` until ``model.token_drop_until``,
+    then 0: the unmasked tuning phase); returns the ratio in force."""
+    until = cfg.model.token_drop_until
+    want = cfg.model.token_drop if (until is None or step < until) else 0.0
+    if want != current and cfg.model.token_drop > 0:
+        bare.visual.set_token_drop(want)
+        if current is not None:
+            log.info("step %d: token drop %.2f -> %.2f", step, current, want)
+            logger.event("token_drop", step=step, ratio=want)
+    return want
+
+
+@dataclass
+class Update:
+    """Outcome of one optimizer step (host values, agreed by all ranks)."""
+
+    bad_loss: bool
+    bad_grad: bool
+    stop: bool
+    bad: bool
+    grad_norm: torch.Tensor
+
+
+def apply_update(model, optimizer, scaler, grad_clip_norm, loss, stop_requested: bool) -> Update:
+    """Unscale (fp16), clip, and step the optimizer, unless the loss or the gradient norm is non-finite on any rank.
+
+    The one host read of the step is here: a 3-float tensor [loss non-finite, grad norm non-finite, stop requested],
+    max-reduced over ranks so every rank skips / stops at the same step. A skipped step zeroes the gradients and
+    leaves parameters and optimizer state untouched. With fp16, overflowing gradients are the loss scaler's business
+    (it skips the step and lowers the scale); only a non-finite loss counts as a bad step there.
+    """
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    grad_norm = clip_grad_norm_(model, grad_clip_norm)
+    dev = loss.device
+    flags = torch.stack([(~torch.isfinite(loss)).float(), (~torch.isfinite(grad_norm.to(dev))).float(),
+                         torch.tensor(float(stop_requested), device=dev)])
+    bad_loss, bad_grad, stop = (v > 0 for v in du.all_reduce_(flags, "max").tolist())
+    bad = bad_loss or (bad_grad and not scaler.is_enabled())
+    if bad:
+        if scaler.is_enabled():
+            scaler.update()  # consumes the inf check recorded by unscale_, lowers the scale
+    elif scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not bad:
+        clamp_logit_scale_(model)
+    return Update(bad_loss=bad_loss, bad_grad=bad_grad, stop=stop, bad=bad, grad_norm=grad_norm)
+
+
+def _diverged_message(consecutive: int, step: int, max_bad: int, last_ckpt: Optional[Path]) -> str:
+    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+    return (f"{consecutive} consecutive steps with a non-finite loss or gradient (steps {step - consecutive + 1}.."
+            f"{step}; max_bad_steps={max_bad}); stopping: {where}. Lower optim.lr, raise optim.warmup_steps, use "
+            "precision=bf16, or check the data.")
 
 
 def _scale_grad(t: Optional[torch.Tensor], factor: float) -> Optional[torch.Tensor]:
@@ -357,9 +428,6 @@ def main(cfg: TrainCfg) -> TrainResult:
 
 
 def _run(cfg: TrainCfg, env: du.DistEnv) -> TrainResult:
-    from evaclip.losses import build_loss
-    from evaclip.optim import build_optimizer, build_scheduler, clamp_logit_scale_, clip_grad_norm_, lock_towers
-
     check_global_batch(cfg, env.world_size)
     run_dir = run_dir_of(cfg)
     ckpt_root = run_dir / "ckpt"
@@ -396,7 +464,7 @@ def _run(cfg: TrainCfg, env: du.DistEnv) -> TrainResult:
     with _as_config_error("optim"):
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+    scaler = make_grad_scaler(cfg.precision, cfg.dist.strategy, env.device)  # FSDP2: inf check over all shards
     loss_fn = build_loss(cfg.loss)
     autocast = autocast_for(cfg.precision, env.device)
 
@@ -446,100 +514,63 @@ def _run(cfg: TrainCfg, env: du.DistEnv) -> TrainResult:
     meter = Throughput(step, total_steps)
     eval_results: dict = {}
     model.train()
-    with _StopSignal() as stop:
-        while step < total_steps:
-            # data position is a function of the step: epoch e holds steps [e * spe, (e + 1) * spe)
-            if step // steps_per_epoch != epoch:
-                epoch = step // steps_per_epoch
-                data.set_epoch(epoch, 0)
-                batches = fresh_iter(data.loader)
-            want_drop = cfg.model.token_drop if (cfg.model.token_drop_until is None
-                                                 or step < cfg.model.token_drop_until) else 0.0
-            if want_drop != drop_on and cfg.model.token_drop > 0:
-                bare.visual.set_token_drop(want_drop)
-                if drop_on is not None:
-                    log.info("step %d: token drop %.2f -> %.2f", step, drop_on, want_drop)
-                    logger.event("token_drop", step=step, ratio=want_drop)
-                drop_on = want_drop
-            micro = []
-            for _ in range(cfg.accum_freq):
-                try:
-                    images_BCHW, tokens_BL = next_batch(batches)
-                except StopIteration as e:
-                    raise RuntimeError(f"the train loader ended early in epoch {epoch} (expected "
-                                       f"{data.num_batches} batches per rank)") from e
-                micro.append((images_BCHW.to(env.device, non_blocking=True),
-                              tokens_BL.to(env.device, non_blocking=True)))
+    try:
+        with _StopSignal() as stop:
+            while step < total_steps:
+                # the data position is a function of the step: epoch e holds steps [e * spe, (e + 1) * spe)
+                if step // steps_per_epoch != epoch:
+                    epoch = step // steps_per_epoch
+                    data.set_epoch(epoch, 0)
+                    batches = fresh_iter(data.loader)
+                drop_on = _token_drop_phase(cfg, bare, step, drop_on, logger)
+                micro = [_to_device(next_batch(batches, epoch), env.device) for _ in range(cfg.accum_freq)]
 
-            out = forward_backward(model, loss_fn, micro, autocast, scaler, env.device)
-            if scaler.is_enabled():
-                scaler.unscale_(optimizer)
-            grad_norm = clip_grad_norm_(model, cfg.optim.grad_clip_norm)
-            # the one host read of the step: [non-finite loss, non-finite grad norm, stop requested], max over ranks
-            flags = torch.stack([(~torch.isfinite(out["loss"])).float(),
-                                 (~torch.isfinite(grad_norm.to(out["loss"].device))).float(),
-                                 torch.tensor(float(stop.requested), device=out["loss"].device)])
-            bad_loss, bad_grad, stop_now = du.all_reduce_(flags, "max").tolist()
-            # fp16: overflowing gradients are the loss scaler's business (it skips and lowers the scale)
-            bad = bad_loss > 0 or (bad_grad > 0 and not scaler.is_enabled())
-            if bad:
-                optimizer.zero_grad(set_to_none=True)
-                if scaler.is_enabled():
-                    scaler.update()
-                consecutive_bad += 1
-                bad_total += 1
-                logger.event("bad_step", step=step, loss_nonfinite=bool(bad_loss), grad_nonfinite=bool(bad_grad),
-                             consecutive=consecutive_bad)
-                log.warning("step %d: non-finite %s, update skipped (%d in a row, %d total)", step,
-                            "loss" if bad_loss else "gradient norm", consecutive_bad, bad_total)
-                if consecutive_bad >= cfg.max_bad_steps:
-                    logger.close()
-                    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
-                    raise TrainingStopped(
-                        f"{consecutive_bad} consecutive steps with a non-finite loss or gradient (steps "
-                        f"{step - consecutive_bad + 1}..{step}; max_bad_steps={cfg.max_bad_steps}); stopping. {where}. "
-                        "Lower optim.lr, raise optim.warmup_steps, use precision=bf16, or check the data.")
-            else:
-                if scaler.is_enabled():
-                    scaler.step(optimizer)
-                    scaler.update()
+                out = forward_backward(model, loss_fn, micro, autocast, scaler, env.device)
+                upd = apply_update(model, optimizer, scaler, cfg.optim.grad_clip_norm, out["loss"], stop.requested)
+                if upd.bad:
+                    consecutive_bad += 1
+                    bad_total += 1
+                    logger.event("bad_step", step=step, loss_nonfinite=upd.bad_loss, grad_nonfinite=upd.bad_grad,
+                                 consecutive=consecutive_bad)
+                    log.warning("step %d: non-finite %s, update skipped (%d in a row, %d total)", step,
+                                "loss" if upd.bad_loss else "gradient norm", consecutive_bad, bad_total)
+                    if consecutive_bad >= cfg.max_bad_steps:
+                        raise TrainingStopped(_diverged_message(consecutive_bad, step, cfg.max_bad_steps, last_ckpt))
                 else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                clamp_logit_scale_(model)
-                consecutive_bad = 0
-                loss_sum += out["loss"].float()
-                loss_n += 1
-            scheduler.step()
-            step += 1
+                    consecutive_bad = 0
+                    loss_sum += out["loss"].float()
+                    loss_n += 1
+                scheduler.step()  # also on skipped steps: the schedule follows the data
+                step += 1
 
-            if step % cfg.log.every == 0 or step == total_steps:
-                metrics = {"loss": (loss_sum / max(1, loss_n)).item() if loss_n else float("nan"),
-                           "logit_scale": float(out["logit_scale"]), "grad_norm": float(grad_norm),
-                           "epoch": step / steps_per_epoch, "samples_seen": step * global_batch,
-                           "skipped_samples": data.skipped(), "bad_steps": bad_total}
-                metrics.update({f"lr/{k}": v for k, v in lr_by_tower(optimizer).items()})
-                if scaler.is_enabled():
-                    metrics["loss_scale"] = scaler.get_scale()
-                metrics.update(meter.update(step, global_batch))
-                logger.log_metrics(step, metrics)
-                logger.progress(step, metrics)
-                loss_sum.zero_()
-                loss_n = 0
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
-                eval_results = evaluate(model, cfg, env, logger, step)
-            if stop_now > 0:
-                status = "preempted"
+                if step % cfg.log.every == 0 or step == total_steps:
+                    metrics = {"loss": (loss_sum / loss_n).item() if loss_n else float("nan"),
+                               "logit_scale": float(out["logit_scale"]), "grad_norm": float(upd.grad_norm),
+                               "epoch": step / steps_per_epoch, "samples_seen": step * global_batch,
+                               "skipped_samples": data.skipped(), "bad_steps": bad_total}
+                    metrics.update({f"lr/{k}": v for k, v in lr_by_tower(optimizer).items()})
+                    if scaler.is_enabled():
+                        metrics["loss_scale"] = scaler.get_scale()
+                    metrics.update(meter.update(step, global_batch))
+                    logger.log_metrics(step, metrics)
+                    logger.progress(step, metrics)
+                    loss_sum.zero_()
+                    loss_n = 0
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
+                    eval_results = evaluate(model, cfg, env, logger, step)
+                if upd.stop:
+                    status = "preempted"
+                    last_ckpt = save(step)
+                    break
+                if not upd.bad and cfg.ckpt.every and step % cfg.ckpt.every == 0 and step < total_steps:
+                    last_ckpt = save(step)
+        if status == "finished":
+            eval_results = evaluate(model, cfg, env, logger, step) or eval_results
+            if last_ckpt is None or last_ckpt.name != ckpt.step_dir_name(step):  # not when resuming a finished run
                 last_ckpt = save(step)
-                break
-            if not bad and cfg.ckpt.every and step % cfg.ckpt.every == 0 and step < total_steps:
-                last_ckpt = save(step)
-    if status == "finished":
-        eval_results = evaluate(model, cfg, env, logger, step) or eval_results
-        if last_ckpt is None or last_ckpt.name != ckpt.step_dir_name(step):  # not when resuming a finished run
-            last_ckpt = save(step)
-    logger.event("end", step=step, status=status)
-    logger.close()
+        logger.event("end", step=step, status=status)
+    finally:
+        logger.close()
     return TrainResult(run_dir=run_dir, step=step, status=status, checkpoint=last_ckpt, bad_steps=bad_total,
                        eval=eval_results)
 

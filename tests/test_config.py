@@ -83,3 +83,10 @@ def test_evaclip_command_dispatch(capsys):
     assert "unknown command 'trian'" in capsys.readouterr().err
     assert evaclip_main(["train", "demo_cpu", "data.batch_size=x"]) == 2
     assert "'data.batch_size'" in capsys.readouterr().err
+
+
+def test_null_override_clears_optional_keys():
+    cfg = load_config("demo_cpu", ["eval.zeroshot=digits", "eval.zeroshot=null", "model.token_drop_until=null"])
+    assert cfg.eval.zeroshot is None and cfg.model.token_drop_until is None
+    with pytest.raises(ConfigError, match="'data.batch_size' expects int"):
+        load_config("demo_cpu", ["data.batch_size=null"])

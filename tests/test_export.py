@@ -45,12 +45,6 @@ def demo(tmp_path_factory):
     return make_demo(str(root), seed=0, copies=1, zeroshot_frac=0.05, retrieval_frac=0.03, show_progress=False)
 
 
-def _inputs(model, batch=3):
-    g = torch.Generator().manual_seed(1)
-    cfg = json.loads((model["dir"] / "image" / "config.json").read_text()) if isinstance(model, dict) else None
-    return g, cfg
-
-
 def test_safetensors_round_trip_exact(tiny_ckpt, exported):
     _, model = tiny_ckpt
     img = evaclip.load_encoder(exported, "image")
@@ -116,8 +110,7 @@ def test_onnx_matches_pytorch(tiny_ckpt, tmp_path):
     got = torch.from_numpy(sess.run(None, {"images": images_BCHW.numpy()})[0])
     with torch.no_grad():
         torch.testing.assert_close(got, model.encode_image(images_BCHW), rtol=1e-4, atol=1e-4)
-    txt = evaclip.load_encoder(tmp_path.parent / tmp_path.name, "text") if (tmp_path / "text" / "model.safetensors").exists() else None
-    assert txt is None  # onnx only: no safetensors written
+    assert not (tmp_path / "text" / "model.safetensors").exists()  # onnx only
     import open_clip
 
     tokens_BL = open_clip.get_tokenizer("", context_length=json.loads((tmp_path / "text" / "config.json").read_text())[
@@ -179,7 +172,3 @@ def test_clip_benchmark_agrees_with_evaclip_eval(tiny_ckpt, exported, demo, tmp_
     assert ev["zeroshot/top1"] == pytest.approx(cb["acc1"], abs=1e-9)
     assert ev["zeroshot/top5"] == pytest.approx(cb["acc5"], abs=1e-9)
     assert ev["zeroshot/mean_per_class_recall"] == pytest.approx(cb["mean_per_class_recall"], abs=1e-9)
-
-
-def test_export_error_type():
-    assert issubclass(ExportError, RuntimeError)

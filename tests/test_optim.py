@@ -197,6 +197,11 @@ def test_missing_hooks_is_a_clear_error():
         build_param_groups(nn.Linear(2, 2), OptimCfg())
 
 
+def test_bad_layer_decay_is_a_clear_error():
+    with pytest.raises(ValueError, match="visual_ld"):
+        build_param_groups(StandInCLIP(), OptimCfg(visual_ld=0.0))
+
+
 def test_both_towers_locked_is_a_clear_error():
     class NoOther(StandInCLIP):
         def __init__(self):
@@ -245,7 +250,7 @@ def test_lamb_chunking_does_not_change_the_step():
     cfg = OptimCfg(lr=1e-2, weight_decay=0.05, visual_ld=0.75)
 
     class SmallChunks(Lamb):
-        chunk_numel = 100  # many chunks, some a single tensor larger than the budget
+        chunk_numel = cpu_chunk_numel = 100  # many chunks, some a single tensor larger than the budget
 
     ours = _run_steps(Lamb, tiny_clip(), cfg, 3)
     chunked = _run_steps(SmallChunks, tiny_clip(), cfg, 3)
@@ -410,7 +415,10 @@ def _dtensor_worker(rank: int, world: int, port: int, full: list, grads: list, o
         params = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
         # the batched norm helper: whole-tensor norms from shards
         sq = global_sq_norms([p.to_local() for p in params], params)
-        torch.testing.assert_close(torch.stack(sq), torch.stack([t.square().sum() for t in full]))
+        torch.testing.assert_close(sq, torch.stack([t.square().sum() for t in full]))
+        plain = torch.full((3,), 2.0)  # a replicated plain tensor among shards: only the sharded entries are reduced
+        mixed = global_sq_norms([plain] + [p.to_local() for p in params], [plain] + params)
+        torch.testing.assert_close(mixed, torch.stack([plain.square().sum()] + [t.square().sum() for t in full]))
         opt = Lamb(params, lr=0.05, weight_decay=0.01, clamp_value=2.0, debias=True)
         for step_grads in grads:
             for p, g in zip(params, step_grads):
@@ -425,6 +433,7 @@ def _dtensor_worker(rank: int, world: int, port: int, full: list, grads: list, o
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_lamb_on_dtensor_shards_matches_single_process(tmp_path):
     import torch.multiprocessing as mp
 

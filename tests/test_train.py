@@ -173,3 +173,13 @@ def test_token_drop_phase_ends_at_token_drop_until(tmp_path):
     result = main(_cfg(tmp_path, "model.token_drop=0.5", "model.token_drop_until=3", "max_steps=4"))
     events = [r for r in _records(result.run_dir) if r.get("event") == "token_drop"]
     assert events == [{"event": "token_drop", "step": 3, "ratio": 0.0}]
+
+
+def test_locked_image_tower_does_not_move(tmp_path):
+    result = main(_cfg(tmp_path, "optim.lock_image=true", "max_steps=2", "ckpt.every=1", "ckpt.keep_last=3"))
+    first = torch.load(result.run_dir / "ckpt" / "step_00000001" / "model.pt", weights_only=True)
+    last = torch.load(result.checkpoint / "model.pt", weights_only=True)
+    visual = [k for k in first if k.startswith("visual.")]
+    text = [k for k in first if k.startswith("text.") and first[k].is_floating_point()]
+    assert visual and all(torch.equal(first[k], last[k]) for k in visual)
+    assert any(not torch.equal(first[k], last[k]) for k in text)

@@ -92,6 +92,41 @@ def _run_attention(argv: list[str]) -> dict:
     return attn_bench.run(p.parse_args(argv))
 
 
+H100_BF16_DENSE_PEAK = 989e12  # published: H100 SXM dense bf16 tensor-core peak, FLOP/s
+H100_ASSUMED_MFU = 0.45  # the issue's GPU target; an estimate, not a measurement
+
+
+def data_budget(data_sec: dict, model: str = "EVA02-CLIP-B-16", token_drop: float = 0.5, cores: int = 16) -> dict:
+    """Does a ``cores``-core host decode fast enough for one H100 training ``model`` at ``token_drop``?
+
+    The H100 rate is ESTIMATED: FLOPs per sample counted here (FlopCounterMode, full step at batch 2 on CPU) x the
+    published dense bf16 peak x an assumed MFU. The per-core decode rate is the one ``bench data`` measured.
+    """
+    d = train_bench.model_dims(model, {})
+    cfg = train_bench.TrainBenchCfg(model=model, token_drop=[token_drop], device="cpu")
+    model_ = train_bench._evaclip_model(cfg, token_drop, torch.device("cpu"))
+    runner = train_bench.Runner("evaclip", "", model_, train_bench._evaclip_lamb(model_),
+                                train_bench._evaclip_loss_fn(model_), train_bench._synthetic(2, d, "cpu", 0),
+                                token_drop, None)
+    flops_per_sample = train_bench.count_flops(runner.step) / 2
+    h100_samples_s = H100_BF16_DENSE_PEAK * H100_ASSUMED_MFU / flops_per_sample
+    need_per_core = h100_samples_s / cores
+    rows = []
+    for r in data_sec["rows"]:
+        per_core = r.get("evaclip") if isinstance(r.get("evaclip"), (int, float)) else None
+        rows.append({"source": r["source"], "decode_per_core": per_core, "need_per_core": need_per_core,
+                     "host_samples_s": per_core * cores if per_core else None,
+                     "keeps_up": per_core >= need_per_core if per_core else None})
+    notes = [f"{model} at token drop {token_drop}: {flops_per_sample / 1e9:.1f} GFLOP per sample per training step "
+             f"(counted); one H100 at an assumed {H100_ASSUMED_MFU:.0%} MFU of {H100_BF16_DENSE_PEAK / 1e12:.0f} "
+             f"TFLOP/s dense bf16 -> ESTIMATED {h100_samples_s:,.0f} samples/s, i.e. {need_per_core:,.0f} per core "
+             f"on a {cores}-core host (all cores decoding, none left for the main process)"]
+    return section(f"Data loading budget: {cores} cores vs one H100 (estimated)",
+                   [("source", "source"), ("decode_per_core", "measured img/s per core"),
+                    ("need_per_core", "needed img/s per core"), ("host_samples_s", f"{cores}-core img/s"),
+                    ("keeps_up", "keeps up")], rows, notes)
+
+
 def _all(argv: list[str], device: torch.device, out: Optional[str]) -> list[dict]:
     on_gpu = device.type == "cuda"
     train_args = argv or (GPU_TRAIN_ARGS if on_gpu else CPU_TRAIN_ARGS)
@@ -100,6 +135,7 @@ def _all(argv: list[str], device: torch.device, out: Optional[str]) -> list[dict
     sections.append(_delegate("optimizer", "LAMB step: foreach vs torch_optimizer.Lamb",
                               ["--model", "EVA02-CLIP-B-16", "--device", device.type]))
     sections.append(_data_section([], out))
+    sections.append(data_budget(sections[-1]))
     return sections
 
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
-import time
 
 import torch
 from torch import nn
 
+from evaclip.bench.measure import median, release_host_memory, time_calls
 from evaclip.config import OptimCfg
 from evaclip.optim import Lamb, build_param_groups
 
@@ -87,27 +86,24 @@ def _fresh_groups(groups: list[dict], device: torch.device, seed: int = 0) -> li
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def time_interleaved(makers: dict, groups: list[dict], device: torch.device, steps: int) -> dict[str, float]:
+    """Median seconds per optimizer step of each optimizer in ``makers`` (name -> factory of param groups).
 
-
-def time_steps(make_optimizer, groups: list[dict], device: torch.device, steps: int, warmup: int = 1) -> float:
-    """Median seconds per optimizer step (after ``warmup`` steps that also allocate the state)."""
-    opt = make_optimizer(_fresh_groups(groups, device))
-    for _ in range(warmup):
+    Steps of the optimizers alternate, so a load change on a shared machine hits them alike; one warmup step each
+    allocates the state first.
+    """
+    opts = {name: make(_fresh_groups(groups, device)) for name, make in makers.items()}
+    for opt in opts.values():
         opt.step()
-    times = []
+    times: dict = {name: [] for name in opts}
     for _ in range(steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        opt.step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    del opt
+        for name, opt in opts.items():
+            times[name].append(time_calls(opt.step, 1, device))
+    del opts
+    release_host_memory()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return statistics.median(times)
+    return {name: median(ts) for name, ts in times.items()}
 
 
 def run(model_name: str = "EVA02-CLIP-B-16", device: str = "cpu", steps: int = 5) -> dict:
@@ -120,8 +116,9 @@ def run(model_name: str = "EVA02-CLIP-B-16", device: str = "cpu", steps: int = 5
     groups, source = parameter_groups(model_name)
     kw = dict(lr=BENCH_CFG["lr"], betas=tuple(BENCH_CFG["betas"]), eps=BENCH_CFG["eps"],
               weight_decay=BENCH_CFG["weight_decay"])
-    ref_s = time_steps(lambda g: torch_optimizer.Lamb(g, **kw), groups, dev, steps)
-    ours_s = time_steps(lambda g: Lamb(g, **kw), groups, dev, steps)
+    secs = time_interleaved({"reference": lambda g: torch_optimizer.Lamb(g, **kw), "foreach": lambda g: Lamb(g, **kw)},
+                            groups, dev, steps)
+    ref_s, ours_s = secs["reference"], secs["foreach"]
     result = dict(
         model=model_name, source=source, device=str(dev),
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -141,7 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default=None, help="cpu | cuda (default: both where CUDA is available)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = {d: run(args.model, d, args.steps) for d in devices}
     if args.json:

@@ -36,7 +36,7 @@ __all__ = ["TRAIN_COLUMNS", "Runner", "TrainBenchCfg", "bench_train", "find_max_
 TRAIN_COLUMNS = [("impl", "impl"), ("optimizer", "optimizer"), ("model", "model"), ("params_m", "params (M)"),
                  ("precision", "precision"), ("token_drop", "token drop"), ("batch", "B"),
                  ("samples_per_s", "samples/s"), ("step_ms", "step ms"), ("peak_mem_mb", "peak mem MB"),
-                 ("gflops_per_sample", "GFLOP/sample"), ("mfu_pct", "MFU %")]
+                 ("gflops_per_sample", "GFLOP/sample"), ("mfu_pct", "MFU %"), ("host_syncs", "host syncs/step")]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -125,8 +125,9 @@ def _evaclip_model(cfg: TrainBenchCfg, token_drop: float, device: torch.device) 
     model = create_model(cfg.model, attn_backend=cfg.attn_backend, token_drop=token_drop, **cfg.overrides)
     model = model.to(device).train()
     if cfg.compile:
-        model.visual = torch.compile(model.visual)
-        model.text = torch.compile(model.text)
+        # In place (nn.Module.compile), so parameter names and the optimizer hooks stay as they are.
+        model.visual.compile()
+        model.text.compile()
     return model
 
 
@@ -264,6 +265,9 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+_PRIMED: dict[str, bool] = {}
+
+
 def _build_runners(cfg: TrainBenchCfg, d: dict, token_drop: float, batch: dict, device: torch.device,
                    amp_dtype) -> list[Runner]:
     """Build each implementation and run its first step under the memory meter (weights, grads, optimizer state and
@@ -278,6 +282,14 @@ def _build_runners(cfg: TrainBenchCfg, d: dict, token_drop: float, batch: dict, 
         _free(device)
         return runner
 
+    if not _PRIMED.get(device.type):
+        # One throw-away step first: the process's one-time allocations (thread pools, BLAS / oneDNN workspaces,
+        # autograd engine) would otherwise be charged to whichever model is measured first.
+        model = _evaclip_model(cfg, token_drop, device)
+        Runner("prime", "", model, _evaclip_lamb(model), _evaclip_loss_fn(model),
+               _synthetic(batch["evaclip"], d, device, cfg.seed), token_drop, amp_dtype).step()
+        del model
+        _PRIMED[device.type] = True
     _free(device)
     base = memory_in_use(device)
     model = _evaclip_model(cfg, token_drop, device)
@@ -299,6 +311,26 @@ def _build_runners(cfg: TrainBenchCfg, d: dict, token_drop: float, batch: dict, 
 
 def _count(runner: Runner) -> None:
     runner.flops = count_flops(runner.step)
+
+
+def count_host_syncs(runner: Runner) -> Optional[int]:
+    """Host synchronisations in one step (CUDA only; None on CPU), caught by torch's sync debug mode.
+
+    A sync (``.item()``, a data-dependent shape, a host copy) stalls the CPU until the GPU drains, so the next step's
+    kernels are not queued in time; the fast path has none.
+    """
+    if runner.batch[0].device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            runner.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def _alternate(runners: list[Runner], cfg: TrainBenchCfg, device: torch.device) -> None:
@@ -408,6 +440,7 @@ def bench_train(cfg: TrainBenchCfg) -> dict:
         else:
             batch = {"evaclip": int(cfg.batch), "open_clip": int(cfg.batch)}
         runners = _build_runners(cfg, d, token_drop, batch, device, amp_dtype)
+        syncs = {id(r): count_host_syncs(r) for r in runners}
         if cfg.count_flops:
             for r in runners:
                 _count(r)
@@ -423,7 +456,7 @@ def bench_train(cfg: TrainBenchCfg) -> dict:
                 "samples_per_s": r.batch_size / step_s, "step_ms": 1e3 * step_s,
                 "peak_mem_mb": r.peak_mem / 2 ** 20 if r.peak_mem is not None else None,
                 "gflops_per_sample": r.flops / r.batch_size / 1e9 if r.flops else None,
-                "mfu_pct": 100 * mfu(r.flops, step_s, peak) if r.flops else None,
+                "mfu_pct": 100 * mfu(r.flops, step_s, peak) if r.flops else None, "host_syncs": syncs[id(r)],
                 "step_ms_rounds": [1e3 * t for t in r.times],
             })
         runners_by_drop[token_drop] = [(r.impl, r.optimizer_name) for r in runners]

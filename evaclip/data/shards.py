@@ -12,6 +12,7 @@ URLs and the loader come from webdataset.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import json
 import logging
@@ -242,11 +243,11 @@ def assign_shards(spec: _StreamSpec) -> list[list[str]]:
         for j, i in enumerate(order):
             slots[j % n_slots].append(spec.flat[i])
     else:
-        load = [0] * n_slots
+        heap = [(0, k) for k in range(n_slots)]  # (samples so far, slot): O(shards * log slots) at 1e5 shards
         for i in order:
-            s = min(range(n_slots), key=lambda k: (load[k], k))
-            slots[s].append(spec.flat[i])
-            load[s] += spec.sizes[i]
+            load, k = heapq.heappop(heap)
+            slots[k].append(spec.flat[i])
+            heapq.heappush(heap, (load + spec.sizes[i], k))
     return slots
 
 
@@ -391,7 +392,7 @@ class _aug_seed:
         self.main = torch.utils.data.get_worker_info() is None
         if self.main:
             self.state = (torch.get_rng_state(), random.getstate())
-        torch.manual_seed(self.seed)
+        torch.default_generator.manual_seed(self.seed)  # CPU generator only: leave any CUDA RNG alone
         random.seed(self.seed)
 
     def __exit__(self, *exc):
@@ -553,9 +554,12 @@ def build_train_loader(cfg, preprocess: Callable, tokenizer: Callable, *, rank: 
     if total % global_batch and rank == 0:
         log.info("epoch of %d samples rounded down to %d full global batches", total, num_batches)
     workers = max(0, cfg.workers)
-    if not cfg.resampled:
+    if not cfg.resampled and workers > len(flat) // world_size:
         # no idle worker: each one needs at least a shard of its own
-        workers = min(workers, len(flat) // world_size)
+        if rank == 0:
+            log.warning("data.workers=%d but only %d shard(s) per rank: using %d worker(s)", workers,
+                        len(flat) // world_size, len(flat) // world_size)
+        workers = len(flat) // world_size
     spec = _StreamSpec(sources=sources, sizes=sizes, weights=weights, resampled=cfg.resampled,
                        batch_size=cfg.batch_size, num_batches=num_batches, rank=rank, world_size=world_size,
                        num_workers=max(1, workers), seed=seed, shuffle_buffer=cfg.shuffle_buffer,

@@ -132,10 +132,14 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", 
     ``checkpoint`` is a training checkpoint folder (``model.pt`` + the run's ``config.yaml``), or a state-dict file
     (safetensors / torch) with ``model_name`` naming the architecture (or a ``config.yaml`` beside it).
     """
+    from evaclip.checkpoint_sharded import checkpoint_weights, load_full_state_dict
     from evaclip.models import create_model
 
     path = Path(checkpoint)
-    if path.is_dir():
+    sharded = checkpoint_weights(path) if path.is_dir() else None  # dist.strategy=fsdp checkpoints (DCP shards)
+    if sharded is not None:
+        weights = sharded
+    elif path.is_dir():
         weights = next((path / f for f in _WEIGHT_FILES if (path / f).is_file()), None)
         if weights is None:
             raise FileNotFoundError(f"checkpoint folder {path} has none of {', '.join(_WEIGHT_FILES)}")
@@ -152,7 +156,7 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", 
     if model_name is None:
         raise ValueError(f"cannot tell which architecture {path} is: pass --model NAME (see evaclip.list_models())")
     model = create_model(model_name, attn_backend=attn_backend, **overrides)
-    sd = read_state_dict(weights)
+    sd = load_full_state_dict(weights) if sharded is not None else read_state_dict(weights)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"{weights} does not match {model_name}: missing keys {sorted(missing)[:8]}"

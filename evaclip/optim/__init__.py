@@ -1,9 +1,13 @@
 """Optimizer factory: param groups, LAMB (foreach or torch-optimizer reference) / AdamW, schedule, clipping.
 
-Which LAMB: ``optim.lamb_variant: torch_optimizer`` (default) reproduces ``torch_optimizer.Lamb``, the optimizer
-EVA-CLIP's public training code builds when DeepSpeed is off; ``deepspeed`` reproduces DeepSpeed's FusedLamb, which
-the released EVA-CLIP runs used (bias correction, trust ratio clamped to [0.01, 10]). Use ``deepspeed`` to reproduce
-the paper's large runs, ``torch_optimizer`` to compare against open-source reproductions.
+Which LAMB (``optim.lamb_variant``):
+
+* ``deepspeed``: DeepSpeed's LAMB as EVA-CLIP's released runs configured it (``training/deepspeed_config.json``:
+  bias correction, eps outside the square root, trust ratio clamped to [min_coeff=0.01, max_coeff=10]). The paper
+  recipes (``recipes/eva*_clip_*.yaml``) use it to reproduce the published runs.
+* ``torch_optimizer`` (default): the update of ``torch_optimizer.Lamb`` (no bias correction unless ``debias``, the
+  *weight norm* clamped to ``clamp_value``, trust ratio unclamped), the well-tested reference that ``impl: reference``
+  runs directly; the tiny demo recipe uses it.
 """
 from __future__ import annotations
 
@@ -76,7 +80,7 @@ def clip_grad_norm_(model_or_params, max_norm: float | None) -> torch.Tensor:
     if not with_grad:
         return torch.zeros(())
     grads = [p.grad for p in with_grad]
-    total = torch.stack(global_sq_norms([local_tensor(g) for g in grads], grads)).sum().sqrt()
+    total = global_sq_norms([local_tensor(g) for g in grads], grads).sum().sqrt()
     if max_norm is not None and max_norm > 0:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         by_device: dict = {}

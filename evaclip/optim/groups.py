@@ -19,7 +19,9 @@ _NO_WD_FRAGMENTS = ("pos_embed", "positional_embedding", "cls_token", "logit_sca
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The CLIP module inside DDP / torch.compile wrappers (they expose it as ``.module`` / ``._orig_mod``)."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             return model
         model = inner
@@ -68,6 +70,8 @@ def param_rule(model: nn.Module, name: str, p, cfg: OptimCfg, no_wd_names: set[s
     if tower not in TOWERS:
         raise ValueError(f"param_tower({name!r}) returned {tower!r}; expected one of {list(TOWERS)}")
     lr, wd, ld = tower_settings(cfg, tower)
+    if not 0.0 < ld <= 1.0:
+        raise ValueError(f"optim.{tower}_ld must be in (0, 1], got {ld}")
     if tower == "other":
         layer_id, scale = 0, 1.0
     else:
@@ -90,7 +94,7 @@ def build_param_groups(model: nn.Module, cfg: OptimCfg) -> list[dict]:
 
     Each group has ``params``, ``param_names``, ``tower``, ``lr_scale``, ``base_lr``, ``lr`` (= base_lr * lr_scale),
     ``weight_decay`` and ``layer_id`` (the layer of every parameter in it, or None when layer decay is 1 and several
-    layers share the group). Groups are ordered by (tower, layer_id, decay-first) for stable checkpoints.
+    layers share the group). Order (stable for checkpoints): by tower, then from the top layer down, decay first.
     """
     model = unwrap_model(model)
     _check_hooks(model)

@@ -55,32 +55,33 @@ def _shard_key(t: torch.Tensor):
     return (t.device_mesh, dims) if dims else None
 
 
-def global_sq_norms(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Squared L2 norms of whole tensors, one 0-d fp32 tensor each, without a host sync.
+def global_sq_norms(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> torch.Tensor:
+    """Squared L2 norms of whole tensors as one fp32 vector of length len(tensors), without a host sync.
 
     ``tensors`` are process-local (``local_tensor``) views; ``like[i]`` is the (possibly DTensor) parameter that
     ``tensors[i]`` belongs to, and decides how shards are summed: tensors sharded on the same mesh dims share one
-    all_reduce per sharded mesh dimension (a stack of all their squared norms), so the number of collectives does not
-    grow with the number of parameters. Replicated and plain tensors need no communication.
+    all_reduce per sharded mesh dimension (of the vector of their squared norms), so the number of collectives does
+    not grow with the number of parameters. Replicated and plain tensors need no communication.
     """
     if not tensors:
-        return []
+        return torch.zeros(0)
     norms = torch._foreach_norm(tensors)
-    sq = [n.float().square() for n in norms]
-    buckets: dict = defaultdict(list)
+    if len({n.dtype for n in norms}) > 1:
+        norms = [n.float() for n in norms]
+    sq_N = torch.stack(norms).float().square()  # a few kernels for the whole list, not two per tensor
+    buckets: dict = defaultdict(list)  # (mesh, sharded mesh dims) -> indices; DeviceMesh hashes by its layout
     for i, ref in enumerate(like):
         key = _shard_key(ref)
         if key is not None:
-            buckets[(id(key[0]), key[1])].append((i, key[0]))
-    for (_, dims), members in buckets.items():
-        mesh = members[0][1]
-        idx = [i for i, _ in members]
-        stacked = torch.stack([sq[i] for i in idx])
+            buckets[key].append(i)
+    for (mesh, dims), idx in buckets.items():
+        whole = len(idx) == len(tensors)  # the FSDP case: every tensor sharded on the same mesh
+        part = sq_N if whole else sq_N[torch.tensor(idx, device=sq_N.device)]
         for d in dims:
-            dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
-        for j, i in enumerate(idx):
-            sq[i] = stacked[j]
-    return sq
+            dist.all_reduce(part, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
+        if not whole:
+            sq_N[torch.tensor(idx, device=sq_N.device)] = part
+    return sq_N
 
 
 def _group_by_device_dtype(*lists: list) -> dict:
@@ -122,11 +123,13 @@ class Lamb(Optimizer):
         min_trust, max_trust: trust-ratio clamp of the deepspeed variant (FusedLamb's min_coeff / max_coeff).
 
     The step's temporary (the raw update) covers at most ``chunk_numel`` elements at a time, so peak memory is
-    bounded whatever the group size (a class attribute; each chunk costs one batch of kernels and, for sharded
-    parameters, its own batched all_reduce).
+    bounded whatever the group size (class attributes; each chunk costs one batch of kernels and, for sharded
+    parameters, its own batched all_reduce). On CPU, where foreach ops are per-tensor loops anyway, small chunks keep
+    each chunk's working set (param, grad, two moments, update) in the last-level cache between the ~10 passes.
     """
 
     chunk_numel = 1 << 25
+    cpu_chunk_numel = 1 << 20
 
     def __init__(
         self,
@@ -212,7 +215,8 @@ class Lamb(Optimizer):
         # Work on local shards; only the norms need the whole parameter (global_sq_norms).
         lists = [[local_tensor(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
         for p_l, g_l, m_l, v_l, like, sizes in _group_by_device_dtype(*lists, params, step_sizes).values():
-            for sl in _chunks(like, self.chunk_numel):
+            budget = self.cpu_chunk_numel if p_l[0].device.type == "cpu" else self.chunk_numel
+            for sl in _chunks(like, budget):
                 self._update_chunk(p_l[sl], g_l[sl], m_l[sl], v_l[sl], like[sl], sizes[sl], group)
 
     def _update_chunk(self, p_l, g_l, m_l, v_l, like, step_sizes, group) -> None:
@@ -229,9 +233,12 @@ class Lamb(Optimizer):
         torch._foreach_mul_(upd, m_l)
         if wd != 0:
             torch._foreach_add_(upd, p_l, alpha=wd)
-        w_norm = torch.stack(global_sq_norms(p_l, like)).sqrt()
-        u_norm = torch.stack(global_sq_norms(upd, like)).sqrt()
-        trust = self._trust_ratio(w_norm, u_norm)
+        if self.adam:  # trust ratio 1: the norms (and their collectives) are not needed
+            trust = torch.ones(len(p_l), device=p_l[0].device)
+        else:
+            w_norm = global_sq_norms(p_l, like).sqrt()
+            u_norm = global_sq_norms(upd, like).sqrt()
+            trust = self._trust_ratio(w_norm, u_norm)
         # lr (and bias correction) per tensor, folded into the trust ratio so one multiply scales each update.
         if len(set(step_sizes)) == 1:  # the usual case: every tensor of the group is at the same step
             coeffs = (trust * -step_sizes[0]).unbind(0)
@@ -247,8 +254,6 @@ class Lamb(Optimizer):
     def _trust_ratio(self, w_norm: torch.Tensor, u_norm: torch.Tensor) -> torch.Tensor:
         """Per-tensor trust ratio from whole-tensor norms (vectors of length n_params), on the device."""
         one = torch.ones_like(w_norm)
-        if self.adam:
-            return one
         if self.variant == "deepspeed":
             ratio = (w_norm / u_norm).clamp(self.min_trust, self.max_trust)
         else:

@@ -1,0 +1,143 @@
+"""Named CLIP architectures: the released EVA-CLIP shapes and tiny variants for tests, the CPU demo and benchmarks.
+
+Shapes follow EVA-CLIP's model configs (baaivision/EVA, EVA-CLIP/rei/eva_clip/model_configs).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class VisionCfg:
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4 * 2 / 3
+    swiglu: bool = True  # EVA-02: SwiGLU MLP (w1, w2 -> ffn_ln -> w3); EVA-01: GELU MLP (fc1, fc2)
+    subln: bool = True  # EVA-02: sub-LN inside attention (inner_attn_ln) and MLP (ffn_ln)
+    rope: bool = True  # EVA-02: 2D RoPE on q/k of every block
+    pt_grid: int = 16  # patch grid of the MIM pretraining; RoPE positions are rescaled to it
+    qkv_bias: bool = True  # q and v biases (k has none)
+    postnorm: bool = False  # EVA-01 / bigE: LayerNorm after the residual branch instead of before
+    layer_scale: Optional[float] = None  # LayerScale init value (None: off)
+    drop_path: float = 0.0
+    ln_eps: float = 1e-6
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+
+@dataclass
+class TextCfg:
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    ln_eps: float = 1e-5
+
+
+@dataclass
+class CLIPCfg:
+    embed_dim: int = 512
+    vision: VisionCfg = field(default_factory=VisionCfg)
+    text: TextCfg = field(default_factory=TextCfg)
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: Optional[float] = None  # set (e.g. -10) for SigLIP training
+    open_clip_name: Optional[str] = None  # open_clip's config with the same shapes, where one exists
+
+
+def _eva02(image_size, patch, width, depth, mlp_ratio=4 * 2 / 3, head_width=64, **kw) -> VisionCfg:
+    return VisionCfg(image_size=image_size, patch_size=patch, width=width, depth=depth, heads=width // head_width,
+                     mlp_ratio=mlp_ratio, **kw)
+
+
+def _eva01(image_size, patch, width, depth, mlp_ratio, head_width, **kw) -> VisionCfg:
+    return VisionCfg(image_size=image_size, patch_size=patch, width=width, depth=depth, heads=width // head_width,
+                     mlp_ratio=mlp_ratio, swiglu=False, subln=False, rope=False, **kw)
+
+
+_MODELS: dict[str, CLIPCfg] = {
+    # --- released EVA-CLIP architectures -------------------------------------------------------------------------
+    "EVA02-CLIP-B-16": CLIPCfg(512, _eva02(224, 16, 768, 12), TextCfg(width=512, heads=8, layers=12),
+                               open_clip_name="EVA02-B-16"),
+    "EVA02-CLIP-L-14": CLIPCfg(768, _eva02(224, 14, 1024, 24), TextCfg(width=768, heads=12, layers=12),
+                               open_clip_name="EVA02-L-14"),
+    "EVA02-CLIP-L-14-336": CLIPCfg(768, _eva02(336, 14, 1024, 24), TextCfg(width=768, heads=12, layers=12),
+                                   open_clip_name="EVA02-L-14-336"),
+    # bigE's image tower is EVA-01-style (GELU, no RoPE, post-norm), initialised from EVA02_CLIP_E
+    "EVA02-CLIP-bigE-14": CLIPCfg(1024, _eva01(224, 14, 1792, 64, 8.571428571428571, 112, postnorm=True),
+                                  TextCfg(width=1024, heads=16, layers=24), open_clip_name="EVA02-E-14"),
+    "EVA02-CLIP-bigE-14-plus": CLIPCfg(1024, _eva01(224, 14, 1792, 64, 8.571428571428571, 112, postnorm=True),
+                                       TextCfg(width=1280, heads=20, layers=32), open_clip_name="EVA02-E-14-plus"),
+    "EVA01-CLIP-g-14": CLIPCfg(1024, _eva01(224, 14, 1408, 40, 4.3637, 88, drop_path=0.4),
+                               TextCfg(width=768, heads=12, layers=12), open_clip_name="EVA01-g-14"),
+    "EVA01-CLIP-g-14-plus": CLIPCfg(1024, _eva01(224, 14, 1408, 40, 4.3637, 88, drop_path=0.4),
+                                    TextCfg(width=1024, heads=16, layers=24), open_clip_name="EVA01-g-14-plus"),
+    # --- small variants: tests, the CPU demo, CPU benchmarks -----------------------------------------------------
+    "EVA02-CLIP-tiny": CLIPCfg(32, _eva02(32, 8, 64, 2, head_width=32, pt_grid=4),
+                               TextCfg(width=64, heads=2, layers=2)),
+    "EVA01-CLIP-tiny": CLIPCfg(32, _eva01(32, 8, 64, 2, 4.0, 32, layer_scale=0.1),
+                               TextCfg(width=64, heads=2, layers=2)),
+    "EVA02-CLIP-demo": CLIPCfg(128, _eva02(32, 4, 128, 4, head_width=32, pt_grid=8),
+                               TextCfg(context_length=16, width=128, heads=4, layers=4)),
+    # image-dominated 224 px model for the CPU benchmark (ViT-S/16 sized image tower, small text tower)
+    "EVA02-CLIP-S-16": CLIPCfg(384, _eva02(224, 16, 384, 12, head_width=64),
+                               TextCfg(context_length=32, width=256, heads=4, layers=4)),
+}
+
+
+def list_models() -> list[str]:
+    """Names of the registered architectures."""
+    return sorted(_MODELS)
+
+
+def register_model(name: str, cfg: CLIPCfg) -> None:
+    """Add an architecture (e.g. a custom size) to the registry."""
+    _MODELS[name] = cfg
+
+
+def _apply_overrides(obj, overrides: dict, prefix: str = ""):
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head not in names:
+            raise ValueError(f"unknown model override '{prefix}{key}'; known: {sorted(names)}")
+        current = getattr(obj, head)
+        if dataclasses.is_dataclass(current):
+            if rest:
+                _apply_overrides(current, {rest: value}, f"{prefix}{head}.")
+            elif isinstance(value, dict):
+                _apply_overrides(current, value, f"{prefix}{head}.")
+            else:
+                raise ValueError(f"model override '{prefix}{key}' is a section; give a mapping or a sub-key")
+        else:
+            setattr(obj, head, value)
+
+
+def get_model_config(name: str, **overrides) -> CLIPCfg:
+    """A copy of a registered architecture, with dotted or nested overrides (``vision.depth=4`` / ``vision={...}``)."""
+    if isinstance(name, CLIPCfg):
+        cfg = copy.deepcopy(name)
+    elif name in _MODELS:
+        cfg = copy.deepcopy(_MODELS[name])
+    else:
+        raise ValueError(f"unknown model '{name}'; registered: {', '.join(list_models())}")
+    _apply_overrides(cfg, overrides)
+    if cfg.vision.width % cfg.vision.heads or cfg.text.width % cfg.text.heads:
+        raise ValueError("width must be divisible by heads in both towers")
+    if cfg.vision.image_size % cfg.vision.patch_size:
+        raise ValueError(f"image_size {cfg.vision.image_size} is not a multiple of patch_size {cfg.vision.patch_size}")
+    return cfg

@@ -1,0 +1,212 @@
+"""EVA image towers: EVA-02 (SwiGLU, sub-LN, 2D RoPE) and EVA-01 (GELU MLP, optional post-norm, LayerScale).
+
+Architecture only. Shapes: B batch, N tokens (CLS + patches), K kept patches, D width, H heads, Dh head dim.
+Parameter names follow the EVA-CLIP release (q_bias/v_bias, inner_attn_ln, mlp.w1/w2/ffn_ln/w3) except that q, k
+and v share one fused ``qkv`` projection.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attend
+from .registry import VisionCfg
+from .rope import apply_rope, rope_tables
+from .token_drop import drop_tokens
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionCfg, attend: Attend):
+        super().__init__()
+        D = cfg.width
+        self.heads, self.head_dim = cfg.heads, D // cfg.heads
+        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(D)) if cfg.qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(D)) if cfg.qkv_bias else None
+        self.inner_attn_ln = nn.LayerNorm(D, eps=cfg.ln_eps) if cfg.subln else nn.Identity()
+        self.proj = nn.Linear(D, D)
+        self.attend = attend
+
+    def forward(self, x_BND: torch.Tensor, rope=None) -> torch.Tensor:
+        B, N, D = x_BND.shape
+        bias = None
+        if self.q_bias is not None:  # k has no bias in EVA
+            bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv_BN3HD = F.linear(x_BND, self.qkv.weight, bias).view(B, N, 3, self.heads, self.head_dim)
+        if self.attend.layout == "BHND":
+            q, k, v = qkv_BN3HD.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = qkv_BN3HD.unbind(2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = self.attend(q, k, v)
+        out_BND = (out.transpose(1, 2) if self.attend.layout == "BHND" else out).reshape(B, N, D)
+        return self.proj(self.inner_attn_ln(out_BND))
+
+
+class SwiGLU(nn.Module):
+    """EVA-02 MLP: silu(w1 x) * (w2 x) -> ffn_ln (sub-LN) -> w3."""
+
+    def __init__(self, cfg: VisionCfg):
+        super().__init__()
+        D, Hd = cfg.width, cfg.mlp_hidden
+        self.w1, self.w2 = nn.Linear(D, Hd), nn.Linear(D, Hd)
+        self.ffn_ln = nn.LayerNorm(Hd, eps=cfg.ln_eps) if cfg.subln else nn.Identity()
+        self.w3 = nn.Linear(Hd, D)
+
+    def forward(self, x):
+        return self.w3(self.ffn_ln(F.silu(self.w1(x)) * self.w2(x)))
+
+
+class GeluMlp(nn.Module):
+    """EVA-01 MLP: fc1 -> GELU -> fc2."""
+
+    def __init__(self, cfg: VisionCfg):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(cfg.width, cfg.mlp_hidden), nn.Linear(cfg.mlp_hidden, cfg.width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionCfg, attend: Attend, drop_path: float = 0.0):
+        super().__init__()
+        self.postnorm = cfg.postnorm
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.attn = VisionAttention(cfg, attend)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.mlp = SwiGLU(cfg) if cfg.swiglu else GeluMlp(cfg)
+        self.drop_path = DropPath(drop_path)
+        if cfg.layer_scale is not None:
+            self.gamma_1 = nn.Parameter(cfg.layer_scale * torch.ones(cfg.width))
+            self.gamma_2 = nn.Parameter(cfg.layer_scale * torch.ones(cfg.width))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def _branch(self, y, gamma):
+        return self.drop_path(y if gamma is None else y * gamma)
+
+    def forward(self, x_BND, rope=None):
+        if self.postnorm:
+            x_BND = x_BND + self._branch(self.norm1(self.attn(x_BND, rope)), self.gamma_1)
+            return x_BND + self._branch(self.norm2(self.mlp(x_BND)), self.gamma_2)
+        x_BND = x_BND + self._branch(self.attn(self.norm1(x_BND), rope), self.gamma_1)
+        return x_BND + self._branch(self.mlp(self.norm2(x_BND)), self.gamma_2)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VisionCfg):
+        super().__init__()
+        self.proj = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, img_BCHW):
+        return self.proj(img_BCHW).flatten(2).transpose(1, 2)
+
+
+class EVAVisionTransformer(nn.Module):
+    """EVA ViT with CLS pooling and a projection head to ``embed_dim``.
+
+    ``token_drop`` is the fraction of patch tokens dropped in training mode (the CLS token is always kept); the RoPE
+    tables are gathered with the same kept indices.
+    """
+
+    num_prefix = 1
+
+    def __init__(self, cfg: VisionCfg, embed_dim: int, attend: Attend, token_drop: float = 0.0):
+        super().__init__()
+        self.cfg = cfg
+        D, P = cfg.width, cfg.grid ** 2
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, P + 1, D))
+        dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        self.blocks = nn.ModuleList([VisionBlock(cfg, attend, dpr[i]) for i in range(cfg.depth)])
+        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
+        self.head = nn.Linear(D, embed_dim)
+        if cfg.rope:
+            cos, sin = rope_tables(D // cfg.heads, cfg.grid, cfg.pt_grid)
+            # a leading identity row (cos 1, sin 0) leaves the CLS token unrotated
+            cos = torch.cat([torch.ones_like(cos[:1]), cos])
+            sin = torch.cat([torch.zeros_like(sin[:1]), sin])
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+        self.layout = attend.layout
+        self.grad_checkpointing = False
+        self.set_token_drop(token_drop)
+        self._init_weights()
+
+    def set_token_drop(self, ratio: float) -> None:
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"token_drop must be in [0, 1), got {ratio}")
+        self.token_drop = float(ratio)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def _init_weights(self):
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for i, blk in enumerate(self.blocks):  # EVA's rescale of the residual output projections
+            blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+            out = blk.mlp.w3 if isinstance(blk.mlp, SwiGLU) else blk.mlp.fc2
+            out.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+
+    def _rope(self, keep_idx_BK: Optional[torch.Tensor]):
+        """RoPE tables shaped for the attention layout; gathered by the kept token indices when dropping."""
+        if self.rope_cos is None:
+            return None
+        cos, sin = self.rope_cos, self.rope_sin  # N x Dh, row 0 is the CLS identity
+        if keep_idx_BK is None:
+            head_axis = 0 if self.layout == "BHND" else 1  # N x Dh broadcasts over B (and H)
+            return (cos, sin) if head_axis == 0 else (cos.unsqueeze(1), sin.unsqueeze(1))
+        idx_BN = torch.cat([keep_idx_BK.new_zeros(keep_idx_BK.shape[0], 1), keep_idx_BK + 1], dim=1)
+        cos_BND, sin_BND = cos[idx_BN], sin[idx_BN]  # B x (1+K) x Dh, shared by all heads
+        axis = 1 if self.layout == "BHND" else 2
+        return cos_BND.unsqueeze(axis), sin_BND.unsqueeze(axis)
+
+    def forward_features(self, img_BCHW: torch.Tensor) -> torch.Tensor:
+        x_BND = self.patch_embed(img_BCHW)
+        x_BND = torch.cat([self.cls_token.expand(x_BND.shape[0], -1, -1), x_BND], dim=1) + self.pos_embed
+        keep_idx = None
+        if self.training and self.token_drop > 0:
+            x_BND, keep_idx = drop_tokens(x_BND, 1.0 - self.token_drop, self.num_prefix)
+        rope = self._rope(keep_idx)
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x_BND = checkpoint(blk, x_BND, rope, use_reentrant=False)
+            else:
+                x_BND = blk(x_BND, rope)
+        return self.norm(x_BND)
+
+    def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(img_BCHW)[:, 0])
