@@ -3,5 +3,6 @@ __version__ = "0.1.0"
 
 from .data.transforms import get_tokenizer, get_transforms  # noqa: E402
 from .models import create_model, get_model_config, list_models  # noqa: E402
+from .encoder import load_encoder  # noqa: E402,F401  (exported encoders, see evaclip/export.py)
 
 __all__ = ["__version__", "create_model", "get_model_config", "list_models", "get_tokenizer", "get_transforms"]

@@ -87,6 +87,22 @@ def read_encoder_config(path: Union[str, Path], tower: Optional[str] = None) -> 
     return cfg
 
 
+def build_tower(model_cfg: dict, tower: str, attn_backend: str = "sdpa") -> nn.Module:
+    """One tower (``image`` or ``text``) of the architecture ``model_cfg`` (a ``CLIPCfg`` as a dict), weights
+    uninitialised-but-valid; only the model definitions are imported."""
+    from evaclip.models.attention import Attend, resolve_backend
+    from evaclip.models.registry import TextCfg, VisionCfg
+
+    attend = Attend(resolve_backend(attn_backend))
+    if tower == "image":
+        from evaclip.models.vision import EVAVisionTransformer
+
+        return EVAVisionTransformer(VisionCfg(**model_cfg["vision"]), model_cfg["embed_dim"], attend)
+    from evaclip.models.text import TextTransformer
+
+    return TextTransformer(TextCfg(**model_cfg["text"]), model_cfg["embed_dim"], attend)
+
+
 def _resolve_dir(path: Path, tower: str) -> Path:
     # accept the export root (holding image/ and text/) as well as the tower folder itself
     if not (path / "config.json").is_file() and (path / tower / "config.json").is_file():
@@ -111,10 +127,7 @@ def load_encoder(path: Union[str, Path], tower: str = "image", device: Union[str
                                 f"{path / 'model.onnx'})")
     from safetensors.torch import load_file
 
-    from evaclip.models import build_tower
-
-    module = build_tower(cfg["model_cfg"], "visual" if tower == "image" else "text", attn_backend="sdpa")
-    enc = (ImageEncoder if tower == "image" else TextEncoder)(module, cfg)
+    enc = (ImageEncoder if tower == "image" else TextEncoder)(build_tower(cfg["model_cfg"], tower), cfg)
     sd = load_file(str(weights))
     missing, unexpected = enc.tower.load_state_dict(sd, strict=False)
     if missing or unexpected:

@@ -30,18 +30,6 @@ FORMATS = ("safetensors", "open_clip", "onnx")
 EXPORT_ATTN_BACKEND = "sdpa"  # portable: runs on CPU and GPU, traces to ONNX; flash_attn does neither
 ONNX_ATOL = 1e-4
 
-# evaclip architecture -> open_clip's built-in config of the same architecture
-OPEN_CLIP_NAMES = {
-    "EVA02-CLIP-B-16": "EVA02-B-16",
-    "EVA02-CLIP-L-14": "EVA02-L-14",
-    "EVA02-CLIP-L-14-336": "EVA02-L-14-336",
-    "EVA02-CLIP-bigE-14": "EVA02-E-14",
-    "EVA02-CLIP-bigE-14-plus": "EVA02-E-14-plus",
-    "EVA01-CLIP-g-14": "EVA01-g-14",
-    "EVA01-CLIP-g-14-plus": "EVA01-g-14-plus",
-}
-
-
 class ExportError(RuntimeError):
     """An export did not reproduce the PyTorch model (the message gives the measured difference)."""
 
@@ -190,19 +178,6 @@ def open_clip_model_config(model_cfg, timm_model_name: str) -> dict:
     }
 
 
-def _standard_open_clip_name(architecture: str, oc_cfg: dict) -> Optional[str]:
-    """open_clip's built-in config name when it describes exactly this architecture, else None."""
-    import open_clip
-
-    name = OPEN_CLIP_NAMES.get(architecture)
-    builtin = open_clip.get_model_config(name) if name else None
-    if builtin is None:
-        return None
-    same = (builtin["embed_dim"] == oc_cfg["embed_dim"] and builtin["text_cfg"] == oc_cfg["text_cfg"]
-            and builtin["vision_cfg"]["image_size"] == oc_cfg["vision_cfg"]["image_size"])
-    return name if same else None
-
-
 def register_open_clip(export_dir) -> str:
     """Make a non-standard-size open_clip export loadable: registers its timm Eva architecture (``timm_model.json``)
     with timm and its model config with open_clip; returns the open_clip model name.
@@ -229,6 +204,8 @@ def register_open_clip(export_dir) -> str:
             def _build(pretrained: bool = False, **kwargs):
                 if pretrained:
                     raise ValueError(f"{spec['name']} has no timm pretrained weights; load the evaclip export")
+                for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory bookkeeping
+                    kwargs.pop(k, None)
                 return Eva(**{**_json_to_timm(spec["kwargs"]), **kwargs})
 
             _build.__name__ = spec["name"]
@@ -249,47 +226,43 @@ def _get(cfg: dict, *names, default=None):
     return default
 
 
-def timm_eva_spec(model_cfg, architecture: str, model) -> tuple[str, Optional[dict]]:
-    """The timm ``Eva`` architecture open_clip should build for this image tower: ``(timm name, None)`` for a standard
-    size (open_clip's config names a registered timm model), else ``(evaclip name, Eva kwargs)``.
-
-    Widths, depth, MLP kind and the optional norms are read off the weights (they cannot disagree with them); heads,
-    image size and RoPE come from the config.
-    """
+def timm_eva_spec(model_cfg) -> tuple[str, Optional[dict]]:
+    """The timm ``Eva`` open_clip should build as the image tower: ``(timm name, None)`` when open_clip ships a config
+    of this exact architecture (``CLIPCfg.open_clip_name``), else ``(generated name, Eva kwargs)``."""
     import open_clip
 
-    oc_name = OPEN_CLIP_NAMES.get(architecture)
-    builtin = open_clip.get_model_config(oc_name) if oc_name else None
-    v = _cfg_dict(model_cfg)["vision"]
-    sd = model.visual.state_dict()
-    keys = list(sd)
-    width, _, patch, _ = sd["patch_embed.proj.weight"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("blocks."))
-    swiglu = any(".mlp.w12." in k or ".mlp.w1." in k for k in keys)
-    hidden = sd["blocks.0.mlp.w3.weight" if swiglu else "blocks.0.mlp.fc2.weight"].shape[1]
-    image_size = v["image_size"]
-    if builtin is not None and builtin["vision_cfg"]["image_size"] == image_size:
-        import timm
-
-        with torch.device("meta"):  # shapes only: no memory even for bigE
-            ref = timm.create_model(builtin["vision_cfg"]["timm_model_name"], pretrained=False, num_classes=0)
-        if ref.embed_dim == width and len(ref.blocks) == depth:
-            return builtin["vision_cfg"]["timm_model_name"], None
-    grid = image_size // patch
-    rope = bool(_get(v, "rope", "use_rope", "use_rot_pos_emb", default=any("rope" in k for k in keys)))
-    kwargs = dict(img_size=image_size, patch_size=int(patch), embed_dim=int(width), depth=depth,
-                  num_heads=int(_get(v, "heads", "num_heads")), mlp_ratio=hidden / width, qkv_fused=False,
-                  qkv_bias=any(".attn.q_bias" in k or ".attn.q_proj.bias" in k for k in keys),
-                  swiglu_mlp=swiglu, scale_mlp=any(".mlp.ffn_ln." in k for k in keys),
-                  scale_attn_inner=any(".attn.inner_attn_ln." in k for k in keys), use_rot_pos_emb=rope,
+    mc = _cfg_dict(model_cfg)
+    v = mc["vision"]
+    builtin = open_clip.get_model_config(mc["open_clip_name"]) if mc.get("open_clip_name") else None
+    if builtin is not None and _standard_matches(builtin, mc):
+        return builtin["vision_cfg"]["timm_model_name"], None
+    kwargs = dict(img_size=v["image_size"], patch_size=v["patch_size"], embed_dim=v["width"], depth=v["depth"],
+                  num_heads=v["heads"], mlp_ratio=v["mlp_ratio"], qkv_fused=False, qkv_bias=v["qkv_bias"],
+                  swiglu_mlp=v["swiglu"], scale_mlp=v["subln"], scale_attn_inner=v["subln"],
+                  use_rot_pos_emb=v["rope"], use_post_norm=v["postnorm"], init_values=v["layer_scale"],
                   global_pool="token")
-    if int(width * kwargs["mlp_ratio"]) != hidden:  # timm computes int(dim * ratio): keep it exact
-        kwargs["mlp_ratio"] = (hidden + 0.5) / width
-    if rope:
-        ref_grid = _get(v, "rope_ref_grid", "pt_hw_seq_len", "rope_pt_grid", default=grid)
-        kwargs["ref_feat_shape"] = [int(ref_grid), int(ref_grid)]
-    safe = "".join(c if c.isalnum() else "_" for c in architecture.lower())
+    if v["rope"]:
+        pt = v.get("pt_hw_seq_len", v.get("pt_grid"))  # the MIM pretraining grid RoPE positions are scaled to
+        kwargs["ref_feat_shape"] = [pt, pt]
+    if abs(v["ln_eps"] - 1e-6) > 1e-12:
+        raise ExportError(f"open_clip export: timm's Eva uses LayerNorm eps 1e-6, this image tower {v['ln_eps']}")
+    safe = "".join(c if c.isalnum() else "_" for c in mc.get("name", "custom").lower())
     return f"evaclip_{safe}", kwargs
+
+
+def _standard_matches(builtin: dict, mc: dict) -> bool:
+    """open_clip's built-in config describes exactly this architecture (image tower checked on the meta device)."""
+    import timm
+
+    t, v = mc["text"], mc["vision"]
+    text_same = builtin["text_cfg"] == {"context_length": t["context_length"], "vocab_size": t["vocab_size"],
+                                        "width": t["width"], "heads": t["heads"], "layers": t["layers"]}
+    if not (text_same and builtin["embed_dim"] == mc["embed_dim"]
+            and builtin["vision_cfg"]["image_size"] == v["image_size"]):
+        return False
+    with torch.device("meta"):  # shapes only: no memory even for bigE
+        ref = timm.create_model(builtin["vision_cfg"]["timm_model_name"], pretrained=False, num_classes=0)
+    return ref.embed_dim == v["width"] and len(ref.blocks) == v["depth"]
 
 
 def _visual_to_timm(sd: dict) -> dict:
@@ -345,15 +318,15 @@ def export_open_clip(model, model_cfg, architecture: str, out_dir: Path, check: 
 
     d = out_dir / "open_clip"
     d.mkdir(parents=True, exist_ok=True)
-    timm_name, timm_kwargs = timm_eva_spec(model_cfg, architecture, model)
+    timm_name, timm_kwargs = timm_eva_spec({**_cfg_dict(model_cfg), "name": architecture})
     oc_cfg = open_clip_model_config(model_cfg, timm_name)
-    name = _standard_open_clip_name(architecture, oc_cfg) if timm_kwargs is None else None
     written = []
-    if name is None:
+    if timm_kwargs is None:
+        name = _cfg_dict(model_cfg)["open_clip_name"]
+    else:
         name = f"evaclip-{architecture}"
-        if timm_kwargs is not None:
-            (d / "timm_model.json").write_text(json.dumps({"name": timm_name, "kwargs": timm_kwargs}, indent=2))
-            written.append(d / "timm_model.json")
+        (d / "timm_model.json").write_text(json.dumps({"name": timm_name, "kwargs": timm_kwargs}, indent=2))
+        written.append(d / "timm_model.json")
     v = _cfg_dict(model_cfg)["vision"]
     mean, std = _mean_std(v)
     preprocess = {"size": v["image_size"], "mean": mean, "std": std, "interpolation": "bicubic",

@@ -88,7 +88,7 @@ def wrap(model: nn.Module, strategy: str, **fsdp_kwargs) -> nn.Module:
 
 
 def optim_cfg(name: str) -> OptimCfg:
-    return OptimCfg(name=name, lr=2e-3, weight_decay=0.05, betas=[0.9, 0.98], grad_clip_norm=1.0, visual_ld=0.8,
+    return OptimCfg(name=name, lr=5e-4, weight_decay=0.05, betas=[0.9, 0.98], grad_clip_norm=1.0, visual_ld=0.8,
                     schedule="const")
 
 

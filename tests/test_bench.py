@@ -98,3 +98,41 @@ def test_attention_bench_runs_and_matches_eager(tmp_path):
     for r in rows:
         assert r["ms"] > 0 and r["gflops"] > 0 and r["max_err"] < 1e-5
     assert (tmp_path / "attention.json").is_file() and (tmp_path / "attention.md").is_file()
+
+
+def test_open_clip_twin_has_open_clips_own_eva02_b16_shapes():
+    # The --vs open_clip model is built from our config; for a released shape it must be open_clip's model exactly.
+    open_clip = pytest.importorskip("open_clip")
+    dims = train_bench.model_dims("EVA02-CLIP-B-16", {})
+    twin = train_bench.open_clip_model(dims, 0.5, torch.device("meta"))
+    ref = open_clip.create_model("EVA02-B-16", device="meta")
+    assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert twin.visual.trunk.patch_drop.prob == 0.5
+
+
+def test_train_bench_smoke_on_the_tiny_model(tmp_path):
+    rep = bench_main(["train", "--model", "EVA02-CLIP-tiny", "--batch", "4", "--token-drop", "0", "0.5", "--vs",
+                      "open_clip", "--steps", "1", "--rounds", "2", "--warmup", "0", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "train.json").read_text())
+    md = (tmp_path / "train.md").read_text()
+    assert data["machine"]["torch"] == torch.__version__ and "Training step: EVA02-CLIP-tiny" in md
+    sec = data["sections"][0]
+    assert sec == json.loads(json.dumps(rep["sections"][0], default=str))
+    rows = sec["rows"]
+    assert [(r["impl"], r["optimizer"], r["token_drop"]) for r in rows] == [
+        (impl, opt, td) for td in (0.0, 0.5) for impl, opt in
+        (("evaclip", "lamb (foreach)"), ("open_clip", "torch_optimizer.Lamb"), ("open_clip", "lamb (foreach)"))]
+    for r in rows:
+        for key in ("samples_per_s", "step_ms", "gflops_per_sample", "mfu_pct", "params_m"):
+            assert r[key] > 0, (key, r)
+        assert r["batch"] == 4 and len(r["step_ms_rounds"]) == 2
+        if r["optimizer"] != "lamb (foreach)" or r["impl"] == "evaclip":
+            assert r["peak_mem_mb"] > 0
+    by = {(r["impl"], r["token_drop"]): r for r in rows}
+    # Same shapes on both sides: same parameter count; dropping half the patches cuts the counted FLOPs.
+    assert by[("evaclip", 0.0)]["params_m"] == pytest.approx(by[("open_clip", 0.0)]["params_m"])
+    assert by[("evaclip", 0.5)]["gflops_per_sample"] < by[("evaclip", 0.0)]["gflops_per_sample"]
+    assert set(sec["summary"]) == {"speedup_vs_open_clip@drop0.0", "speedup_vs_open_clip_same_optimizer@drop0.0",
+                                   "speedup_vs_open_clip@drop0.5", "speedup_vs_open_clip_same_optimizer@drop0.5",
+                                   "step_time_ratio_drop0.5_vs_0"}
+    assert all(v > 0 for v in sec["summary"].values())

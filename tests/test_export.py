@@ -152,8 +152,18 @@ def test_eval_cli_on_demo_heldout(tiny_ckpt, demo, tmp_path, capsys):
 def test_clip_benchmark_agrees_with_evaclip_eval(tiny_ckpt, exported, demo, tmp_path, monkeypatch):
     """clip_benchmark (open_clip model type) on our open_clip export == evaclip eval on the checkpoint."""
     from clip_benchmark import cli
+    from clip_benchmark.metrics import zeroshot_classification as cb_zs
 
     from evaclip.evals import main
+
+    def accuracy(output, target, topk=(1,)):
+        # clip_benchmark 1.6.2's accuracy() calls float() on a 1-element array, which NumPy 2 rejects; same
+        # computation (topk over the logits), returning Python floats
+        pred = output.topk(max(topk), 1, True, True)[1].t()
+        correct = pred.eq(target.view(1, -1).expand_as(pred))
+        return [float(correct[:k].reshape(-1).float().sum()) / len(target) for k in topk]
+
+    monkeypatch.setattr(cb_zs, "accuracy", accuracy)
 
     path, _ = tiny_ckpt
     d = exported / "open_clip"

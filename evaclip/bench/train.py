@@ -155,11 +155,13 @@ def model_dims(model_name: str, overrides: dict) -> dict:
     """The shapes of a registered evaclip architecture (after overrides) as plain numbers, for building twins."""
     from evaclip.models import get_model_config
 
-    cfg = get_model_config(model_name, **overrides) if overrides else get_model_config(model_name)
+    cfg = get_model_config(model_name, **overrides)
     v, t = cfg.vision, cfg.text
+    pt_grid = getattr(v, "pt_hw_seq_len", getattr(v, "pt_grid", None)) or v.image_size // v.patch_size
     return dict(embed_dim=cfg.embed_dim, image_size=v.image_size, patch_size=v.patch_size, width=v.width,
-                depth=v.depth, heads=v.heads, mlp_ratio=v.mlp_ratio, rope=getattr(v, "rope", True),
-                text_width=t.width, text_depth=t.depth, text_heads=t.heads, text_mlp_ratio=t.mlp_ratio,
+                depth=v.depth, heads=v.heads, mlp_ratio=v.mlp_ratio, rope=v.rope, pt_grid=pt_grid,
+                eva02=v.swiglu and v.subln and not v.postnorm and v.layer_scale is None, text_width=t.width,
+                text_depth=t.layers, text_heads=t.heads, text_mlp_ratio=t.mlp_ratio,
                 context_length=t.context_length, vocab_size=t.vocab_size)
 
 
@@ -173,13 +175,16 @@ def _timm_eva_name(d: dict) -> str:
     from timm.models import register_model
     from timm.models.eva import Eva
 
+    if not d["eva02"]:
+        raise ValueError("--vs open_clip builds open_clip's EVA02 path (SwiGLU, sub-LN, pre-norm); this model's image "
+                         "tower is EVA-01 style, which open_clip builds differently: not supported")
     name = (f"evaclip_bench_eva02_clip_w{d['width']}_d{d['depth']}_h{d['heads']}_p{d['patch_size']}"
-            f"_i{d['image_size']}")
+            f"_i{d['image_size']}_m{d['mlp_ratio']:.4f}_r{int(d['rope'])}g{d['pt_grid']}").replace(".", "_")
     if timm.models.is_model(name):
         return name
     args = dict(img_size=d["image_size"], patch_size=d["patch_size"], embed_dim=d["width"], depth=d["depth"],
                 num_heads=d["heads"], qkv_fused=False, mlp_ratio=d["mlp_ratio"], swiglu_mlp=True, scale_mlp=True,
-                scale_attn_inner=True, use_rot_pos_emb=d["rope"], ref_feat_shape=(16, 16))
+                scale_attn_inner=True, use_rot_pos_emb=d["rope"], ref_feat_shape=(d["pt_grid"], d["pt_grid"]))
 
     def entry(pretrained: bool = False, **kwargs) -> Eva:
         if pretrained:

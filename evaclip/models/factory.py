@@ -7,7 +7,9 @@ import torch
 
 from .attention import Attend, resolve_backend
 from .clip import CLIP
-from .registry import CLIPCfg, get_model_config
+from .registry import CLIPCfg, cfg_from_dict, get_model_config
+from .text import TextTransformer
+from .vision import EVAVisionTransformer
 
 
 def create_model(name: Union[str, CLIPCfg], pretrained: Optional[str] = None, *, image_init: Optional[str] = None,
@@ -31,3 +33,16 @@ def create_model(name: Union[str, CLIPCfg], pretrained: Optional[str] = None, *,
     if device is not None:
         model.to(device)
     return model
+
+
+def build_tower(cfg: Union[str, CLIPCfg, dict], tower: str, attn_backend: str = "sdpa",
+                device: Optional[Union[str, torch.device]] = None) -> torch.nn.Module:
+    """One tower alone (``"visual"`` or ``"text"``), e.g. for an exported encoder; its parameter names are the ones
+    under ``visual.`` / ``text.`` in the whole model. ``cfg`` is a registered name, a CLIPCfg or its dict form."""
+    if tower not in ("visual", "text"):
+        raise ValueError(f"tower must be 'visual' or 'text', got {tower!r}")
+    cfg = cfg_from_dict(cfg) if isinstance(cfg, dict) else get_model_config(cfg)
+    attend = Attend(resolve_backend(attn_backend, device))
+    module = EVAVisionTransformer(cfg.vision, cfg.embed_dim, attend) if tower == "visual" else \
+        TextTransformer(cfg.text, cfg.embed_dim, attend)
+    return module.to(device) if device is not None else module

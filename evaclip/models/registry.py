@@ -22,7 +22,7 @@ class VisionCfg:
     swiglu: bool = True  # EVA-02: SwiGLU MLP (w1, w2 -> ffn_ln -> w3); EVA-01: GELU MLP (fc1, fc2)
     subln: bool = True  # EVA-02: sub-LN inside attention (inner_attn_ln) and MLP (ffn_ln)
     rope: bool = True  # EVA-02: 2D RoPE on q/k of every block
-    pt_grid: int = 16  # patch grid of the MIM pretraining; RoPE positions are rescaled to it
+    pt_hw_seq_len: int = 16  # patch grid of the MIM pretraining (EVA's name); RoPE positions are rescaled to it
     qkv_bias: bool = True  # q and v biases (k has none)
     postnorm: bool = False  # EVA-01 / bigE: LayerNorm after the residual branch instead of before
     layer_scale: Optional[float] = None  # LayerScale init value (None: off)
@@ -47,6 +47,15 @@ class TextCfg:
     layers: int = 12
     mlp_ratio: float = 4.0
     ln_eps: float = 1e-5
+
+    @property
+    def depth(self) -> int:
+        """Alias of ``layers`` (open_clip's name), so both towers answer ``.depth``."""
+        return self.layers
+
+    @depth.setter
+    def depth(self, value: int) -> None:
+        self.layers = value
 
 
 @dataclass
@@ -87,11 +96,11 @@ _MODELS: dict[str, CLIPCfg] = {
     "EVA01-CLIP-g-14-plus": CLIPCfg(1024, _eva01(224, 14, 1408, 40, 4.3637, 88, drop_path=0.4),
                                     TextCfg(width=1024, heads=16, layers=24), open_clip_name="EVA01-g-14-plus"),
     # --- small variants: tests, the CPU demo, CPU benchmarks -----------------------------------------------------
-    "EVA02-CLIP-tiny": CLIPCfg(32, _eva02(32, 8, 64, 2, head_width=32, pt_grid=4),
+    "EVA02-CLIP-tiny": CLIPCfg(32, _eva02(32, 8, 64, 2, head_width=32, pt_hw_seq_len=4),
                                TextCfg(width=64, heads=2, layers=2)),
     "EVA01-CLIP-tiny": CLIPCfg(32, _eva01(32, 8, 64, 2, 4.0, 32, layer_scale=0.1),
                                TextCfg(width=64, heads=2, layers=2)),
-    "EVA02-CLIP-demo": CLIPCfg(128, _eva02(32, 4, 128, 4, head_width=32, pt_grid=8),
+    "EVA02-CLIP-demo": CLIPCfg(128, _eva02(32, 4, 128, 4, head_width=32, pt_hw_seq_len=8),
                                TextCfg(context_length=16, width=128, heads=4, layers=4)),
     # image-dominated 224 px model for the CPU benchmark (ViT-S/16 sized image tower, small text tower)
     "EVA02-CLIP-S-16": CLIPCfg(384, _eva02(224, 16, 384, 12, head_width=64),
@@ -113,6 +122,9 @@ def _apply_overrides(obj, overrides: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
+        if head not in names and isinstance(getattr(type(obj), head, None), property):
+            setattr(obj, head, value)  # a settable alias such as text.depth -> text.layers
+            continue
         if head not in names:
             raise ValueError(f"unknown model override '{prefix}{key}'; known: {sorted(names)}")
         current = getattr(obj, head)
@@ -127,7 +139,12 @@ def _apply_overrides(obj, overrides: dict, prefix: str = ""):
             setattr(obj, head, value)
 
 
-def get_model_config(name: str, **overrides) -> CLIPCfg:
+def cfg_from_dict(data: dict) -> CLIPCfg:
+    """A CLIPCfg from its ``dataclasses.asdict`` form (as written into exported ``config.json`` files)."""
+    return get_model_config(CLIPCfg(vision=VisionCfg(), text=TextCfg()), **data)
+
+
+def get_model_config(name, **overrides) -> CLIPCfg:
     """A copy of a registered architecture, with dotted or nested overrides (``vision.depth=4`` / ``vision={...}``)."""
     if isinstance(name, CLIPCfg):
         cfg = copy.deepcopy(name)

@@ -1,7 +1,8 @@
 """2D rotary position embedding of EVA-02 (interleaved pairs, one half of each head for rows, one for columns).
 
 Shapes: N patch tokens (grid*grid), D head dim, B batch, K kept tokens.
-Positions are rescaled to the pretraining grid (``pt_grid``), so a 336 px tower keeps the 224 px frequencies.
+Positions are rescaled to the pretraining grid (``pt_hw_seq_len`` in the config), so a 336 px tower keeps the 224 px
+frequencies.
 """
 from __future__ import annotations
 

@@ -139,12 +139,12 @@ class EVAVisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, P + 1, D))
-        dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # python: builds on meta too
         self.blocks = nn.ModuleList([VisionBlock(cfg, attend, dpr[i]) for i in range(cfg.depth)])
         self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
         self.head = nn.Linear(D, embed_dim)
         if cfg.rope:
-            cos, sin = rope_tables(D // cfg.heads, cfg.grid, cfg.pt_grid)
+            cos, sin = rope_tables(D // cfg.heads, cfg.grid, cfg.pt_hw_seq_len)
             # a leading identity row (cos 1, sin 0) leaves the CLS token unrotated
             cos = torch.cat([torch.ones_like(cos[:1]), cos])
             sin = torch.cat([torch.zeros_like(sin[:1]), sin])

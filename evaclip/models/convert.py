@@ -1,0 +1,410 @@
+"""Checkpoint formats in and out of evaclip's parameter layout, with strict key accounting.
+
+In: the EVA-CLIP release (``visual.*``, ``text.*``, ``logit_scale``; q_proj/k_proj/v_proj + q_bias/v_bias,
+w1/w2/ffn_ln/w3, inner_attn_ln), EVA MIM pre-training (image tower only, no prefix), timm ``eva02_*`` (bare) and
+open_clip ``EVA02-*`` (timm naming under ``visual.trunk.``), OpenAI / open_clip text towers, and evaclip's own files
+(safetensors or torch).
+Out: ``to_open_clip_state_dict`` (open_clip's EVA02 layout), ``to_eva_clip_state_dict`` (the EVA-CLIP release layout).
+
+Every load accounts for every key: known-ignorable ones (RoPE tables, ``mask_token``, ``lm_head``, attention masks) are
+dropped, anything else missing or unexpected raises ``CheckpointError`` naming the keys. Shapes that legitimately differ
+are adapted: the position embedding is interpolated to the model's grid (224 -> 336) and the patch-embedding kernel
+resized (14 -> 16, as EVA's ``psz14to16`` weights).
+Shapes: G grid side, D width, P patch size.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+FORMATS = ("evaclip", "eva_clip", "eva_mim", "timm", "open_clip", "openai_text")
+
+# Keys no evaclip model holds: recomputed tables, pre-training heads, masks. Dropped wherever they appear.
+IGNORABLE = re.compile(
+    r"(^|\.)(rope\.\w+|freqs_cos|freqs_sin|mask_token|lm_head\.\w+|attn_mask|k_bias|input_resolution|context_length"
+    r"|vocab_size)$|(^|\.)lm_head\.")
+
+_WRAPPERS = ("state_dict", "model", "module", "model_ema", "ema")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, its format is not recognised, or its keys do not match the model."""
+
+
+@dataclass
+class LoadReport:
+    """What a load did: the detected format per source and the keys that were dropped, adapted or left fresh."""
+
+    formats: dict = field(default_factory=dict)  # "pretrained" | "image_init" | "text_init" -> format name
+    ignored: list = field(default_factory=list)  # source keys dropped as known-ignorable
+    adapted: list = field(default_factory=list)  # model keys whose tensors were resized (pos embed, patch kernel)
+    fresh: list = field(default_factory=list)  # model keys a format legitimately lacks (kept at their init)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reading files
+# ----------------------------------------------------------------------------------------------------------------------
+def load_state_dict_file(path: Union[str, Path]) -> dict:
+    """A flat ``{name: tensor}`` from a safetensors or torch file, unwrapped from ``state_dict`` / ``model`` /
+    ``module`` containers and ``module.`` prefixes. Torch files are read with ``weights_only=True``: a pickle that
+    would run code is refused with CheckpointError."""
+    path = Path(path)
+    if path.is_dir():  # an evaclip checkpoint folder (RUN/ckpt/step_X) or an exported encoder folder
+        found = [path / n for n in ("model.safetensors", "model.pt") if (path / n).is_file()]
+        if not found:
+            raise CheckpointError(f"{path} is a folder without model.safetensors or model.pt")
+        path = found[0]
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
+        from safetensors.torch import load_file
+
+        try:
+            return unwrap_state_dict(load_file(str(path)))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} needs code execution to unpickle, so it is refused (evaclip loads with weights_only=True). "
+            f"Re-save only its tensors, e.g. torch.save(obj['state_dict'], 'clean.pt'), from a source you trust. "
+            f"Details: {str(e).splitlines()[0]}") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from e
+    return unwrap_state_dict(obj)
+
+
+def unwrap_state_dict(obj) -> dict:
+    """Descend through ``state_dict`` / ``model`` / ``module`` wrappers and strip ``module.`` (DDP) prefixes."""
+    while isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
+        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            raise CheckpointError(f"no state dict found in the checkpoint; top-level keys: {sorted(obj)[:10]}")
+        obj = inner
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"a checkpoint must hold a dict of tensors, got {type(obj).__name__}")
+    sd = {}
+    for k, v in obj.items():
+        if torch.is_tensor(v):
+            sd[k.removeprefix("module.")] = v
+    return sd
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# format detection and key maps into evaclip's layout
+# ----------------------------------------------------------------------------------------------------------------------
+_TEXT_TOP = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+
+
+def detect_format(sd: dict) -> str:
+    """One of FORMATS, from the key names alone; CheckpointError when nothing matches."""
+    keys = set(sd)
+    if any(k.startswith("visual.trunk.") for k in keys):
+        return "open_clip"
+    if any(k.startswith("visual.blocks.") for k in keys):
+        if any(".attn.q_proj." in k or ".attn.qkv." in k and "visual." in k for k in keys) and not any(
+                ".mlp.fc1_g." in k or ".attn.norm." in k for k in keys):
+            fused = any(k.startswith("visual.blocks.0.attn.qkv.") for k in keys)
+            swiglu_split = any(k.startswith("visual.blocks.0.mlp.w1.") for k in keys)
+            subln = any(k.startswith("visual.blocks.0.attn.inner_attn_ln.") for k in keys)
+            # evaclip fuses q/k/v everywhere; the release splits them in sub-LN (EVA-02) towers
+            return "evaclip" if fused and (swiglu_split or not subln) and "logit_scale" in keys \
+                and not any(k.startswith("visual.rope.") for k in keys) else "eva_clip"
+        return "eva_clip"
+    if any(k.startswith("blocks.") for k in keys):
+        if any(".attn.norm." in k or ".mlp.fc1_g." in k or ".mlp.norm." in k for k in keys) or "head.weight" in keys \
+                and "lm_head.weight" not in keys:
+            return "timm"
+        return "eva_mim"
+    if any(k.startswith("text.transformer.") for k in keys) or any(k.startswith(_TEXT_TOP) for k in keys):
+        return "openai_text"
+    raise CheckpointError(f"unrecognised checkpoint layout; first keys: {sorted(keys)[:8]}")
+
+
+def _fuse_qkv(sd: dict) -> dict:
+    """``attn.{q,k,v}_proj.weight`` -> ``attn.qkv.weight`` (evaclip's fused projection)."""
+    out = {}
+    for k, t in sd.items():
+        if ".attn.q_proj.weight" in k:
+            p = k[: -len("q_proj.weight")]
+            try:
+                out[p + "qkv.weight"] = torch.cat([t, sd[p + "k_proj.weight"], sd[p + "v_proj.weight"]], dim=0)
+            except KeyError as e:
+                raise CheckpointError(f"{k} has no matching {e.args[0]}") from None
+        elif ".attn.k_proj.weight" in k or ".attn.v_proj.weight" in k:
+            continue
+        else:
+            out[k] = t
+    return out
+
+
+def _visual_part(sd: dict, fmt: str) -> tuple[dict, list]:
+    """The image-tower keys of a checkpoint, relative to the tower, in evaclip naming; plus ignored keys."""
+    prefix = {"open_clip": "visual.trunk.", "eva_clip": "visual.", "evaclip": "visual.", "timm": "", "eva_mim": ""}
+    if fmt not in prefix:
+        raise CheckpointError(f"a '{fmt}' checkpoint has no image tower")
+    p = prefix[fmt]
+    sub, ignored = {}, []
+    for k, t in sd.items():
+        if p and not k.startswith(p):
+            continue
+        rel = k[len(p):]
+        if IGNORABLE.search(rel):
+            ignored.append(k)
+            continue
+        sub[rel] = t
+    swiglu = any(".mlp.fc1_g." in k for k in sub)
+    out = {}
+    for rel, t in sub.items():
+        if fmt in ("timm", "open_clip"):
+            for a, b in ((".attn.q_proj.bias", ".attn.q_bias"), (".attn.v_proj.bias", ".attn.v_bias"),
+                         (".attn.norm.", ".attn.inner_attn_ln."), (".mlp.fc1_g.", ".mlp.w1."),
+                         (".mlp.fc1_x.", ".mlp.w2."), (".mlp.norm.", ".mlp.ffn_ln.")):
+                rel = rel.replace(a, b)
+            if swiglu:
+                rel = rel.replace(".mlp.fc2.", ".mlp.w3.")
+        out[rel] = t
+    return _fuse_qkv(out), ignored
+
+
+def _text_part(sd: dict, fmt: str) -> tuple[dict, list]:
+    """The text-tower keys, relative to the tower (open_clip names); OpenAI's top-level layout gets no prefix."""
+    sub, ignored = {}, []
+    prefixed = any(k.startswith("text.") for k in sd)
+    for k, t in sd.items():
+        if prefixed:
+            if not k.startswith("text."):
+                continue
+            rel = k[len("text."):]
+        elif k.startswith(_TEXT_TOP):
+            rel = k
+        else:
+            continue
+        if IGNORABLE.search(rel):
+            ignored.append(k)
+            continue
+        sub[rel] = t
+    if not sub:
+        raise CheckpointError(f"the '{fmt}' checkpoint has no text tower (no text.* or transformer.* keys)")
+    return sub, ignored
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# shape adaptation
+# ----------------------------------------------------------------------------------------------------------------------
+def interpolate_pos_embed(pos_1ND: torch.Tensor, grid: int, num_prefix: int = 1) -> torch.Tensor:
+    """Resize an absolute position embedding (prefix tokens + G_src^2 patches) to ``grid`` x ``grid`` patches, bicubic
+    (as EVA-CLIP and timm do); prefix (CLS) rows are kept as they are."""
+    prefix, patches = pos_1ND[:, :num_prefix], pos_1ND[:, num_prefix:]
+    src = math.isqrt(patches.shape[1])
+    if src * src != patches.shape[1]:
+        raise CheckpointError(f"position embedding of {patches.shape[1]} patch tokens is not a square grid")
+    if src == grid:
+        return pos_1ND
+    D = patches.shape[-1]
+    img_1DGG = patches.reshape(1, src, src, D).permute(0, 3, 1, 2).float()
+    img_1DGG = F.interpolate(img_1DGG, size=(grid, grid), mode="bicubic", align_corners=False)
+    patches = img_1DGG.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_1ND.dtype)
+    return torch.cat([prefix, patches], dim=1)
+
+
+def resize_patch_embed(w_DCPP: torch.Tensor, size: int, method: str = "interpolate") -> torch.Tensor:
+    """Resize a patch-embedding kernel to ``size`` x ``size``. ``interpolate``: bicubic, as EVA's ``psz14to16``
+    weights were made; ``pinv``: FlexiViT's pseudo-inverse resize (timm), which keeps the response to resized
+    patches."""
+    if w_DCPP.shape[-1] == size and w_DCPP.shape[-2] == size:
+        return w_DCPP
+    if method == "pinv":
+        from timm.layers import resample_patch_embed
+
+        return resample_patch_embed(w_DCPP, [size, size], verbose=False)
+    if method != "interpolate":
+        raise ValueError(f"patch resize method must be 'interpolate' or 'pinv', got {method!r}")
+    return F.interpolate(w_DCPP.float(), size=(size, size), mode="bicubic", align_corners=False).to(w_DCPP.dtype)
+
+
+def _adapt(src: dict, target: dict, prefix: str, report: LoadReport, num_prefix: int = 1) -> dict:
+    """Resize the position embedding / patch kernel of the image tower to the target shapes; other shape mismatches
+    raise CheckpointError naming the keys."""
+    bad = []
+    for k, t in list(src.items()):
+        want = target.get(k)
+        if want is None or t.shape == want.shape:
+            continue
+        if k == "pos_embed" and t.ndim == 3:
+            src[k] = interpolate_pos_embed(t, math.isqrt(want.shape[1] - num_prefix), num_prefix)
+        elif k == "patch_embed.proj.weight" and t.shape[:2] == want.shape[:2]:
+            src[k] = resize_patch_embed(t, want.shape[-1])
+        else:
+            bad.append(f"{prefix}{k}: checkpoint {tuple(t.shape)} vs model {tuple(want.shape)}")
+            continue
+        report.adapted.append(prefix + k)
+    if bad:
+        raise CheckpointError("shape mismatch: " + "; ".join(bad))
+    return src
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# loading into a model
+# ----------------------------------------------------------------------------------------------------------------------
+def _check_keys(src: dict, target: dict, prefix: str, what: str, allowed_missing: tuple = ()) -> list:
+    missing = sorted(k for k in target if k not in src and not any(a in k for a in allowed_missing))
+    unexpected = sorted(k for k in src if k not in target)
+    if missing or unexpected:
+        msg = [f"{what} does not match the model"]
+        if missing:
+            msg.append(f"missing keys ({len(missing)}): {[prefix + k for k in missing[:12]]}")
+        if unexpected:
+            msg.append(f"unexpected keys ({len(unexpected)}): {[prefix + k for k in unexpected[:12]]}")
+        raise CheckpointError("; ".join(msg))
+    return sorted(prefix + k for k in target if k not in src)
+
+
+def _model_sd(module: torch.nn.Module) -> dict:
+    return {k: v for k, v in module.state_dict().items() if not IGNORABLE.search(k)}
+
+
+def load_visual(model, sd: dict, fmt: Optional[str] = None, report: Optional[LoadReport] = None) -> LoadReport:
+    """Load the image tower of ``model`` (a CLIP or a bare EVAVisionTransformer) from a state dict in any image format.
+
+    EVA MIM checkpoints have no CLIP head and (EVA-02) no attention sub-LN: those stay at their init, listed in
+    ``report.fresh``."""
+    report = report or LoadReport()
+    fmt = fmt or detect_format(sd)
+    tower = getattr(model, "visual", model)
+    report.formats.setdefault("visual", fmt)
+    src, ignored = _visual_part(sd, fmt)
+    target = _model_sd(tower)
+    fresh_ok = ("head.", "inner_attn_ln.") if fmt == "eva_mim" else ()
+    if fmt == "timm" and "head.weight" not in src:
+        fresh_ok = ("head.",)  # timm backbones saved with num_classes=0
+    src = _adapt(src, target, "visual.", report)
+    report.fresh += _check_keys(src, target, "visual.", f"image tower of the '{fmt}' checkpoint", fresh_ok)
+    report.ignored += ignored
+    tower.load_state_dict(src, strict=False)
+    return report
+
+
+def load_text(model, sd: dict, fmt: Optional[str] = None, report: Optional[LoadReport] = None) -> LoadReport:
+    """Load the text tower of ``model`` (a CLIP or a bare TextTransformer) from an OpenAI / open_clip / EVA-CLIP /
+    evaclip state dict."""
+    report = report or LoadReport()
+    fmt = fmt or detect_format(sd)
+    tower = getattr(model, "text", model)
+    report.formats.setdefault("text", fmt)
+    src, ignored = _text_part(sd, fmt)
+    target = _model_sd(tower)
+    _check_keys(src, target, "text.", f"text tower of the '{fmt}' checkpoint")
+    report.ignored += ignored
+    tower.load_state_dict(src, strict=False)
+    return report
+
+
+def load_clip_state_dict(model, sd: dict, fmt: Optional[str] = None) -> LoadReport:
+    """Load a whole CLIP (both towers and the logit scale / bias) strictly from any whole-CLIP format."""
+    fmt = fmt or detect_format(sd)
+    if fmt not in ("evaclip", "eva_clip", "open_clip"):
+        raise CheckpointError(f"a '{fmt}' checkpoint holds one tower only; pass it as image_init= or text_init=")
+    report = LoadReport(formats={"pretrained": fmt})
+    load_visual(model, sd, fmt, report)
+    load_text(model, sd, fmt, report)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(("visual.", "text."))}
+    rest = {k: v for k, v in sd.items() if not k.startswith(("visual.", "text.")) and "." not in k
+            and not k.startswith(_TEXT_TOP) and not IGNORABLE.search(k)}
+    _check_keys(rest, own, "", f"the '{fmt}' checkpoint (outside the towers)")
+    with torch.no_grad():
+        for k, v in rest.items():
+            own[k].copy_(v.reshape(own[k].shape))
+    return report
+
+
+def load_pretrained(model, pretrained=None, image_init=None, text_init=None) -> LoadReport:
+    """``create_model``'s loader: a whole-CLIP checkpoint, then tower-wise inits (each a path or a state dict)."""
+    report = LoadReport()
+    read = lambda src: src if isinstance(src, dict) else load_state_dict_file(src)
+    if pretrained is not None:
+        r = load_clip_state_dict(model, read(pretrained))
+        report.formats.update(r.formats)
+        report.ignored += r.ignored
+        report.adapted += r.adapted
+        report.fresh += r.fresh
+    if image_init is not None:
+        sd = read(image_init)
+        report.formats["image_init"] = detect_format(sd)
+        load_visual(model, sd, report.formats["image_init"], report)
+    if text_init is not None:
+        sd = read(text_init)
+        report.formats["text_init"] = detect_format(sd)
+        load_text(model, sd, report.formats["text_init"], report)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaclip -> other layouts
+# ----------------------------------------------------------------------------------------------------------------------
+def _split_qkv(sd: dict) -> dict:
+    out = {}
+    for k, t in sd.items():
+        if k.endswith(".attn.qkv.weight"):
+            p = k[: -len("qkv.weight")]
+            q, kk, v = t.chunk(3, dim=0)
+            out.update({p + "q_proj.weight": q, p + "k_proj.weight": kk, p + "v_proj.weight": v})
+        else:
+            out[k] = t
+    return out
+
+
+def visual_to_timm(sd: dict, qkv_fused: bool = False) -> dict:
+    """evaclip image-tower keys (relative to the tower) -> timm ``Eva`` keys."""
+    swiglu = any(".mlp.w1." in k for k in sd)
+    out = {}
+    for k, t in (sd if qkv_fused else _split_qkv(sd)).items():
+        if IGNORABLE.search(k):
+            continue
+        if not qkv_fused:
+            k = k.replace(".attn.q_bias", ".attn.q_proj.bias").replace(".attn.v_bias", ".attn.v_proj.bias")
+        for a, b in ((".attn.inner_attn_ln.", ".attn.norm."), (".mlp.w1.", ".mlp.fc1_g."), (".mlp.w2.", ".mlp.fc1_x."),
+                     (".mlp.ffn_ln.", ".mlp.norm.")):
+            k = k.replace(a, b)
+        if swiglu:
+            k = k.replace(".mlp.w3.", ".mlp.fc2.")
+        out[k] = t
+    return out
+
+
+def to_open_clip_state_dict(model, qkv_fused: bool = False) -> dict:
+    """The model in open_clip's EVA02 layout: timm ``Eva`` under ``visual.trunk.`` (separate q/k/v projections, as
+    timm's ``eva02_*_clip`` models; ``qkv_fused=True`` for fused ones), the text tower under ``text.``, logit scale."""
+    sd = model.state_dict()
+    visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    out = {f"visual.trunk.{k}": v for k, v in visual_to_timm(visual, qkv_fused).items()}
+    for k, v in sd.items():
+        if not k.startswith("visual.") and not IGNORABLE.search(k):
+            out[k] = v
+    return out
+
+
+def to_eva_clip_state_dict(model) -> dict:
+    """The model in the EVA-CLIP release layout (q_proj/k_proj/v_proj in sub-LN towers, as EVA-02 releases)."""
+    sd = {k: v for k, v in model.state_dict().items() if not IGNORABLE.search(k)}
+    if not model.cfg.vision.subln:
+        return sd
+    return _split_qkv(sd)
+
+
+def image_tower_state(timm_sd: dict, swiglu: Optional[bool] = None) -> dict:
+    """A timm ``Eva`` state dict (bare or under ``visual.trunk.``) -> evaclip image-tower keys (relative to the tower).
+
+    ``swiglu`` is read off the keys (``mlp.fc1_g``); the argument is accepted for callers that state it."""
+    fmt = "open_clip" if any(k.startswith("visual.trunk.") for k in timm_sd) else "timm"
+    return _visual_part(timm_sd, fmt)[0]
