@@ -12,7 +12,8 @@ Writes, deterministically from the seed:
         test/{0..K}.tar, test/nshards.txt   one {key}.png + {key}.cls (class index) per sample
         classnames.txt                 "zero" .. "nine"
         zeroshot_classification_templates.txt   held-out templates (none is a training template), using {c}
-      retrieval/test/{0..K}.tar        held-out image-text pairs ({key}.png + {key}.txt), clip_benchmark layout
+      retrieval/                       held-out image-text pairs ({key}.png + {key}.txt), clip_benchmark layout:
+        test/{0..K}.tar, test/nshards.txt, dataset_type.txt ("retrieval")
       demo.json                        the shard specs, counts, seed and templates
 
 The three splits are disjoint by scikit-learn sample index. Images are the 8x8 digits upscaled to 32x32 RGB PNG.
@@ -155,7 +156,7 @@ def make_demo(out: str, seed: int = 0, copies: int = 6, size: int = 32, samples_
         "train": os.path.join(out, "train", "train-{00000..%05d}.tar" % (len(train_sizes) - 1)),
         "train_num_samples": sum(train_sizes.values()),
         "zeroshot": zs_root, "zeroshot_shards": zs_spec, "zeroshot_num_samples": n_zs,
-        "retrieval": rt_spec, "retrieval_num_samples": n_rt,
+        "retrieval": rt_root, "retrieval_shards": rt_spec, "retrieval_num_samples": n_rt,
         "sklearn_indices": {k: len(v) for k, v in idx.items()},
         "classnames": list(CLASSNAMES), "train_templates": list(TRAIN_TEMPLATES),
         "zeroshot_templates": list(ZEROSHOT_TEMPLATES), "seconds": round(time.time() - t0, 2),

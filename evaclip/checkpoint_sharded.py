@@ -146,13 +146,18 @@ def load_full_state_dict(path: str | os.PathLike, prefix: str = MODEL_KEY) -> di
 
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded CPU state dict of a live (possibly FSDP2) model; a collective: rank 0 gets it, other ranks ``{}``."""
+    """Unsharded CPU state dict of a live (possibly FSDP2) model; a collective: rank 0 gets it, other ranks ``{}``.
+
+    A snapshot: tensors that would alias live CPU parameters (replicated ones, or every one of an unsharded CPU
+    model) are copied, so training on does not change what was returned.
+    """
     _, dsd = _dcp()
     opts = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = dsd.get_model_state_dict(model, options=opts)
     if dist.is_initialized() and dist.get_rank() != 0:
         return {}
-    return sd
+    live = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers()) if not hasattr(t, "to_local")}
+    return {k: v.clone() if v.data_ptr() in live else v for k, v in sd.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -131,9 +131,9 @@ def export_onnx(model, model_cfg, architecture: str, out_dir: Path, opset: Optio
         path = d / "model.onnx"
         big = sum(p.numel() * 4 for p in enc.parameters()) > 1.8e9  # protobuf's 2 GB limit: weights beside it
         with torch.no_grad():
-            torch.onnx.export(enc, (x,), str(path), dynamo=True, input_names=[name], output_names=["features"],
-                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=opset,
-                              external_data=big)
+            torch.onnx.export(enc, (x,), str(path), dynamo=True, verbose=False, input_names=[name],
+                              output_names=["features"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                              opset_version=opset, external_data=big)
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
         written += [path, d / "config.json"]
         if check:
@@ -265,49 +265,6 @@ def _standard_matches(builtin: dict, mc: dict) -> bool:
     return ref.embed_dim == v["width"] and len(ref.blocks) == v["depth"]
 
 
-def _visual_to_timm(sd: dict) -> dict:
-    """evaclip image-tower keys -> timm ``Eva`` keys (split fused q/k/v and SwiGLU w1/w2; rename the sub-norms)."""
-    out = {}
-    for k, t in sd.items():
-        if "rope" in k:  # RoPE tables are recomputed by both implementations
-            continue
-        if k.endswith(".attn.qkv.weight"):
-            q, kk, vv = t.chunk(3, dim=0)
-            p = k[: -len("qkv.weight")]
-            out.update({p + "q_proj.weight": q, p + "k_proj.weight": kk, p + "v_proj.weight": vv})
-            continue
-        if k.endswith((".mlp.w12.weight", ".mlp.w12.bias")):
-            g, x = t.chunk(2, dim=0)
-            p, leaf = k.rsplit(".w12.", 1)
-            out.update({f"{p}.fc1_g.{leaf}": g, f"{p}.fc1_x.{leaf}": x})
-            continue
-        for a, b in ((".attn.q_bias", ".attn.q_proj.bias"), (".attn.v_bias", ".attn.v_proj.bias"),
-                     (".attn.inner_attn_ln.", ".attn.norm."), (".mlp.ffn_ln.", ".mlp.norm."),
-                     (".mlp.w1.", ".mlp.fc1_g."), (".mlp.w2.", ".mlp.fc1_x."), (".mlp.w3.", ".mlp.fc2.")):
-            if a in k:
-                k = k.replace(a, b)
-                break
-        out[k] = t
-    return out
-
-
-def _to_open_clip_state_dict(model) -> dict:
-    """The whole model in open_clip's EVA02 layout (``visual.trunk.*`` timm Eva, ``text.*``, ``logit_scale``);
-    evaclip.models.convert's mapping when it has one."""
-    try:
-        from evaclip.models.convert import to_open_clip_state_dict
-    except ImportError:
-        to_open_clip_state_dict = None
-    if to_open_clip_state_dict is not None:
-        return to_open_clip_state_dict(model)
-    out = {f"visual.trunk.{k}": v for k, v in _visual_to_timm(model.visual.state_dict()).items()}
-    out.update({f"text.{k}": v for k, v in model.text.state_dict().items()})
-    for k, v in model.state_dict().items():
-        if not k.startswith(("visual.", "text.")):
-            out[k] = v
-    return out
-
-
 def export_open_clip(model, model_cfg, architecture: str, out_dir: Path, check: bool = True) -> list[Path]:
     """Write an open_clip checkpoint (open_clip's EVA02 layout: timm Eva image tower + open_clip text tower).
 
@@ -315,6 +272,8 @@ def export_open_clip(model, model_cfg, architecture: str, out_dir: Path, check: 
     also loads with ``'local-dir:' + out_dir/open_clip`` and, after ``register_open_clip``, by name.
     """
     from safetensors.torch import save_file
+
+    from evaclip.models.convert import to_open_clip_state_dict
 
     d = out_dir / "open_clip"
     d.mkdir(parents=True, exist_ok=True)
@@ -335,7 +294,7 @@ def export_open_clip(model, model_cfg, architecture: str, out_dir: Path, check: 
     (d / "open_clip_config.json").write_text(json.dumps(
         {"model_cfg": oc_cfg, "preprocess_cfg": preprocess,
          "evaclip": {"architecture": architecture, "open_clip_name": name}}, indent=2))
-    sd = {k: v.detach().contiguous().cpu() for k, v in _to_open_clip_state_dict(model).items()}
+    sd = {k: v.detach().contiguous().cpu() for k, v in to_open_clip_state_dict(model).items()}
     save_file(sd, str(d / "open_clip_model.safetensors"))
     written += [d / "open_clip_model.safetensors", d / f"{name}.json", d / "open_clip_config.json"]
     if check:

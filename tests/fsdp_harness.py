@@ -52,6 +52,7 @@ def _entry(rank: int, fn, world: int, port: int, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        dist.barrier()  # nobody tears the group down while a peer is still in a collective
     finally:
         dist.destroy_process_group()
 
@@ -150,18 +151,24 @@ def parity_worker(rank: int, world: int, out: str, ckpt: str, steps: int, G: int
             gathered = [torch.zeros_like(state) for _ in range(world)]
             dist.all_gather(gathered, state)
             res["state_bytes"][f"{strategy}/{opt}"] = [int(t.item()) for t in gathered]
+    res["losses"][f"resumed/{world}"] = resume_losses(ckpt, half, steps, G)
     _write(out, rank, res)
 
 
-def resume_worker(rank: int, world: int, out: str, ckpt: str, start: int, steps: int, G: int) -> None:
-    """Load the mid-run sharded checkpoint (saved by 2 ranks) into ``world`` ranks and train the remaining steps."""
+def resume_losses(ckpt: str, start: int, steps: int, G: int) -> list[float]:
+    """Load the mid-run sharded checkpoint into a fresh FSDP2 model + LAMB and train steps [start, steps)."""
     from evaclip.checkpoint_sharded import load_sharded
     from evaclip.optim import build_optimizer
 
     model = wrap(make_model(seed=123), "fsdp")  # a different init: everything must come from the checkpoint
     optimizer = build_optimizer(model, optim_cfg("lamb"))
     load_sharded(ckpt, model, optimizer)
-    _write(out, rank, {"losses": train_steps(model, optimizer, range(start, steps), G)})
+    return train_steps(model, optimizer, range(start, steps), G)
+
+
+def resume_worker(rank: int, world: int, out: str, ckpt: str, start: int, steps: int, G: int) -> None:
+    """``resume_losses`` with ``world`` ranks (the checkpoint was written by 2)."""
+    _write(out, rank, {"losses": resume_losses(ckpt, start, steps, G)})
 
 
 def lamb_norm_check(rank: int, world: int) -> dict:
@@ -266,7 +273,7 @@ def memory_worker(rank: int, world: int, out: str, width: int, depth: int, strat
     res = {}
     G = 2 * world
     for strategy in strategies:
-        over = dict(overrides={"vision.width": width, "vision.depth": depth, "text.width": width, "text.depth": depth})
+        over = {"vision.width": width, "vision.depth": depth, "text.width": width, "text.layers": depth}
         model = wrap(make_model(**over), strategy)
         optimizer = build_optimizer(model, optim_cfg("lamb"))
         train_steps(model, optimizer, range(1), G)

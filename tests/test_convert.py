@@ -1,4 +1,4 @@
-"""Checkpoint conversion: format detection, strict key accounting, layouts in and out, shape adaptation, safe reading."""
+"""Checkpoint conversion: format detection, strict key accounting, layouts in and out, shape adaptation, safe reads."""
 import dataclasses
 import os
 
@@ -6,9 +6,16 @@ import pytest
 import torch
 
 from evaclip.models import build_tower, create_model
-from evaclip.models.convert import (CheckpointError, detect_format, interpolate_pos_embed, load_pretrained,
-                                    load_state_dict_file, resize_patch_embed, to_eva_clip_state_dict,
-                                    to_open_clip_state_dict)
+from evaclip.models.convert import (
+    CheckpointError,
+    detect_format,
+    interpolate_pos_embed,
+    load_pretrained,
+    load_state_dict_file,
+    resize_patch_embed,
+    to_eva_clip_state_dict,
+    to_open_clip_state_dict,
+)
 
 
 def _randomized(name="EVA02-CLIP-tiny", std=0.2, **kw):
@@ -98,7 +105,7 @@ def _open_clip_tiny(cfg):
     timm_name = "evaclip_convert_test_eva02"
 
     def build(pretrained=False, **kwargs):
-        kwargs = {k: a for k, a in kwargs.items() if not k.startswith("pretrained_cfg")}
+        kwargs = {k: a for k, a in kwargs.items() if k in ("num_classes", "global_pool")}  # drop hub/cache args
         return Eva(img_size=v.image_size, patch_size=v.patch_size, embed_dim=v.width, depth=v.depth,
                    num_heads=v.heads, qkv_fused=False, mlp_ratio=v.mlp_ratio, swiglu_mlp=True, scale_mlp=True,
                    scale_attn_inner=True, use_rot_pos_emb=True, ref_feat_shape=(v.pt_hw_seq_len,) * 2, **kwargs)

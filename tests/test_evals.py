@@ -164,9 +164,25 @@ def test_zero_shot_image_folder(tmp_path):
         (d / f"img{i}.png").write_bytes(_png(i))
     (tmp_path / "templates.txt").write_text("a {c}.\nthe {c}\n")
     model = _zs_model()
-    res = zero_shot(model, model.tokenize, str(tmp_path / "folder"), ToTensor(), templates=str(tmp_path / "templates.txt"),
-                    batch_size=4, workers=0, show_progress=False)
+    res = zero_shot(model, model.tokenize, str(tmp_path / "folder"), ToTensor(),
+                    templates=str(tmp_path / "templates.txt"), batch_size=4, workers=0, show_progress=False)
     assert res == pytest.approx(ZS_EXPECTED)
+
+
+def test_imagenet_folder_defaults_to_open_clip_names_and_templates(tmp_path):
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    png = _png(0)
+    for c in range(1000):  # wnid-named class folders, one image each
+        d = tmp_path / "val" / f"n{c:08d}"
+        d.mkdir(parents=True)
+        (d / "x.png").write_bytes(png)
+    evset = resolve_zeroshot(str(tmp_path / "val"))
+    assert evset.classnames == list(IMAGENET_CLASSNAMES)
+    assert evset.templates == list(OPENAI_IMAGENET_TEMPLATES) and evset.num_samples == 1000
+    (tmp_path / "names.txt").write_text("a\nb\n")
+    with pytest.raises(ValueError, match="lists 2 class names but .* has 1000 class folders"):
+        resolve_zeroshot(str(tmp_path / "val"), classnames=str(tmp_path / "names.txt"))
 
 
 def test_zero_shot_data_errors(tmp_path):
@@ -222,7 +238,8 @@ def test_retrieval_metrics_match_brute_force():
     s_NM = image_ND @ text_MD.t()
     for k in (1, 5, 10):
         top_i2t = s_NM.topk(k, dim=1).indices  # no ties with random features
-        assert res[f"i2t_R@{k}"] == pytest.approx(float((owner_M[top_i2t] == torch.arange(N)[:, None]).any(1).float().mean()))
+        hit_N = (owner_M[top_i2t] == torch.arange(N)[:, None]).any(1)
+        assert res[f"i2t_R@{k}"] == pytest.approx(float(hit_N.float().mean()))
         top_t2i = s_NM.t().topk(k, dim=1).indices
         assert res[f"t2i_R@{k}"] == pytest.approx(float((top_t2i == owner_M[:, None]).any(1).float().mean()))
 

@@ -82,7 +82,8 @@ def test_open_clip_export_same_embeddings(tiny_ckpt, exported):
     _, model = tiny_ckpt
     d = exported / "open_clip"
     name = register_open_clip(d)  # timm Eva + open_clip config of this non-standard size
-    oc_model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(d / "open_clip_model.safetensors"))
+    weights = str(d / "open_clip_model.safetensors")
+    oc_model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights)
     oc_model.eval()
     s = json.loads((d / f"{name}.json").read_text())["vision_cfg"]["image_size"]
     images_BCHW = torch.randn(3, 3, s, s, generator=torch.Generator().manual_seed(2))
@@ -97,12 +98,19 @@ def test_open_clip_export_same_embeddings(tiny_ckpt, exported):
         torch.testing.assert_close(oc2.encode_image(images_BCHW), model.encode_image(images_BCHW), rtol=0, atol=1e-5)
 
 
-def test_onnx_matches_pytorch(tiny_ckpt, tmp_path):
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_ckpt, tmp_path_factory):
     pytest.importorskip("onnxruntime")
+    out = tmp_path_factory.mktemp("onnx")
+    export(str(tiny_ckpt[0]), str(out), "onnx", model_name=MODEL)  # export() itself checks within 1e-4
+    return out
+
+
+def test_onnx_matches_pytorch(tiny_ckpt, onnx_dir):
     import onnxruntime as ort
 
-    path, model = tiny_ckpt
-    export(str(path), str(tmp_path), "onnx", model_name=MODEL)  # export() itself checks within 1e-4
+    tmp_path = onnx_dir
+    _, model = tiny_ckpt
     cfg = json.loads((tmp_path / "image" / "config.json").read_text())
     s = cfg["image_size"]
     images_BCHW = torch.randn(5, 3, s, s, generator=torch.Generator().manual_seed(3))  # a batch size not exported
@@ -119,6 +127,36 @@ def test_onnx_matches_pytorch(tiny_ckpt, tmp_path):
     got = torch.from_numpy(sess.run(None, {"tokens": tokens_BL.numpy()})[0])
     with torch.no_grad():
         torch.testing.assert_close(got, model.encode_text(tokens_BL), rtol=1e-4, atol=1e-4)
+
+
+def test_export_training_checkpoint_folder_trained_with_flash_attn(tiny_ckpt, tmp_path):
+    """A training checkpoint folder (model.pt + the run's config.yaml) whose run used flash_attn exports on a CPU:
+    export builds the portable SDPA path and the model name comes from the saved config."""
+    import yaml
+
+    from evaclip.config import TrainCfg, to_dict
+
+    path, model = tiny_ckpt
+    step = tmp_path / "ckpt" / "step_00000010"
+    step.mkdir(parents=True)
+    (step / "model.pt").write_bytes(path.read_bytes())
+    cfg = TrainCfg()
+    cfg.model.name, cfg.model.attn_backend = MODEL, "flash_attn"
+    (step / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    export(str(step), str(tmp_path / "out"), "safetensors")
+    enc = evaclip.load_encoder(tmp_path / "out", "image")
+    images_BCHW = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(enc(images_BCHW), model.encode_image(images_BCHW), rtol=0, atol=1e-5)
+
+
+def test_check_onnx_catches_a_mismatch(onnx_dir):
+    """The export check is not vacuous: an ONNX file compared against a different model fails loudly."""
+    from evaclip.export import check_onnx
+
+    enc = evaclip.create_model(MODEL, attn_backend="eager").visual.eval()  # fresh weights, not the exported ones
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        check_onnx(enc, onnx_dir / "image" / "model.onnx", torch.randn(2, 3, 32, 32))
 
 
 def test_export_rejects_bad_requests(tiny_ckpt, tmp_path):

@@ -2,8 +2,12 @@
 N -> M resharding, and an elastic restart under torchrun.
 
 The multi-process workers live in tests/fsdp_harness.py (spawned) and tests/fsdp_elastic_worker.py (torchrun).
-Tolerances: DDP and FSDP2 compute the same math, but FSDP reduce-scatters flat shards where DDP all-reduces buckets,
-so gradients agree to fp32 rounding (~1e-7 relative); over 10 steps of a tiny model that drift stays below LOSS_RTOL.
+Tolerances: DDP and FSDP2 compute the same math, but FSDP reduce-scatters flat shards where DDP all-reduces buckets
+and sums norms in another order, so weights agree to fp32 rounding (~3e-7 relative after a step, ~2e-6 after four);
+through 10 steps of a tiny model on random batches that reaches ~3e-5 in the LAMB loss (~5e-7 with AdamW), hence
+LOSS_RTOL = 1e-4. A real sharding error is far larger: shard-local LAMB norms move weights by ~7e-3 (the negative
+control below). Resuming with the world size that saved is bitwise equal; with another world size the reductions
+regroup, so LOSS_RTOL again.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from evaclip.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD, STEPS, G = 2, 10, 8  # 2 ranks, 10 steps, global batch 8 (4 per rank)
-LOSS_RTOL = 1e-5  # DDP vs FSDP2, and resumed vs uninterrupted (fp32, CPU)
+LOSS_RTOL = 1e-4  # DDP vs FSDP2, and resumed with another world size vs uninterrupted (fp32, CPU); see above
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -129,11 +133,18 @@ def test_fp16_overflow_on_one_shard_skips_every_rank(parity):
 # sharded checkpoint: 2 ranks -> 2 and -> 1, and a full state dict without a process group
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 1])
-def test_resume_sharded_checkpoint_with_n_ranks(parity, world, tmp_path):
+def test_resume_sharded_checkpoint_with_same_world_size_is_exact(parity):
+    """Saved by 2 ranks at step 5, loaded into a differently initialised 2-rank model + optimizer (in the parity
+    processes): the next 5 losses are bitwise those of the uninterrupted run."""
+    res, _ = parity
+    assert res["losses"]["resumed/2"] == res["losses"]["fsdp/lamb"][STEPS // 2:]
+
+
+@pytest.mark.slow
+def test_resume_sharded_checkpoint_with_one_rank(parity, tmp_path):
     res, ckpt = parity
     out = tmp_path / "resume.json"
-    h.launch(h.resume_worker, world, str(out), str(ckpt), STEPS // 2, STEPS, G)
+    h.launch(h.resume_worker, 1, str(out), str(ckpt), STEPS // 2, STEPS, G)
     resumed = json.loads(out.read_text())["losses"]
     assert resumed == pytest.approx(res["losses"]["fsdp/lamb"][STEPS // 2:], rel=LOSS_RTOL)
 
@@ -169,7 +180,11 @@ def test_sharded_checkpoint_errors_name_the_problem(parity, tmp_path):
 # evaclip.train end to end: torchrun elastic restart, then 2 -> 1 resume of the same run
 # ----------------------------------------------------------------------------------------------------------------------
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: torchrun then gives every restart round a fresh store. Its default shares
+    # one store across rounds, where a restarted rank can read a dead peer's gloo address (pytorch/pytorch#135712):
+    # a flaky "connectFullMesh ... Connection refused" on restart. docs/FSDP.md tells users the same.
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", WANDB_MODE="disabled",
+               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import socket
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -59,6 +58,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two processes share the cores
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         x_img, x_txt = _batch()
@@ -83,9 +83,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    # fork: the children reuse this process's imports (spawn re-imports torch in each, seconds on a loaded box)
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     x_img, x_txt = _batch()
     for name, (factory, grad_ratio) in CASES.items():

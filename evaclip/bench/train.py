@@ -80,6 +80,8 @@ class TrainBenchCfg:
     seed: int = 0
     count_flops: bool = True
     profile: Optional[str] = None  # directory: write a torch.profiler table + trace per run
+    peak_size: Optional[int] = None  # side of the matmul that measures the device peak (default 2048 CPU, 8192 CUDA)
+    threads: Optional[int] = None  # torch CPU threads (default: torch's choice)
 
 
 @dataclass
@@ -375,17 +377,16 @@ def find_max_batch(make_runner: Callable[[int], Runner], device: torch.device, s
         raise ValueError("--batch auto searches the largest batch that fits in GPU memory; it needs --device cuda")
 
     def fits(b: int) -> bool:
-        runner = None
         try:
             runner = make_runner(b)
             runner.step()
             runner.step()  # the second step holds the optimizer state as well
+            del runner
             return True
         except torch.cuda.OutOfMemoryError:
+            gc.collect()  # the failed step's frames hold tensors through the traceback's reference cycles
             return False
         finally:
-            del runner
-            gc.collect()
             torch.cuda.empty_cache()
 
     lo, hi = 0, start
@@ -437,7 +438,9 @@ def bench_train(cfg: TrainBenchCfg) -> dict:
     amp_dtype = None if dtype == torch.float32 else dtype
     torch.manual_seed(cfg.seed)
     d = model_dims(cfg.model, cfg.overrides)
-    peak = matmul_peak_flops(device, dtype)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    peak = matmul_peak_flops(device, dtype, size=cfg.peak_size)
     rows, runners_by_drop = [], {}
     for token_drop in cfg.token_drop:
         if cfg.batch == "auto":
@@ -515,7 +518,8 @@ def _notes(cfg: TrainBenchCfg, device: torch.device, dtype: torch.dtype, peak: f
         f"alternating rounds of {cfg.steps} steps after {cfg.warmup} warm-up steps",
         f"MFU = counted FLOPs per step (torch FlopCounterMode: matmuls, convs, SDPA) / step time / matmul peak "
         f"{peak / 1e12:.3g} TFLOP/s measured in this run ({str(dtype).replace('torch.', '')} "
-        f"{'8192' if device.type == 'cuda' else '2048'}^3 matmul)",
+        f"{cfg.peak_size or ('8192' if device.type == 'cuda' else '2048')}^3 matmul, {torch.get_num_threads()} "
+        f"CPU threads)",
         f"peak memory: {mem}; not reported for open_clip + foreach LAMB (it shares the model of the run above)",
     ]
     if cfg.compile:
@@ -541,6 +545,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="architecture overrides for create_model, e.g. depth=6 (see evaclip.models)")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting (and MFU)")
     p.add_argument("--profile", default=None, metavar="DIR", help="write torch.profiler tables and traces here")
+    p.add_argument("--peak-size", type=int, default=None, help="matmul side for the peak (2048 CPU, 8192 CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def cfg_from_args(args: argparse.Namespace) -> TrainBenchCfg:
@@ -552,4 +558,5 @@ def cfg_from_args(args: argparse.Namespace) -> TrainBenchCfg:
     return TrainBenchCfg(model=args.model, batch=batch, precision=args.precision, token_drop=list(args.token_drop),
                          device=args.device, attn_backend=args.attn_backend, compile=args.compile, vs=args.vs,
                          steps=args.steps, warmup=args.warmup, rounds=args.rounds, overrides=overrides,
-                         count_flops=not args.no_flops, profile=args.profile)
+                         count_flops=not args.no_flops, profile=args.profile, peak_size=args.peak_size,
+                         threads=args.threads)

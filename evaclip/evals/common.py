@@ -86,7 +86,6 @@ def progress(iterable, desc: str, enabled: bool = True, total=None):
 # checkpoints -> model, preprocess, tokenizer (shared with evaclip.export)
 # ----------------------------------------------------------------------------------------------------------------------
 _WEIGHT_FILES = ("model.pt", "model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _find_run_config(path: Path) -> Optional[dict]:
@@ -101,29 +100,12 @@ def _find_run_config(path: Path) -> Optional[dict]:
     return None
 
 
-def read_state_dict(path: Path) -> dict:
-    """A state dict from a safetensors file or a torch file (``weights_only=True``); training wrappers
-    (``{"model": ...}``, ``{"state_dict": ...}``, ``module.`` prefixes) are unwrapped."""
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickled code, a zip of something else, a truncated file
-            raise ValueError(f"{path} is not a weights-only torch checkpoint ({type(e).__name__}: {e})") from e
-    for key in ("model", "state_dict"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    for p in _WRAPPER_PREFIXES:
-        if sd and all(k.startswith(p) for k in sd):
-            sd = {k[len(p):]: v for k, v in sd.items()}
-    return sd
+def _convert_loader():
+    try:
+        from evaclip.models.convert import load_pretrained
+    except ImportError:
+        return None
+    return load_pretrained
 
 
 def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", attn_backend: str = "auto"):
@@ -134,6 +116,7 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", 
     """
     from evaclip.checkpoint_sharded import checkpoint_weights, load_full_state_dict
     from evaclip.models import create_model
+    from evaclip.models.convert import load_state_dict_file
 
     path = Path(checkpoint)
     sharded = checkpoint_weights(path) if path.is_dir() else None  # dist.strategy=fsdp checkpoints (DCP shards)
@@ -156,9 +139,12 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", 
     if model_name is None:
         raise ValueError(f"cannot tell which architecture {path} is: pass --model NAME (see evaclip.list_models())")
     model = create_model(model_name, attn_backend=attn_backend, **overrides)
-    sd = load_full_state_dict(weights) if sharded is not None else read_state_dict(weights)
+    sd = load_full_state_dict(weights) if sharded is not None else load_state_dict_file(weights)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
+    if (missing or unexpected) and sharded is None and _convert_loader() is not None:
+        # not evaclip's own layout: an EVA-CLIP release / open_clip file, which convert.py maps (strictly)
+        _convert_loader()(model, pretrained=str(weights))
+    elif missing or unexpected:
         raise ValueError(f"{weights} does not match {model_name}: missing keys {sorted(missing)[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}, unexpected keys {sorted(unexpected)[:8]}"
                          f"{' ...' if len(unexpected) > 8 else ''}")

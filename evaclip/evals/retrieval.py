@@ -48,9 +48,9 @@ def retrieval_metrics(image_ND: torch.Tensor, text_MD: torch.Tensor, owner_M: to
     out = {}
     for k in ks:
         if k <= M:
-            out[f"i2t_R@{k}"] = float((rank_i2t_N < k).float().mean())
+            out[f"i2t_R@{k}"] = float((rank_i2t_N < k).double().mean())
         if k <= N:
-            out[f"t2i_R@{k}"] = float((rank_t2i_M < k).float().mean())
+            out[f"t2i_R@{k}"] = float((rank_t2i_M < k).double().mean())
     out["num_images"], out["num_texts"] = N, M
     return out
 

@@ -74,10 +74,10 @@ def classification_metrics(rank_N: torch.Tensor, targets_N: torch.Tensor, num_cl
     n = rank_N.numel()
     if n == 0:
         raise ValueError("zero-shot evaluation saw no samples")
-    out = {f"top{k}": float((rank_N < k).float().mean()) for k in ks if k <= num_classes}
-    correct_N = (rank_N == 0).float()
-    hits_C = torch.zeros(num_classes).index_add_(0, targets_N, correct_N)
-    count_C = torch.zeros(num_classes).index_add_(0, targets_N, torch.ones(n))
+    out = {f"top{k}": float((rank_N < k).double().mean()) for k in ks if k <= num_classes}
+    correct_N = (rank_N == 0).double()
+    hits_C = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, targets_N, correct_N)
+    count_C = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, targets_N, torch.ones(n, dtype=torch.float64))
     present = count_C > 0
     out["mean_per_class_recall"] = float((hits_C[present] / count_C[present]).mean())
     out["num_samples"] = n

@@ -107,42 +107,57 @@ _TEXT_TOP = ("token_embedding.", "positional_embedding", "transformer.", "ln_fin
 
 
 def detect_format(sd: dict) -> str:
-    """One of FORMATS, from the key names alone; CheckpointError when nothing matches."""
+    """One of FORMATS, from the key names alone; CheckpointError when nothing matches.
+
+    ``evaclip`` and ``eva_clip`` share the ``visual.`` / ``text.`` naming; the release splits q/k/v in sub-LN (EVA-02)
+    towers, keeps SwiGLU w1/w2 apart and stores RoPE tables, evaclip fuses them. EVA-01 releases (fused qkv, no RoPE)
+    read as ``evaclip``, which maps them identically."""
     keys = set(sd)
+    has = lambda *parts: any(p in k for k in keys for p in parts)
     if any(k.startswith("visual.trunk.") for k in keys):
         return "open_clip"
     if any(k.startswith("visual.blocks.") for k in keys):
-        if any(".attn.q_proj." in k or ".attn.qkv." in k and "visual." in k for k in keys) and not any(
-                ".mlp.fc1_g." in k or ".attn.norm." in k for k in keys):
-            fused = any(k.startswith("visual.blocks.0.attn.qkv.") for k in keys)
-            swiglu_split = any(k.startswith("visual.blocks.0.mlp.w1.") for k in keys)
-            subln = any(k.startswith("visual.blocks.0.attn.inner_attn_ln.") for k in keys)
-            # evaclip fuses q/k/v everywhere; the release splits them in sub-LN (EVA-02) towers
-            return "evaclip" if fused and (swiglu_split or not subln) and "logit_scale" in keys \
-                and not any(k.startswith("visual.rope.") for k in keys) else "eva_clip"
-        return "eva_clip"
+        if has(".attn.q_proj.weight", ".mlp.w1.", "visual.rope.", ".attn.rope."):
+            return "eva_clip"
+        return "evaclip"
     if any(k.startswith("blocks.") for k in keys):
-        if any(".attn.norm." in k or ".mlp.fc1_g." in k or ".mlp.norm." in k for k in keys) or "head.weight" in keys \
-                and "lm_head.weight" not in keys:
-            return "timm"
-        return "eva_mim"
-    if any(k.startswith("text.transformer.") for k in keys) or any(k.startswith(_TEXT_TOP) for k in keys):
+        timm_names = has(".attn.norm.", ".mlp.fc1_g.", ".mlp.norm.", ".attn.q_proj.bias")
+        return "timm" if timm_names or ("head.weight" in keys and "lm_head.weight" not in keys) else "eva_mim"
+    if any(k.startswith(("text.transformer.",) + _TEXT_TOP) for k in keys):
         return "openai_text"
     raise CheckpointError(f"unrecognised checkpoint layout; first keys: {sorted(keys)[:8]}")
 
 
-def _fuse_qkv(sd: dict) -> dict:
-    """``attn.{q,k,v}_proj.weight`` -> ``attn.qkv.weight`` (evaclip's fused projection)."""
+# (separate names, fused name): evaclip computes each group with one GEMM; other layouts keep the parts
+_FUSED = ((("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight"), "attn.qkv.weight"),
+          (("mlp.w1.weight", "mlp.w2.weight"), "mlp.w12.weight"), (("mlp.w1.bias", "mlp.w2.bias"), "mlp.w12.bias"))
+
+
+def _fuse(sd: dict) -> dict:
+    """Separate projections -> evaclip's fused ones (``attn.qkv``, ``mlp.w12``), concatenated along the output rows."""
+    out = dict(sd)
+    for parts, fused in _FUSED:
+        for k in [k for k in sd if k.endswith("." + parts[0])]:
+            p = k[: -len(parts[0])]
+            names = [p + n for n in parts]
+            absent = [n for n in names if n not in sd]
+            if absent:
+                raise CheckpointError(f"{k} has no matching {absent}")
+            out[p + fused] = torch.cat([sd[n] for n in names], dim=0)
+            for n in names:
+                del out[n]
+    return out
+
+
+def _split(sd: dict, groups=_FUSED) -> dict:
+    """evaclip's fused projections -> the separate ones of the EVA-CLIP release / timm."""
     out = {}
     for k, t in sd.items():
-        if ".attn.q_proj.weight" in k:
-            p = k[: -len("q_proj.weight")]
-            try:
-                out[p + "qkv.weight"] = torch.cat([t, sd[p + "k_proj.weight"], sd[p + "v_proj.weight"]], dim=0)
-            except KeyError as e:
-                raise CheckpointError(f"{k} has no matching {e.args[0]}") from None
-        elif ".attn.k_proj.weight" in k or ".attn.v_proj.weight" in k:
-            continue
+        for parts, fused in groups:
+            if k.endswith("." + fused):
+                p = k[: -len(fused)]
+                out.update({p + n: c for n, c in zip(parts, t.chunk(len(parts), dim=0))})
+                break
         else:
             out[k] = t
     return out
@@ -174,7 +189,7 @@ def _visual_part(sd: dict, fmt: str) -> tuple[dict, list]:
             if swiglu:
                 rel = rel.replace(".mlp.fc2.", ".mlp.w3.")
         out[rel] = t
-    return _fuse_qkv(out), ignored
+    return _fuse(out), ignored
 
 
 def _text_part(sd: dict, fmt: str) -> tuple[dict, list]:
@@ -235,7 +250,7 @@ def resize_patch_embed(w_DCPP: torch.Tensor, size: int, method: str = "interpola
 
 def _adapt(src: dict, target: dict, prefix: str, report: LoadReport, num_prefix: int = 1) -> dict:
     """Resize the position embedding / patch kernel of the image tower to the target shapes; other shape mismatches
-    raise CheckpointError naming the keys."""
+    raise CheckpointError naming the keys (text towers use it only for that check)."""
     bad = []
     for k, t in list(src.items()):
         want = target.get(k)
@@ -305,6 +320,7 @@ def load_text(model, sd: dict, fmt: Optional[str] = None, report: Optional[LoadR
     src, ignored = _text_part(sd, fmt)
     target = _model_sd(tower)
     _check_keys(src, target, "text.", f"text tower of the '{fmt}' checkpoint")
+    _adapt(src, target, "text.", report)  # nothing to resize in a text tower: names any shape mismatch
     report.ignored += ignored
     tower.load_state_dict(src, strict=False)
     return report
@@ -352,23 +368,11 @@ def load_pretrained(model, pretrained=None, image_init=None, text_init=None) -> 
 # ----------------------------------------------------------------------------------------------------------------------
 # evaclip -> other layouts
 # ----------------------------------------------------------------------------------------------------------------------
-def _split_qkv(sd: dict) -> dict:
-    out = {}
-    for k, t in sd.items():
-        if k.endswith(".attn.qkv.weight"):
-            p = k[: -len("qkv.weight")]
-            q, kk, v = t.chunk(3, dim=0)
-            out.update({p + "q_proj.weight": q, p + "k_proj.weight": kk, p + "v_proj.weight": v})
-        else:
-            out[k] = t
-    return out
-
-
 def visual_to_timm(sd: dict, qkv_fused: bool = False) -> dict:
     """evaclip image-tower keys (relative to the tower) -> timm ``Eva`` keys."""
-    swiglu = any(".mlp.w1." in k for k in sd)
+    swiglu = any(".mlp.w12." in k for k in sd)
     out = {}
-    for k, t in (sd if qkv_fused else _split_qkv(sd)).items():
+    for k, t in _split(sd, _FUSED[1:] if qkv_fused else _FUSED).items():
         if IGNORABLE.search(k):
             continue
         if not qkv_fused:
@@ -397,9 +401,7 @@ def to_open_clip_state_dict(model, qkv_fused: bool = False) -> dict:
 def to_eva_clip_state_dict(model) -> dict:
     """The model in the EVA-CLIP release layout (q_proj/k_proj/v_proj in sub-LN towers, as EVA-02 releases)."""
     sd = {k: v for k, v in model.state_dict().items() if not IGNORABLE.search(k)}
-    if not model.cfg.vision.subln:
-        return sd
-    return _split_qkv(sd)
+    return _split(sd, _FUSED if model.cfg.vision.subln else _FUSED[1:])
 
 
 def image_tower_state(timm_sd: dict, swiglu: Optional[bool] = None) -> dict:
@@ -408,3 +410,9 @@ def image_tower_state(timm_sd: dict, swiglu: Optional[bool] = None) -> dict:
     ``swiglu`` is read off the keys (``mlp.fc1_g``); the argument is accepted for callers that state it."""
     fmt = "open_clip" if any(k.startswith("visual.trunk.") for k in timm_sd) else "timm"
     return _visual_part(timm_sd, fmt)[0]
+
+
+def load_checkpoint(path: Union[str, Path], model) -> LoadReport:
+    """Load a whole-CLIP checkpoint in any supported format (evaclip file or run checkpoint folder, EVA-CLIP release,
+    open_clip EVA02) into ``model``, strictly. For resuming training use ``evaclip.checkpoint.load_checkpoint``."""
+    return load_pretrained(model, pretrained=path)

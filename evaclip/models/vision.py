@@ -1,8 +1,8 @@
 """EVA image towers: EVA-02 (SwiGLU, sub-LN, 2D RoPE) and EVA-01 (GELU MLP, optional post-norm, LayerScale).
 
 Architecture only. Shapes: B batch, N tokens (CLS + patches), K kept patches, D width, H heads, Dh head dim.
-Parameter names follow the EVA-CLIP release (q_bias/v_bias, inner_attn_ln, mlp.w1/w2/ffn_ln/w3) except that q, k
-and v share one fused ``qkv`` projection.
+Parameter names follow the EVA-CLIP release (q_bias/v_bias, inner_attn_ln, mlp.ffn_ln/w3) except that q, k and v share
+one fused ``qkv`` projection and the SwiGLU's w1/w2 one fused ``w12`` (one GEMM each instead of three / two).
 """
 from __future__ import annotations
 
@@ -64,17 +64,19 @@ class VisionAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """EVA-02 MLP: silu(w1 x) * (w2 x) -> ffn_ln (sub-LN) -> w3."""
+    """EVA-02 MLP: silu(w1 x) * (w2 x) -> ffn_ln (sub-LN) -> w3, with w1 and w2 fused into one ``w12`` GEMM
+    (rows: w1 then w2; convert.py splits it back for the EVA-CLIP and timm layouts)."""
 
     def __init__(self, cfg: VisionCfg):
         super().__init__()
         D, Hd = cfg.width, cfg.mlp_hidden
-        self.w1, self.w2 = nn.Linear(D, Hd), nn.Linear(D, Hd)
+        self.w12 = nn.Linear(D, 2 * Hd)
         self.ffn_ln = nn.LayerNorm(Hd, eps=cfg.ln_eps) if cfg.subln else nn.Identity()
         self.w3 = nn.Linear(Hd, D)
 
     def forward(self, x):
-        return self.w3(self.ffn_ln(F.silu(self.w1(x)) * self.w2(x)))
+        gate, up = self.w12(x).chunk(2, dim=-1)
+        return self.w3(self.ffn_ln(F.silu(gate) * up))
 
 
 class GeluMlp(nn.Module):

@@ -1,0 +1,96 @@
+"""RoPE tables against timm's EVA RoPE, and token dropping against timm's patch dropout on the same kept indices.
+
+Shapes: B batch, H heads, N tokens, D head dim, K kept patches.
+"""
+import pytest
+import torch
+
+from evaclip.models import create_model
+from evaclip.models import vision as vision_mod
+from evaclip.models.convert import load_visual
+from evaclip.models.rope import apply_rope, rope_tables
+from evaclip.models.token_drop import drop_tokens, num_kept
+
+
+def _timm_eva(cfg, **kw):
+    from timm.models.eva import Eva
+
+    v = cfg.vision
+    return Eva(img_size=v.image_size, patch_size=v.patch_size, num_classes=cfg.embed_dim, embed_dim=v.width,
+               depth=v.depth, num_heads=v.heads, mlp_ratio=v.mlp_ratio, qkv_fused=False, swiglu_mlp=True,
+               scale_mlp=True, scale_attn_inner=True, use_rot_pos_emb=True,
+               ref_feat_shape=(v.pt_hw_seq_len, v.pt_hw_seq_len), global_pool="token", **kw)
+
+
+@pytest.mark.parametrize("grid,pt_grid", [(4, 4), (6, 4), (14, 16)])  # same grid; 336-on-224 style; B-16 on 224/14
+def test_rope_tables_match_timm(grid, pt_grid):
+    """EVA's frequency layout (rows then columns, interleaved pairs) and the rescaling to the pretraining grid."""
+    from timm.layers import RotaryEmbeddingCat, apply_rot_embed_cat
+
+    D = 32
+    rope = RotaryEmbeddingCat(D, in_pixels=False, feat_shape=[grid, grid], ref_feat_shape=[pt_grid, pt_grid])
+    x_BHND = torch.randn(2, 3, grid * grid, D)
+    cos, sin = rope_tables(D, grid, pt_grid)
+    torch.testing.assert_close(apply_rope(x_BHND, cos, sin), apply_rot_embed_cat(x_BHND, rope.get_embed()),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        rope_tables(30, grid)
+
+
+def test_token_drop_matches_timm_patch_dropout(monkeypatch):
+    """Same weights, same kept indices (timm's choice): evaclip's tower gives timm's output with patch dropout on."""
+    ours = create_model("EVA02-CLIP-tiny", attn_backend="eager", token_drop=0.5).train()
+    ref = _timm_eva(ours.cfg, patch_drop_rate=0.5).train()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    load_visual(ours, ref.state_dict())
+    seen = {}
+    ref.patch_drop.register_forward_hook(lambda mod, inp, out: seen.update(idx=out[1]))  # returns None: output kept
+    x = torch.randn(3, 3, 32, 32)
+    expected = ref(x)
+    idx_BK = seen["idx"]
+    assert idx_BK.shape == (3, 8)
+
+    def timm_choice(x_BND, keep_ratio, num_prefix=1):
+        assert keep_ratio == 0.5 and num_prefix == 1
+        K = idx_BK.shape[1]
+        kept = x_BND[:, 1:].gather(1, idx_BK.unsqueeze(-1).expand(-1, K, x_BND.shape[-1]))
+        return torch.cat([x_BND[:, :1], kept], 1), idx_BK
+
+    monkeypatch.setattr(vision_mod, "drop_tokens", timm_choice)
+    torch.testing.assert_close(ours.visual(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_drop_tokens_counts_and_order():
+    x_BND = torch.randn(4, 1 + 49, 8)
+    kept, idx = drop_tokens(x_BND, keep_ratio=0.25, num_prefix=1)
+    K = num_kept(49, 0.75)
+    assert K == 12 and kept.shape == (4, 1 + K, 8) and idx.shape == (4, K)
+    assert (idx.diff(dim=1) > 0).all() and idx.min() >= 0 and idx.max() < 49  # sorted raster order, in range
+    torch.testing.assert_close(kept[:, 1:], torch.stack([x_BND[b, 1:][idx[b]] for b in range(4)]))
+    assert num_kept(16, 0.99) == 1  # never drops every patch
+    g = torch.Generator().manual_seed(7)
+    a = drop_tokens(x_BND, 0.5, 1, generator=g)[1]
+    b = drop_tokens(x_BND, 0.5, 1, generator=torch.Generator().manual_seed(7))[1]
+    torch.testing.assert_close(a, b)  # a seeded generator reproduces the choice
+
+
+def test_set_token_drop_switches_phases():
+    m = create_model("EVA02-CLIP-tiny", token_drop=0.5).train()
+    seen = []
+    m.visual.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(out.shape[1]))
+    x = torch.randn(2, 3, 32, 32)
+    m.encode_image(x)
+    m.visual.set_token_drop(0.0)  # unmasked tuning phase (FLIP)
+    m.encode_image(x)
+    assert seen == [1 + 8, 1 + 16]
+    with pytest.raises(ValueError, match="token_drop"):
+        m.visual.set_token_drop(1.0)
+
+
+def test_token_drop_backward_reaches_all_parameters():
+    m = create_model("EVA02-CLIP-tiny", token_drop=0.5, grad_checkpointing=True).train()
+    m.encode_image(torch.randn(2, 3, 32, 32)).sum().backward()
+    missing = [n for n, p in m.visual.named_parameters() if p.grad is None]
+    assert not missing, missing
