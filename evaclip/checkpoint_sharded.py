@@ -12,6 +12,7 @@ format. Small run state (step, schedule, data position, RNG) stays with ``evacli
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -141,7 +142,9 @@ def load_full_state_dict(path: str | os.PathLike, prefix: str = MODEL_KEY) -> di
     if not inner:
         sections = sorted({k.split(".", 1)[0] for k in meta.state_dict_metadata})
         raise KeyError(f"{path} has no '{prefix}' section; it has {sections}")
-    dcp.load({prefix: inner}, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it "assumes" single-process loading: that is the intent here
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load({prefix: inner}, checkpoint_id=str(path), no_dist=True)
     return inner
 
 

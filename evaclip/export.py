@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -247,7 +249,9 @@ def timm_eva_spec(model_cfg) -> tuple[str, Optional[dict]]:
     if abs(v["ln_eps"] - 1e-6) > 1e-12:
         raise ExportError(f"open_clip export: timm's Eva uses LayerNorm eps 1e-6, this image tower {v['ln_eps']}")
     safe = "".join(c if c.isalnum() else "_" for c in mc.get("name", "custom").lower())
-    return f"evaclip_{safe}", kwargs
+    # the hash tells apart exports of one registry name built with different overrides (timm names are global)
+    digest = hashlib.sha1(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:8]
+    return f"evaclip_{safe}_{digest}", kwargs
 
 
 def _standard_matches(builtin: dict, mc: dict) -> bool:
@@ -268,8 +272,9 @@ def _standard_matches(builtin: dict, mc: dict) -> bool:
 def export_open_clip(model, model_cfg, architecture: str, out_dir: Path, check: bool = True) -> list[Path]:
     """Write an open_clip checkpoint (open_clip's EVA02 layout: timm Eva image tower + open_clip text tower).
 
-    Standard sizes load with ``open_clip.create_model_and_transforms('EVA02-B-16', pretrained=PATH)``; every export
-    also loads with ``'local-dir:' + out_dir/open_clip`` and, after ``register_open_clip``, by name.
+    Standard sizes load with ``open_clip.create_model_and_transforms('EVA02-B-16', pretrained=PATH)`` or
+    ``'local-dir:' + out_dir/open_clip``; other sizes the same way after ``register_open_clip(out_dir/open_clip)``
+    (which registers the timm architecture and returns the open_clip name).
     """
     from safetensors.torch import save_file
 
@@ -283,7 +288,7 @@ def export_open_clip(model, model_cfg, architecture: str, out_dir: Path, check: 
     if timm_kwargs is None:
         name = _cfg_dict(model_cfg)["open_clip_name"]
     else:
-        name = f"evaclip-{architecture}"
+        name = f"evaclip-{architecture}-{timm_name.rsplit('_', 1)[-1]}"
         (d / "timm_model.json").write_text(json.dumps({"name": timm_name, "kwargs": timm_kwargs}, indent=2))
         written.append(d / "timm_model.json")
     v = _cfg_dict(model_cfg)["vision"]
@@ -362,8 +367,18 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-check", action="store_true", help="skip comparing each export with the PyTorch model")
     args = p.parse_args(argv)
-    for f in export(args.checkpoint, args.out, args.formats, model_name=args.model, check=not args.no_check,
-                    opset=args.opset):
+    from evaclip.evals import USER_ERRORS
+
+    try:
+        files = export(args.checkpoint, args.out, args.formats, model_name=args.model, check=not args.no_check,
+                       opset=args.opset)
+    except USER_ERRORS as e:
+        print(f"evaclip export: error: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
+        print(f"evaclip export: the export failed its check: {e}", file=sys.stderr)
+        return 1
+    for f in files:
         print(f)
     return 0
 

@@ -379,11 +379,15 @@ def _main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m evaclip.fsdp", description="Computed GPU memory per rank of a recipe.")
     p.add_argument("recipe")
-    p.add_argument("--world", type=int, nargs="+", required=True, help="number of ranks (several: one row each)")
+    p.add_argument("--world", required=True, help="number of ranks; several comma-separated give one row each")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     cfg = load_config(args.recipe, args.overrides)
-    rows = [(n, estimate_memory(cfg, n)) for n in args.world]
+    try:
+        worlds = [int(w) for w in args.world.split(",")]
+    except ValueError:
+        p.error(f"--world expects comma-separated integers, got {args.world!r}")
+    rows = [(n, estimate_memory(cfg, n)) for n in worlds]
     keys = [k for k in rows[0][1] if k != "params_billion"]
     print(f"{cfg.model.name}: {rows[0][1]['params_billion']:.2f}B params, {cfg.dist.strategy}, {cfg.precision}, "
           f"batch {cfg.data.batch_size}/GPU, token_drop {cfg.model.token_drop}, "

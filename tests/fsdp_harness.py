@@ -93,8 +93,12 @@ def optim_cfg(name: str) -> OptimCfg:
                     schedule="const")
 
 
-def train_steps(model, optimizer, steps: range, G: int, vocab: int = VOCAB, context: int = CONTEXT) -> list[float]:
-    """Train on the global batches of ``steps``; returns the global mean loss of each step."""
+def train_steps(model, optimizer, steps: range, G: int, vocab: int = VOCAB, context: int = CONTEXT,
+                bf16: bool = False) -> list[float]:
+    """Train on the global batches of ``steps`` (``bf16``: under CPU autocast, as train.py runs precision=bf16);
+    returns the global mean loss of each step."""
+    import contextlib
+
     from evaclip.losses import build_loss
     from evaclip.optim import clamp_logit_scale_, clip_grad_norm_
 
@@ -105,8 +109,9 @@ def train_steps(model, optimizer, steps: range, G: int, vocab: int = VOCAB, cont
     model.train()
     for step in steps:
         images, tokens = global_batch(step, G, vocab, context)
-        out = model(images[rank * B:(rank + 1) * B], tokens[rank * B:(rank + 1) * B])
-        loss = loss_fn(out.image_features, out.text_features, out.logit_scale)["loss"]
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            out = model(images[rank * B:(rank + 1) * B], tokens[rank * B:(rank + 1) * B])
+            loss = loss_fn(out.image_features, out.text_features, out.logit_scale)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip_grad_norm_(model, 1.0)
@@ -152,7 +157,31 @@ def parity_worker(rank: int, world: int, out: str, ckpt: str, steps: int, G: int
             dist.all_gather(gathered, state)
             res["state_bytes"][f"{strategy}/{opt}"] = [int(t.item()) for t in gathered]
     res["losses"][f"resumed/{world}"] = resume_losses(ckpt, half, steps, G)
+    res["losses"].update(composition_losses(rank))
     _write(out, rank, res)
+
+
+def composition_losses(rank: int, steps: int = 3, G: int = 8) -> dict:
+    """FSDP2 composed with per-block gradient checkpointing, 50% token dropping, CPU offload and per-block
+    torch.compile (aot_eager: dynamo + autograd tracing without a C++ compile) vs DDP with the same model options;
+    and bf16 (FSDP2 bf16 parameters + autocast) vs DDP + autocast. Same per-rank RNG stream (token-drop masks) in
+    each pair."""
+    from evaclip.optim import build_optimizer
+
+    runs = {
+        "compose/ddp": ("ddp", dict(token_drop=0.5, grad_checkpointing=True), {}, False),
+        "compose/fsdp": ("fsdp", dict(token_drop=0.5, grad_checkpointing=True),
+                         dict(cpu_offload=True, compile=True, compile_kwargs=dict(backend="aot_eager")), False),
+        "bf16/ddp": ("ddp", {}, {}, True),
+        "bf16/fsdp": ("fsdp", {}, dict(precision="bf16"), True),
+    }
+    res = {}
+    for name, (strategy, model_kw, fsdp_kw, bf16) in runs.items():
+        model = wrap(make_model(**model_kw), strategy, **fsdp_kw)
+        optimizer = build_optimizer(model, optim_cfg("lamb"))
+        torch.manual_seed(100 + rank)
+        res[name] = train_steps(model, optimizer, range(steps), G, bf16=bf16)
+    return res
 
 
 def resume_losses(ckpt: str, start: int, steps: int, G: int) -> list[float]:

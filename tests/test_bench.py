@@ -137,3 +137,16 @@ def test_train_bench_smoke_on_the_tiny_model(tmp_path):
                                    "speedup_vs_open_clip@drop0.5", "speedup_vs_open_clip_same_optimizer@drop0.5",
                                    "step_time_ratio_drop0.5_vs_0"}
     assert all(v > 0 for v in sec["summary"].values())
+
+
+def test_count_flops_counts_attention_on_cpu():
+    # torch's counter knows only the CUDA SDPA kernels; the CPU flash kernel must count as the math path does.
+    q, k, v = (torch.randn(2, 3, 16, 8, requires_grad=True) for _ in range(3))
+
+    def sdpa():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    def math():
+        ((q @ k.transpose(-2, -1)).softmax(-1) @ v).sum().backward()
+
+    assert flops.count_flops(sdpa) == flops.count_flops(math) > 0

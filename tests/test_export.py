@@ -5,6 +5,7 @@ Shapes: B batch, C channels, H/W image height/width, L context length, E embeddi
 """
 from __future__ import annotations
 
+import copy
 import json
 import sys
 
@@ -184,6 +185,12 @@ def test_eval_cli_on_demo_heldout(tiny_ckpt, demo, tmp_path, capsys):
     for k in ("zeroshot/top1", "zeroshot/top5", "zeroshot/mean_per_class_recall", "retrieval/t2i_R@10"):
         assert 0.0 <= res[k] <= 1.0
     assert res["zeroshot/top1"] <= res["zeroshot/top5"]
+    # user errors: one line on stderr and exit code 2, no traceback
+    rt_root = demo["retrieval"]  # the clip_benchmark-layout folder
+    assert main([str(path), "--zeroshot", demo["zeroshot"]]) == 2
+    assert "pass --model NAME" in capsys.readouterr().err
+    assert main([str(path), "--model", MODEL, "--zeroshot", rt_root]) == 2
+    assert "pass it as --retrieval" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -220,3 +227,16 @@ def test_clip_benchmark_agrees_with_evaclip_eval(tiny_ckpt, exported, demo, tmp_
     assert ev["zeroshot/top1"] == pytest.approx(cb["acc1"], abs=1e-9)
     assert ev["zeroshot/top5"] == pytest.approx(cb["acc5"], abs=1e-9)
     assert ev["zeroshot/mean_per_class_recall"] == pytest.approx(cb["mean_per_class_recall"], abs=1e-9)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_eval_matches_fp32(tiny_ckpt, demo):
+    """On a GPU, bf16 autocast evaluation gives the fp32 metrics up to a few near-tied samples."""
+    from evaclip.evals import eval_transforms_and_tokenizer, zero_shot
+
+    model = copy.deepcopy(tiny_ckpt[1]).cuda()  # the fixture's model stays on the CPU for the other tests
+    preprocess, tokenizer = eval_transforms_and_tokenizer(model.cfg)
+    kw = dict(batch_size=64, workers=0, device="cuda", show_progress=False)
+    fp32 = zero_shot(model, tokenizer, demo["zeroshot"], preprocess, amp=False, **kw)
+    bf16 = zero_shot(model, tokenizer, demo["zeroshot"], preprocess, amp=True, **kw)
+    assert abs(fp32["top1"] - bf16["top1"]) <= 3 / fp32["num_samples"]

@@ -12,6 +12,7 @@ regroup, so LOSS_RTOL again.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -102,6 +103,21 @@ def test_fsdp_matches_ddp_losses(parity, opt):
     assert len(ddp) == len(fsdp) == STEPS
     assert ddp[-1] < ddp[0]  # it trains
     assert fsdp == pytest.approx(ddp, rel=LOSS_RTOL)
+
+
+@pytest.mark.slow
+def test_fsdp_composes_with_grad_checkpointing_token_drop_offload_and_compile(parity):
+    losses = parity[0]["losses"]
+    assert losses["compose/fsdp"] == pytest.approx(losses["compose/ddp"], rel=LOSS_RTOL)
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_mixed_precision_tracks_ddp_autocast(parity):
+    """bf16 parameters in FSDP2 vs fp32 parameters under autocast in DDP: the same math at bf16 resolution, not the
+    same rounding (weights are rounded to bf16 before use, not at each matmul); 3 steps stay within 2%."""
+    losses = parity[0]["losses"]
+    assert all(math.isfinite(v) for v in losses["bf16/fsdp"])
+    assert losses["bf16/fsdp"] == pytest.approx(losses["bf16/ddp"], rel=2e-2)
 
 
 @pytest.mark.slow
@@ -203,8 +219,8 @@ def _records(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_torchrun_restarts_a_killed_worker_and_finishes(tmp_path):
     """Rank 1 dies (SIGKILL) before its 5th step on the first attempt; torchrun restarts both workers, resume=auto
-    picks up the step-3 sharded checkpoint, and the run ends with every step done; then the same run resumes with
-    1 process (2 -> 1 ranks) for 2 more steps."""
+    picks up the step-3 sharded checkpoint, and the run ends with every step done (2 -> 1 ranks is
+    test_resume_sharded_checkpoint_with_one_rank)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
            str(REPO / "tests" / "fsdp_elastic_worker.py"), "1", "5", *_train_args(tmp_path, "max_steps=6")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
@@ -216,14 +232,10 @@ def test_torchrun_restarts_a_killed_worker_and_finishes(tmp_path):
     assert [r for r in recs if r.get("event") == "end"][-1]["step"] == 6
     steps = sorted({r["step"] for r in recs if "train/loss" in r})
     assert steps == [1, 2, 3, 4, 5, 6]
+    # step 4 ran twice: before the kill (rank 0 logged it) and after the restart; model, optimizer, RNG (token-drop
+    # masks) and data position all come back from the checkpoint, so both give the same loss
+    step4 = [r["train/loss"] for r in recs if r.get("step") == 4 and "train/loss" in r]
+    assert len(step4) == 2 and step4[0] == pytest.approx(step4[1], rel=1e-6)
     meta = json.loads((run / "ckpt" / "step_00000006" / "meta.json").read_text())
     assert meta["strategy"] == "fsdp" and {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= set(
         meta["files"])
-
-    one = subprocess.run([sys.executable, "-m", "evaclip.train", *_train_args(tmp_path, "max_steps=8")],
-                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
-    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    recs = _records(run)
-    last = [r for r in recs if r.get("event") == "resume"][-1]
-    assert last["step"] == 6 and last["world_size"] == 1
-    assert [r["step"] for r in recs if "train/loss" in r][-2:] == [7, 8]

@@ -233,3 +233,17 @@ def test_bigE_param_count_meta():
     vis = sum(p.numel() for p in m.visual.parameters())
     txt = sum(p.numel() for p in m.text.parameters())
     assert 4.3e9 < vis < 4.5e9 and 0.6e9 < txt < 0.75e9
+
+
+def test_tokenizer_and_transforms_follow_the_model():
+    """open_clip's BPE at the model's context length (long captions truncated, EOT kept) and its image transforms."""
+    from PIL import Image
+
+    import evaclip
+
+    tok = evaclip.get_tokenizer("EVA02-CLIP-demo")
+    ids = tok(["a photo of the digit seven " * 10, "zero"])
+    assert ids.shape == (2, 16) and (ids.argmax(dim=-1) == torch.tensor([15, 2])).all()  # EOT = highest id
+    for train in (True, False):
+        img = evaclip.get_transforms("EVA02-CLIP-tiny", train=train)(Image.new("RGB", (50, 40), (255, 0, 0)))
+        assert img.shape == (3, 32, 32)

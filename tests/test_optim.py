@@ -180,7 +180,7 @@ def test_param_groups_on_the_real_tiny_clip():
 
 
 def test_param_groups_merge_layers_without_decay():
-    groups = build_param_groups(StandInCLIP(), OptimCfg(weight_decay=0.05))  # ld = 1: one decay + one no-decay group
+    groups = build_param_groups(tiny_clip(), OptimCfg(weight_decay=0.05))  # ld = 1: one decay + one no-decay group
     towers = [(g["tower"], g["weight_decay"] > 0) for g in groups]
     assert sorted(towers) == sorted([("visual", True), ("visual", False), ("text", True), ("text", False),
                                      ("other", False)])
@@ -189,7 +189,7 @@ def test_param_groups_merge_layers_without_decay():
 
 @pytest.mark.parametrize("lock", ["lock_text", "lock_image"])
 def test_locked_tower_gets_no_optimizer_state(lock):
-    model = StandInCLIP()
+    model = tiny_clip()
     opt = build_optimizer(model, OptimCfg(**{lock: True}))
     tower = "text" if lock == "lock_text" else "visual"
     frozen = [p for n, p in model.named_parameters() if n.startswith(tower + ".")]
@@ -269,13 +269,13 @@ def test_lamb_chunking_does_not_change_the_step():
 
 
 def test_build_optimizer_impls():
-    assert isinstance(build_optimizer(StandInCLIP(), OptimCfg(impl="reference")), torch_optimizer.Lamb)
-    opt = build_optimizer(StandInCLIP(), OptimCfg(lamb_variant="deepspeed"))
+    assert isinstance(build_optimizer(tiny_clip(), OptimCfg(impl="reference")), torch_optimizer.Lamb)
+    opt = build_optimizer(tiny_clip(), OptimCfg(lamb_variant="deepspeed"))
     assert isinstance(opt, Lamb) and opt.variant == "deepspeed"
-    adamw = build_optimizer(StandInCLIP(), OptimCfg(name="adamw"))
+    adamw = build_optimizer(tiny_clip(), OptimCfg(name="adamw"))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["foreach"]
     with pytest.raises(ValueError, match="no DeepSpeed variant"):
-        build_optimizer(StandInCLIP(), OptimCfg(impl="reference", lamb_variant="deepspeed"))
+        build_optimizer(tiny_clip(), OptimCfg(impl="reference", lamb_variant="deepspeed"))
     with pytest.raises(ValueError, match="variant"):
         Lamb([nn.Parameter(torch.ones(2))], variant="apex")
 
@@ -330,7 +330,7 @@ def test_lamb_state_dict_roundtrip():
 
 
 def test_cosine_schedule_values_per_group():
-    model = StandInCLIP()
+    model = tiny_clip()
     opt = build_optimizer(model, OptimCfg(lr=1e-3, visual_lr=2e-3, visual_ld=0.5, warmup_steps=4,
                                           min_lr_ratio=0.1))
     sched = build_scheduler(opt, OptimCfg(warmup_steps=4, min_lr_ratio=0.1), total_steps=14)
@@ -348,14 +348,14 @@ def test_cosine_schedule_values_per_group():
 
 
 def test_const_schedule_and_resume():
-    opt = build_optimizer(StandInCLIP(), OptimCfg(lr=1e-3, schedule="const", warmup_steps=2))
+    opt = build_optimizer(tiny_clip(), OptimCfg(lr=1e-3, schedule="const", warmup_steps=2))
     cfg = OptimCfg(schedule="const", warmup_steps=2)
     sched = build_scheduler(opt, cfg, total_steps=10)
     assert [lr_factor(s, "const", 10, 2, 0.0) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
     for _ in range(3):
         sched.step()
     state = sched.state_dict()
-    opt2 = build_optimizer(StandInCLIP(), OptimCfg(lr=1e-3, schedule="const", warmup_steps=2))
+    opt2 = build_optimizer(tiny_clip(), OptimCfg(lr=1e-3, schedule="const", warmup_steps=2))
     sched2 = build_scheduler(opt2, cfg, total_steps=10)
     assert sched2.factor() == 0.5
     sched2.load_state_dict(state)
@@ -363,7 +363,7 @@ def test_const_schedule_and_resume():
 
 
 def test_schedule_bad_input():
-    opt = build_optimizer(StandInCLIP(), OptimCfg())
+    opt = build_optimizer(tiny_clip(), OptimCfg())
     with pytest.raises(ValueError, match="warmup_steps"):
         build_scheduler(opt, OptimCfg(warmup_steps=10), total_steps=10)
     with pytest.raises(ValueError, match="total_steps"):
@@ -375,7 +375,7 @@ def test_schedule_bad_input():
 
 def test_clip_grad_norm_matches_torch():
     torch.manual_seed(0)
-    a, b = StandInCLIP(), StandInCLIP()
+    a, b = tiny_clip(), tiny_clip()
     b.load_state_dict(a.state_dict())
     for pa, pb in zip(a.parameters(), b.parameters()):
         pa.grad = torch.randn_like(pa)
@@ -393,7 +393,7 @@ def test_clip_grad_norm_matches_torch():
 
 
 def test_clamp_logit_scale():
-    model = StandInCLIP()
+    model = tiny_clip()
     with torch.no_grad():
         model.logit_scale.fill_(7.0)
     wrapper = nn.Module()

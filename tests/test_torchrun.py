@@ -68,16 +68,16 @@ def test_torchrun_two_processes_gloo_finishes_and_writes_checkpoints(digits, tmp
 
 
 def test_sigkill_then_resume_auto_continues_exactly(digits, tmp_path):
-    """Kill a run after its step-10 checkpoint, corrupt that checkpoint, resume=auto: the run goes back to step 5 (and
+    """Kill a run after its step-8 checkpoint, corrupt that checkpoint, resume=auto: the run goes back to step 4 (and
     says why), then every later step's loss and lr equal an uninterrupted run's (token dropping on, so the RNG state
     and the data position must both be restored)."""
     base = [sys.executable, "-m", "evaclip.train"]
-    common = ["max_steps=24", "ckpt.every=5", "ckpt.keep_last=3", "model.token_drop=0.5"]
+    common = ["max_steps=14", "ckpt.every=4", "ckpt.keep_last=3", "model.token_drop=0.5"]
     ref = subprocess.Popen(base + _overrides(digits, tmp_path, "ref", *common), cwd=tmp_path, env=_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim = subprocess.Popen(base + _overrides(digits, tmp_path, "victim", *common), cwd=tmp_path, env=_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = tmp_path / "victim" / "ckpt" / "step_00000010"
+    target = tmp_path / "victim" / "ckpt" / "step_00000008"
     deadline = time.time() + 240
     while not target.is_dir() and victim.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -92,14 +92,14 @@ def test_sigkill_then_resume_auto_continues_exactly(digits, tmp_path):
     resumed = subprocess.run(base + _overrides(digits, tmp_path, "victim", *common, "resume=auto"), cwd=tmp_path,
                              env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "skipping checkpoint step_00000010" in resumed.stdout and "truncated" in resumed.stdout
+    assert "skipping checkpoint step_00000008" in resumed.stdout and "truncated" in resumed.stdout
 
     recs = _records(tmp_path / "victim")
     last_resume = max(i for i, r in enumerate(recs) if r.get("event") == "resume")
-    assert recs[last_resume]["step"] == 5
+    assert recs[last_resume]["step"] == 4
     after = {r["step"]: r for r in recs[last_resume:] if "train/loss" in r}
     reference = {r["step"]: r for r in _records(tmp_path / "ref") if "train/loss" in r}
-    assert sorted(after) == list(range(6, 25))
+    assert sorted(after) == list(range(5, 15))
     for step, r in after.items():
         assert r["train/lr/visual"] == pytest.approx(reference[step]["train/lr/visual"], rel=1e-12), step
         assert r["train/loss"] == pytest.approx(reference[step]["train/loss"], rel=LOSS_RTOL), step

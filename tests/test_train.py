@@ -38,7 +38,7 @@ def _batch(n, seed=0):
     return images, tokens
 
 
-@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("k", [3])
 def test_grad_accumulation_k_by_b_equals_one_batch_of_kb(k):
     """Cached-feature accumulation of k micro-batches of B == one batch of k*B, every gradient (logit scale too)."""
     torch.manual_seed(0)
@@ -142,9 +142,9 @@ def test_too_many_bad_steps_stop_with_a_clear_message_and_keep_the_last_good_che
     ckpt.verify_checkpoint(root / "step_00000004")
 
 
-def test_run_folder_has_config_git_metrics_and_checkpoints(tmp_path):
+def test_run_folder_has_config_git_metrics_checkpoints_and_token_drop_phase(tmp_path):
     result = main(_cfg(tmp_path, "max_steps=4", "ckpt.every=2", "ckpt.keep_last=5", "log.every=2",
-                       "log.tensorboard=true", "accum_freq=2"))
+                       "log.tensorboard=true", "accum_freq=2", "model.token_drop=0.5", "model.token_drop_until=3"))
     run = tmp_path / "run"
     assert load_config(run / "config.yaml").accum_freq == 2  # the resolved config reloads as is
     info = json.loads((run / "run_info.json").read_text())
@@ -158,6 +158,10 @@ def test_run_folder_has_config_git_metrics_and_checkpoints(tmp_path):
     assert recs[-1]["train/samples_seen"] == 4 * 2 * 4
     assert any((run / "tensorboard").iterdir())
     assert result.checkpoint == run / "ckpt" / "step_00000004"
+    # the unmasked tuning phase starts at model.token_drop_until
+    events = [r for r in _records(run) if r.get("event") == "token_drop"]
+    assert events == [{"event": "token_drop", "step": 3, "ratio": 0.0}]
+    assert result.status == "finished"
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -167,12 +171,6 @@ def test_mixed_precision_steps_train(tmp_path, precision):
     assert result.step == 2 and all(r["train/loss"] == r["train/loss"] for r in recs)
     if precision == "fp16":
         assert "train/loss_scale" in recs[-1]
-
-
-def test_token_drop_phase_ends_at_token_drop_until(tmp_path):
-    result = main(_cfg(tmp_path, "model.token_drop=0.5", "model.token_drop_until=3", "max_steps=4"))
-    events = [r for r in _records(result.run_dir) if r.get("event") == "token_drop"]
-    assert events == [{"event": "token_drop", "step": 3, "ratio": 0.0}]
 
 
 def test_locked_image_tower_does_not_move(tmp_path):

@@ -12,23 +12,64 @@ import time
 from typing import Any, Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from evaclip.bench.measure import synchronize
 
 __all__ = ["count_flops", "matmul_peak_flops", "mfu"]
 
 
+def _cpu_sdpa_fwd(query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_bwd(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def _bnhd_to_bhnd(shape) -> tuple:
+    b, n, h, d = shape
+    return (b, h, n, d)
+
+
+def _flash_attn_fwd(q, k, v, *args, out_val=None, **kwargs) -> int:  # flash-attn's layout: B N H D
+    return sdpa_flop_count(_bnhd_to_bhnd(q), _bnhd_to_bhnd(k), _bnhd_to_bhnd(v))
+
+
+def _flash_attn_bwd(dout, q, k, v, *args, out_val=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(*(_bnhd_to_bhnd(t) for t in (dout, q, k, v)))
+
+
+def _extra_formulas() -> dict:
+    """Attention kernels torch's counter misses: SDPA's CPU flash kernel, and the flash-attn package's custom ops.
+
+    Without them attention counts zero on CPU (the counter only knows the CUDA SDPA kernels), and MFU is too low.
+    """
+    aten = torch.ops.aten
+    out = {}
+    for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_sdpa_fwd),
+                     ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_sdpa_bwd)):
+        if hasattr(aten, name):
+            out[getattr(aten, name)] = fn
+    fa = getattr(torch.ops, "flash_attn", None)  # registered only once flash_attn has been imported
+    for name, fn in (("_flash_attn_forward", _flash_attn_fwd), ("_flash_attn_backward", _flash_attn_bwd)):
+        try:
+            out[getattr(fa, name)] = fn
+        except (AttributeError, RuntimeError):
+            pass
+    return out
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """Run ``fn()`` once under FlopCounterMode; returns the total FLOPs (forward and backward).
 
-    FlopCounterMode counts matmuls, convolutions and SDPA (forward and backward); elementwise work (norms,
-    activations, the optimizer update) is not counted, as is usual for MFU. Kernels the counter does not know
-    (e.g. the flash-attn package's custom ops) count zero: count on an SDPA build of the same model instead.
+    FlopCounterMode counts matmuls, convolutions and attention (forward and backward; with the CPU SDPA and
+    flash-attn kernels added here); elementwise work (norms, activations, the optimizer update) is not counted, as
+    is usual for MFU. Causal attention is counted as full (as torch and the FlashAttention papers' MFU do).
     """
     # Per-module totals are not returned: the counter's module tracker attributes backward ops to the wrong
     # modules (a 2-layer text tower "costs" as much as the image tower), so only the global total is trustworthy.
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
     with counter:
         fn()
     return int(counter.get_total_flops())

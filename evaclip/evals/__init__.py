@@ -8,11 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Callable, Optional
 
 from evaclip.evals.common import load_model, rank_world
 from evaclip.evals.retrieval import retrieval, retrieval_metrics
 from evaclip.evals.zeroshot import build_classifier, classification_metrics, zero_shot
+from evaclip.models.attention import AttentionBackendError
+
+# errors that mean "the input is wrong" (not a bug): the CLIs print them as one line
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, AttentionBackendError)
 
 __all__ = ["evaluate", "zero_shot", "retrieval", "build_classifier", "classification_metrics", "retrieval_metrics",
            "load_model", "main"]
@@ -42,11 +47,12 @@ def evaluate(model, cfg_eval, tokenizer: Callable, preprocess: Callable, device,
     return out
 
 
-def eval_transforms_and_tokenizer(model_name: str):
-    """The eval image transform and the tokenizer for a registered architecture (open_clip's, via evaclip.data)."""
+def eval_transforms_and_tokenizer(model):
+    """The eval image transform and the tokenizer (open_clip's, via evaclip.data) for an architecture name or its
+    ``CLIPCfg`` (``model.cfg``: includes create_model overrides such as the image size)."""
     from evaclip.data.transforms import get_tokenizer, get_transforms
 
-    return get_transforms(model_name, train=False), get_tokenizer(model_name)
+    return get_transforms(model, train=False), get_tokenizer(model)
 
 
 def format_table(results: dict) -> str:
@@ -90,27 +96,35 @@ def main(argv: Optional[list] = None) -> int:
 
     env = init_distributed(load_config(overrides={"device": args.device}))
     try:
-        model, name = load_model(args.checkpoint, args.model, env.device, args.attn_backend)
-        preprocess, tokenizer = eval_transforms_and_tokenizer(name)
-        kw = dict(batch_size=args.batch_size, workers=args.workers, device=env.device, amp=not args.no_amp,
-                  show_progress=not args.quiet)
-        results = {}
-        if args.zeroshot:
-            res = zero_shot(model, tokenizer, args.zeroshot, preprocess, classnames=args.classnames,
-                            templates=args.templates, **kw)
-            results.update({f"zeroshot/{k}": v for k, v in res.items()})
-        if args.retrieval:
-            res = retrieval(model, tokenizer, args.retrieval, preprocess, **kw)
-            results.update({f"retrieval/{k}": v for k, v in res.items()})
-        if rank_world()[0] == 0:
-            print(format_table(results))
-            if args.out:
-                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-                with open(args.out, "w") as f:
-                    json.dump({"checkpoint": str(args.checkpoint), "model": name, "zeroshot": args.zeroshot,
-                               "retrieval": args.retrieval, "results": results}, f, indent=2)
+        return _run(args, env)
+    except USER_ERRORS as e:  # bad paths, layouts, names: one clear line, no traceback
+        print(f"evaclip eval: error: {e}", file=sys.stderr)
+        return 2
     finally:
         cleanup()
+
+
+def _run(args, env) -> int:
+    """Load, evaluate, print (rank 0) and write JSON."""
+    model, name = load_model(args.checkpoint, args.model, env.device, args.attn_backend)
+    preprocess, tokenizer = eval_transforms_and_tokenizer(model.cfg)
+    kw = dict(batch_size=args.batch_size, workers=args.workers, device=env.device, amp=not args.no_amp,
+              show_progress=not args.quiet)
+    results = {}
+    if args.zeroshot:
+        res = zero_shot(model, tokenizer, args.zeroshot, preprocess, classnames=args.classnames,
+                        templates=args.templates, **kw)
+        results.update({f"zeroshot/{k}": v for k, v in res.items()})
+    if args.retrieval:
+        res = retrieval(model, tokenizer, args.retrieval, preprocess, **kw)
+        results.update({f"retrieval/{k}": v for k, v in res.items()})
+    if rank_world()[0] == 0:
+        print(format_table(results))
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump({"checkpoint": str(args.checkpoint), "model": name, "zeroshot": args.zeroshot,
+                           "retrieval": args.retrieval, "results": results}, f, indent=2)
     return 0
 
 

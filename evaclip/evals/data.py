@@ -96,6 +96,10 @@ def resolve_zeroshot(path: str, classnames: Optional[str] = None, templates: Opt
     if is_local(path) and os.path.isdir(path):
         urls = _clip_benchmark_shards(path, split)
         if urls is not None:  # clip_benchmark layout: metadata next to the split folder
+            kind_file = os.path.join(path, "dataset_type.txt")
+            if os.path.isfile(kind_file) and read_lines(kind_file, "dataset type")[0].lower() == "retrieval":
+                raise ValueError(f"{path} is a retrieval set (dataset_type.txt): pass it as --retrieval, "
+                                 "not --zeroshot")
             if names is None:
                 names = read_lines(os.path.join(path, "classnames.txt"), "class names")
             if temps is None and os.path.isfile(os.path.join(path, "zeroshot_classification_templates.txt")):

@@ -386,9 +386,12 @@ def visual_to_timm(sd: dict, qkv_fused: bool = False) -> dict:
     return out
 
 
-def to_open_clip_state_dict(model, qkv_fused: bool = False) -> dict:
-    """The model in open_clip's EVA02 layout: timm ``Eva`` under ``visual.trunk.`` (separate q/k/v projections, as
-    timm's ``eva02_*_clip`` models; ``qkv_fused=True`` for fused ones), the text tower under ``text.``, logit scale."""
+def to_open_clip_state_dict(model, qkv_fused: Optional[bool] = None) -> dict:
+    """The model in open_clip's EVA layout: timm ``Eva`` under ``visual.trunk.``, the text tower under ``text.``,
+    logit scale. ``qkv_fused`` defaults to timm's choice for the architecture: separate q/k/v projections for the
+    sub-LN EVA-02 towers (``eva02_*_clip``), one fused qkv for EVA-01 g/14 and bigE."""
+    if qkv_fused is None:
+        qkv_fused = not model.cfg.vision.subln
     sd = model.state_dict()
     visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
     out = {f"visual.trunk.{k}": v for k, v in visual_to_timm(visual, qkv_fused).items()}
