@@ -239,7 +239,7 @@ def timm_eva_spec(model_cfg) -> tuple[str, Optional[dict]]:
     if builtin is not None and _standard_matches(builtin, mc):
         return builtin["vision_cfg"]["timm_model_name"], None
     kwargs = dict(img_size=v["image_size"], patch_size=v["patch_size"], embed_dim=v["width"], depth=v["depth"],
-                  num_heads=v["heads"], mlp_ratio=v["mlp_ratio"], qkv_fused=False, qkv_bias=v["qkv_bias"],
+                  num_heads=v["heads"], mlp_ratio=v["mlp_ratio"], qkv_fused=not v["subln"], qkv_bias=v["qkv_bias"],
                   swiglu_mlp=v["swiglu"], scale_mlp=v["subln"], scale_attn_inner=v["subln"],
                   use_rot_pos_emb=v["rope"], use_post_norm=v["postnorm"], init_values=v["layer_scale"],
                   global_pool="token")
