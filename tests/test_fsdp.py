@@ -236,6 +236,18 @@ def test_torchrun_restarts_a_killed_worker_and_finishes(tmp_path):
     # masks) and data position all come back from the checkpoint, so both give the same loss
     step4 = [r["train/loss"] for r in recs if r.get("step") == 4 and "train/loss" in r]
     assert len(step4) == 2 and step4[0] == pytest.approx(step4[1], rel=1e-6)
-    meta = json.loads((run / "ckpt" / "step_00000006" / "meta.json").read_text())
+    last = run / "ckpt" / "step_00000006"
+    meta = json.loads((last / "meta.json").read_text())
     assert meta["strategy"] == "fsdp" and {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= set(
         meta["files"])
+
+    # `evaclip export` reads the sharded checkpoint folder (no process group)
+    from evaclip.checkpoint_sharded import load_full_state_dict
+    from evaclip.evals.common import load_model
+    from evaclip.export import export
+
+    model, name = load_model(str(last))
+    full = load_full_state_dict(last / "dcp")
+    assert name == h.MODEL and sorted(full) == sorted(model.state_dict())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in full.items())
+    assert export(str(last), str(tmp_path / "export"), "safetensors", check=False)

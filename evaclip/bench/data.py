@@ -8,7 +8,9 @@ PNG) and generated 1500x1000 JPEGs. open_clip_train 3.x needs webdataset<=0.2.86
 venv (default ``.venv-openclip``):
 
     python3 -m venv .venv-openclip && .venv-openclip/bin/pip install torch==2.14.1 torchvision==0.29.1 \\
-        open_clip_torch open_clip_train 'webdataset<=0.2.86'
+        open_clip_torch 'webdataset<=0.2.86' pandas braceexpand
+
+(the open_clip_torch 3.3 wheel ships the ``open_clip_train`` package; add ``open_clip_train`` where the index has it).
 
 Top-level imports are stdlib only: the open_clip venv runs this same file as a script (``--side open_clip``).
 """
