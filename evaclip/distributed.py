@@ -7,6 +7,7 @@ gloo on CPU (``dist.backend`` can force one).
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -95,6 +96,9 @@ def init_distributed(cfg: TrainCfg, timeout_s: float = 1800.0) -> DistEnv:
 def cleanup() -> None:
     """Destroy the process group, if one was created."""
     if dist.is_available() and dist.is_initialized():
+        # FSDP2 modules / DTensors sit in reference cycles that hold the process groups; free them while the groups
+        # are alive, else their C++ teardown can run at interpreter exit and abort (seen with gloo, ~1 run in 10).
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -10,8 +10,9 @@ Unit layout (outermost last, as fully_shard needs bottom-up calls):
 * each transformer block (``visual.blocks.N``, ``text.transformer.resblocks.N``): the all-gather / free granularity
   that bounds peak memory;
 * each tower (``visual``, ``text``): its embeddings, final norm and projection, gathered for the whole tower pass;
-* the root CLIP module: what is left (``logit_scale`` / ``logit_bias``), kept in fp32 so the exponentiated logit
-  scale is not rounded to bf16, with fp32 outputs so the contrastive loss sees fp32 features.
+* the root CLIP module: owns no sharded parameter; its policy casts the outputs to fp32 for the contrastive loss.
+  The 0-d ``logit_scale`` / ``logit_bias`` (which ``fully_shard`` rejects) stay replicated fp32 tensors with their
+  gradients averaged over ranks (``replicate_scalar_params``), so the exponentiated scale is never rounded to bf16.
 
 Composition: per-block gradient checkpointing and token dropping need nothing from this module (the tower calls each
 block, FSDP's hooks fire on every call, recompute included); ``torch.compile`` is applied per block *before*
@@ -20,6 +21,7 @@ The optimizer must be built *after* ``shard_model`` (it has to hold the DTensor 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Optional
 
 import torch
@@ -219,7 +221,36 @@ def apply_fsdp(
         fully_shard(tower, mp_policy=unit_mp, reshard_after_forward=reshard_after_forward, **common)
     # The root's parameters are needed again right at the start of backward: keeping them gathered is free.
     fully_shard(model, mp_policy=mixed_precision(precision, root=True), reshard_after_forward=False, **common)
+    model._evaclip_reshard_after_forward = reshard_after_forward  # restored by gathered() after evaluation
     return model
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Context: every FSDP2 unit of ``model`` all-gathered once (a collective on entry) and kept for the block.
+
+    Inside, forward calls run no collectives, so ranks may call the model a different number of times (evaluation
+    splits its data unevenly over ranks; with per-call all-gathers that would hang). Costs the full model in the
+    compute dtype on every rank while inside. A no-op for models that are not FSDP2-sharded.
+    """
+    if not is_fsdp(model):
+        yield model
+        return
+    _, fsdp_module_cls, _, _, _ = _fsdp_api()
+    units = [m for m in model.modules() if isinstance(m, fsdp_module_cls)]
+    # The root initialises FSDP lazily in its first forward; evaluating (encode_image -> the tower) before any
+    # training step would make a tower its own root and break the next training forward. Initialise from the root.
+    model._get_fsdp_state()._lazy_init()
+    model.set_reshard_after_forward(False, recurse=True)
+    for m in units:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in units:
+            m.reshard()
+        model.set_reshard_after_forward(getattr(model, "_evaclip_reshard_after_forward", True), recurse=True)
+        model.set_reshard_after_forward(False, recurse=False)
 
 
 def replicate_scalar_params(model: nn.Module) -> set[nn.Parameter]:

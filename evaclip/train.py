@@ -37,7 +37,7 @@ from torch import nn
 from evaclip import checkpoint as ckpt
 from evaclip import distributed as du
 from evaclip.config import ConfigError, TrainCfg, load_config, to_dict
-from evaclip.fsdp import make_grad_scaler
+from evaclip.fsdp import gathered, make_grad_scaler
 from evaclip.logging import MetricLogger, Throughput, get_logger, setup_console
 from evaclip.losses import build_loss
 from evaclip.optim import build_optimizer, build_scheduler, clamp_logit_scale_, clip_grad_norm_, lock_towers
@@ -586,8 +586,9 @@ def evaluate(model: nn.Module, cfg: TrainCfg, env: du.DistEnv, logger: MetricLog
     preprocess, tokenizer = eval_transforms_and_tokenizer(cfg.model.name)
     state = torch.get_rng_state()
     try:
-        results = run_evals(du.unwrap(model), cfg.eval, tokenizer, preprocess, env.device,
-                            amp=cfg.precision != "fp32", show_progress=False)
+        with gathered(model):  # FSDP2: gather once, so ranks may run different numbers of eval batches
+            results = run_evals(du.unwrap(model), cfg.eval, tokenizer, preprocess, env.device,
+                                amp=cfg.precision != "fp32", show_progress=False)
     finally:
         torch.set_rng_state(state)
         model.train()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import socket
@@ -52,6 +53,7 @@ def _entry(rank: int, fn, world: int, port: int, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        gc.collect()  # free FSDP2 / DTensor cycles while the group lives (see evaclip.distributed.cleanup)
         dist.barrier()  # nobody tears the group down while a peer is still in a collective
     finally:
         dist.destroy_process_group()
@@ -156,6 +158,7 @@ def parity_worker(rank: int, world: int, out: str, ckpt: str, steps: int, G: int
             gathered = [torch.zeros_like(state) for _ in range(world)]
             dist.all_gather(gathered, state)
             res["state_bytes"][f"{strategy}/{opt}"] = [int(t.item()) for t in gathered]
+    res["gathered_eval"] = gathered_eval_check(rank, model, optimizer, G)
     res["losses"][f"resumed/{world}"] = resume_losses(ckpt, half, steps, G)
     res["losses"].update(composition_losses(rank))
     _write(out, rank, res)
@@ -182,6 +185,23 @@ def composition_losses(rank: int, steps: int = 3, G: int = 8) -> dict:
         torch.manual_seed(100 + rank)
         res[name] = train_steps(model, optimizer, range(steps), G, bf16=bf16)
     return res
+
+
+def gathered_eval_check(rank: int, model, optimizer, G: int) -> dict:
+    """Evaluation inside ``evaclip.fsdp.gathered``: ranks call the sharded model a different number of times (as
+    uneven eval splits do) and get the same features as a normal sharded forward; training continues after."""
+    from evaclip.fsdp import gathered
+
+    images, tokens = global_batch(0, G)
+    model.eval()
+    with torch.no_grad():
+        ref_img, ref_txt = model.encode_image(images[:2]), model.encode_text(tokens[:2])  # per-call all-gathers
+        with gathered(model):
+            calls = [(model.encode_image(images[:2]), model.encode_text(tokens[:2])) for _ in range(1 + 2 * rank)]
+    diff = max(max((a - ref_img).abs().max().item(), (b - ref_txt).abs().max().item()) for a, b in calls)
+    model.train()
+    after = train_steps(model, optimizer, range(1), G)
+    return {"max_diff": diff, "calls": len(calls), "loss_after": after[0]}
 
 
 def resume_losses(ckpt: str, start: int, steps: int, G: int) -> list[float]:

@@ -90,14 +90,16 @@ def test_bad_arguments_fail_with_a_clear_message():
         bench_main(["nonsense"])
 
 
-def test_attention_bench_runs_and_matches_eager(tmp_path):
-    rep = bench_main(["attention", "--device", "cpu", "--seq", "17", "--head-dim", "8", "--batch", "1",
-                      "--heads", "2", "--iters", "1", "--out", str(tmp_path)])
-    rows = rep["sections"][0]["rows"]
+def test_attention_bench_through_the_cli_matches_eager(tmp_path):
+    from evaclip.cli import main as evaclip_main
+
+    assert evaclip_main(["bench", "attention", "--device", "cpu", "--seq", "17", "--head-dim", "8", "--batch", "1",
+                         "--heads", "2", "--iters", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "attention.json").read_text())["sections"][0]["rows"]
     assert {r["backend"] for r in rows} == {"eager", "sdpa"}
     for r in rows:
         assert r["ms"] > 0 and r["gflops"] > 0 and r["max_err"] < 1e-5
-    assert (tmp_path / "attention.json").is_file() and (tmp_path / "attention.md").is_file()
+    assert "| sdpa | 17 | 8 |" in (tmp_path / "attention.md").read_text()
 
 
 def test_open_clip_twin_has_open_clips_own_eva02_b16_shapes():
@@ -149,3 +151,24 @@ def test_count_flops_counts_attention_on_cpu():
         torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
 
     assert flops.count_flops(sdpa) == 7 * 2 * b * h * n * n * d
+
+
+@pytest.mark.gpu
+def test_train_bench_bf16_auto_batch_on_cuda(tmp_path):
+    rep = bench_main(["train", "--model", "EVA02-CLIP-tiny", "--batch", "auto", "--precision", "bf16", "--device",
+                      "cuda", "--token-drop", "0.5", "--vs", "open_clip", "--steps", "2", "--rounds", "1",
+                      "--out", str(tmp_path)])
+    rows = rep["sections"][0]["rows"]
+    for r in rows:
+        assert r["batch"] >= 32 and r["batch"] % 8 == 0
+        assert r["samples_per_s"] > 0 and r["mfu_pct"] > 0 and r["host_syncs"] is not None
+    assert rows[0]["host_syncs"] == 0, "evaclip's step must not synchronise the host"
+
+
+@pytest.mark.gpu
+def test_attention_bench_on_cuda_bf16():
+    rep = bench_main(["attention", "--device", "cuda", "--precision", "bf16", "--seq", "197", "--head-dim", "64",
+                      "88", "--iters", "2"])
+    rows = rep["sections"][0]["rows"]
+    assert {"eager", "sdpa"} <= {r["backend"] for r in rows}
+    assert all(r["max_err"] < 5e-2 for r in rows)

@@ -121,6 +121,12 @@ def test_fsdp_bf16_mixed_precision_tracks_ddp_autocast(parity):
 
 
 @pytest.mark.slow
+def test_evaluation_with_uneven_calls_per_rank_inside_gathered(parity):
+    r = parity[0]["gathered_eval"]  # rank 0's view: it made 1 call, rank 1 made 3, and nothing hung
+    assert r["calls"] == 1 and r["max_diff"] == 0.0 and math.isfinite(r["loss_after"])
+
+
+@pytest.mark.slow
 def test_lamb_on_shards_equals_lamb_on_full_params(parity):
     """Uneven / empty shards, both LAMB variants: whole-parameter trust-ratio norms, so sharded == full; the
     negative control (norms of the local shard) moves the weights visibly differently."""

@@ -104,3 +104,26 @@ def test_sigkill_then_resume_auto_continues_exactly(digits, tmp_path):
         assert r["train/lr/visual"] == pytest.approx(reference[step]["train/lr/visual"], rel=1e-12), step
         assert r["train/loss"] == pytest.approx(reference[step]["train/loss"], rel=LOSS_RTOL), step
         assert r["train/samples_seen"] == reference[step]["train/samples_seen"]
+
+
+def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
+    """A scheduler's SIGTERM: the current step finishes, a checkpoint is written, the exit code says 'not finished'."""
+    cmd = [sys.executable, "-m", "evaclip.train", "demo_cpu", f"model.name={MODEL}", "data.synthetic=true",
+           "data.batch_size=4", "device=cpu", f"output_dir={tmp_path}", "name=term", "log.every=1",
+           "log.tensorboard=false", "max_steps=100000", "optim.warmup_steps=1", "model.token_drop_until=null"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and '"step": 2,' not in (
+            metrics.read_text() if metrics.is_file() else ""):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    end = _records(tmp_path / "term")[-1]
+    assert end["event"] == "end" and end["status"] == "preempted" and end["step"] >= 2
+    from evaclip.checkpoint import list_checkpoints, verify_checkpoint
+
+    (newest,) = list_checkpoints(tmp_path / "term" / "ckpt")
+    assert newest.name == f"step_{end['step']:08d}"
+    verify_checkpoint(newest)

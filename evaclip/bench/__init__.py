@@ -1,9 +1,19 @@
 """Benchmarks (never tests): training-step throughput / memory / MFU vs open_clip, attention kernels, optimizer, data.
 
-Entry point: ``python -m evaclip.bench {train,attention,optimizer,data,all}`` (see ``evaclip.bench.__main__``);
-``make bench`` runs ``all``. Results go to JSON + Markdown (``evaclip.bench.report``); docs/BENCHMARKS.md holds the
-latest figures with their commands and machine.
+Entry points: ``python -m evaclip.bench {train,attention,optimizer,data,all}`` and ``evaclip bench ...`` (both end
+in ``evaclip.bench.__main__.main``); ``make bench`` runs ``all``. Results go to JSON + Markdown
+(``evaclip.bench.report``); docs/BENCHMARKS.md holds the latest figures with their commands and machine.
 """
+from __future__ import annotations
+
 from evaclip.bench.flops import count_flops, matmul_peak_flops, mfu
 
-__all__ = ["count_flops", "matmul_peak_flops", "mfu"]
+__all__ = ["cli", "count_flops", "matmul_peak_flops", "mfu"]
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``evaclip bench ...`` (evaclip.cli's entry point): run the benchmark; exit code 0 (errors raise)."""
+    from evaclip.bench.__main__ import main  # lazy: importing it here would make `python -m evaclip.bench` warn
+
+    main(argv)
+    return 0

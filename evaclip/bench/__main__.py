@@ -21,8 +21,8 @@ __all__ = ["main"]
 
 # `make bench` on a CPU: a small EVA-02 CLIP at 224 px, image-dominated (a 2-layer narrow text tower), so the
 # token-drop ratio is visible in the step time; alternating with open_clip's equivalent.
-CPU_TRAIN_ARGS = ["--model", "EVA02-CLIP-S-16-bench", "--batch", "8", "--token-drop", "0", "0.5", "--vs", "open_clip",
-                  "--steps", "2", "--rounds", "3", "--warmup", "1"]
+CPU_TRAIN_ARGS = ["--model", "EVA02-CLIP-S-16", "--batch", "8", "--token-drop", "0", "0.5", "--vs", "open_clip",
+                  "--steps", "1", "--rounds", "3", "--warmup", "1"]
 GPU_TRAIN_ARGS = ["--model", "EVA02-CLIP-B-16", "--batch", "auto", "--precision", "bf16", "--token-drop", "0", "0.5",
                   "--vs", "open_clip", "--steps", "10", "--rounds", "3", "--warmup", "3"]
 
@@ -99,16 +99,10 @@ H100_ASSUMED_MFU = 0.45  # the issue's GPU target; an estimate, not a measuremen
 def data_budget(data_sec: dict, model: str = "EVA02-CLIP-B-16", token_drop: float = 0.5, cores: int = 16) -> dict:
     """Does a ``cores``-core host decode fast enough for one H100 training ``model`` at ``token_drop``?
 
-    The H100 rate is ESTIMATED: FLOPs per sample counted here (FlopCounterMode, full step at batch 2 on CPU) x the
-    published dense bf16 peak x an assumed MFU. The per-core decode rate is the one ``bench data`` measured.
+    The H100 rate is ESTIMATED: FLOPs per sample counted here (FlopCounterMode on the meta device) / (the
+    published dense bf16 peak x an assumed MFU). The per-core decode rate is the one ``bench data`` measured.
     """
-    d = train_bench.model_dims(model, {})
-    cfg = train_bench.TrainBenchCfg(model=model, token_drop=[token_drop], device="cpu")
-    model_ = train_bench._evaclip_model(cfg, token_drop, torch.device("cpu"))
-    runner = train_bench.Runner("evaclip", "", model_, train_bench._evaclip_lamb(model_),
-                                train_bench._evaclip_loss_fn(model_), train_bench._synthetic(2, d, "cpu", 0),
-                                token_drop, None)
-    flops_per_sample = train_bench.count_flops(runner.step) / 2
+    flops_per_sample = train_bench.flops_per_sample(model, token_drop)
     h100_samples_s = H100_BF16_DENSE_PEAK * H100_ASSUMED_MFU / flops_per_sample
     need_per_core = h100_samples_s / cores
     rows = []
@@ -131,9 +125,10 @@ def _all(argv: list[str], device: torch.device, out: Optional[str]) -> list[dict
     on_gpu = device.type == "cuda"
     train_args = argv or (GPU_TRAIN_ARGS if on_gpu else CPU_TRAIN_ARGS)
     sections = [_run_train(train_args), _run_attention(["--device", str(device.type)])]
-    # The optimizer benchmark runs on a real model's parameter set; on CPU the B/16 set keeps it to seconds.
+    # The optimizer benchmark runs on a real model's parameter set: B/16 on a GPU, the small CPU model on a CPU.
     sections.append(_delegate("optimizer", "LAMB step: foreach vs torch_optimizer.Lamb",
-                              ["--model", "EVA02-CLIP-B-16", "--device", device.type]))
+                              ["--model", "EVA02-CLIP-B-16" if on_gpu else "EVA02-CLIP-S-16", "--device",
+                               device.type]))
     sections.append(_data_section([], out))
     sections.append(data_budget(sections[-1]))
     return sections

@@ -2,7 +2,8 @@
 
 Shapes: B batch, H heads, N sequence length (tokens incl. the class token), D head dim.
 
-Each backend runs in the layout it wants (flash-attn: B N H D, SDPA and eager: B H N D), so no transpose is timed.
+The kernels are evaclip's own ``Attend`` modules (evaclip.models.attention), each fed the layout it declares
+(flash-attn: B N H D, SDPA and eager: B H N D), so no transpose is timed.
 FLOPs are the usual attention count: forward 4·B·H·N²·D (two matmuls), backward 2.5x forward.
 """
 from __future__ import annotations
@@ -11,7 +12,6 @@ import argparse
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from evaclip.bench.measure import median, time_calls
 from evaclip.bench.report import section
@@ -25,38 +25,16 @@ ATTN_COLUMNS = [("backend", "backend"), ("seq", "N"), ("head_dim", "D"), ("batch
                 ("max_err", "max |out - eager|")]
 
 
-def _eager(q_BHND: torch.Tensor, k_BHND: torch.Tensor, v_BHND: torch.Tensor) -> torch.Tensor:
-    # The reference: materialises the N x N score matrix, softmax in fp32 for low-precision inputs.
-    attn_BHNN = (q_BHND * q_BHND.shape[-1] ** -0.5) @ k_BHND.transpose(-2, -1)
-    return attn_BHNN.float().softmax(-1).to(q_BHND.dtype) @ v_BHND
-
-
-def _sdpa(q_BHND, k_BHND, v_BHND):
-    return F.scaled_dot_product_attention(q_BHND, k_BHND, v_BHND)
-
-
-def _flash_attn_fn() -> Callable | None:
-    """flash-attn's ``flash_attn_func`` (FA2; FA4 through ``flash_attn.cute``), or None when not installed."""
-    try:
-        from flash_attn import flash_attn_func  # lazy: optional CUDA-only dependency
-        return flash_attn_func
-    except ImportError:
-        pass
-    try:
-        from flash_attn.cute import flash_attn_func
-        return lambda q, k, v: flash_attn_func(q, k, v)[0]  # FA4 returns (out, lse)
-    except ImportError:
-        return None
-
-
 def available_backends(device: torch.device, dtype: torch.dtype) -> tuple[list[str], list[str]]:
     """(backends to run, notes on the ones skipped and why)."""
+    from evaclip.models.attention import flash_attn_usable
+
     run, notes = ["eager", "sdpa"], []
     if device.type != "cuda":
         notes.append("flash_attn skipped: needs a CUDA device")
     elif dtype not in (torch.float16, torch.bfloat16):
-        notes.append("flash_attn skipped: needs fp16 or bf16")
-    elif _flash_attn_fn() is None:
+        notes.append("flash_attn skipped: its kernels run fp16 / bf16 only (the model would cast around them)")
+    elif not flash_attn_usable(device):
         notes.append("flash_attn skipped: the flash-attn package is not installed (pip install evaclip[flash])")
     else:
         run.append("flash_attn")
@@ -72,10 +50,10 @@ def _inputs(backend: str, b: int, h: int, n: int, d: int, device, dtype, seed: i
 
 
 def _kernel(backend: str) -> Callable:
-    if backend == "flash_attn":
-        fa = _flash_attn_fn()
-        return fa
-    return {"eager": _eager, "sdpa": _sdpa}[backend]
+    """The model's own attention module for ``backend`` (what training runs, not a re-implementation)."""
+    from evaclip.models.attention import Attend
+
+    return Attend(backend)
 
 
 def _train_call(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], None]:

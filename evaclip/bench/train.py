@@ -30,8 +30,8 @@ from evaclip.bench.flops import count_flops, matmul_peak_flops, mfu
 from evaclip.bench.measure import PeakMemory, median, memory_in_use, release_host_memory, time_calls
 from evaclip.bench.report import section
 
-__all__ = ["TRAIN_COLUMNS", "Runner", "TrainBenchCfg", "bench_train", "find_max_batch", "resolve_device",
-           "resolve_dtype"]
+__all__ = ["TRAIN_COLUMNS", "Runner", "TrainBenchCfg", "bench_train", "find_max_batch", "flops_per_sample",
+           "open_clip_model", "resolve_device", "resolve_dtype"]
 
 TRAIN_COLUMNS = [("impl", "impl"), ("optimizer", "optimizer"), ("model", "model"), ("params_m", "params (M)"),
                  ("precision", "precision"), ("token_drop", "token drop"), ("batch", "B"),
@@ -338,6 +338,23 @@ def count_host_syncs(runner: Runner) -> Optional[int]:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def flops_per_sample(model_name: str, token_drop: float, overrides: Optional[dict] = None, batch: int = 2) -> float:
+    """Counted training FLOPs (forward + loss + backward) per sample, on the meta device: no memory, no compute.
+
+    For sizing runs (e.g. a GPU-sized model on a CPU machine); attention is counted with SDPA's formula.
+    """
+    from evaclip.models import create_model
+
+    overrides = overrides or {}
+    d = model_dims(model_name, overrides)
+    with torch.device("meta"):
+        model = create_model(model_name, attn_backend="sdpa", token_drop=token_drop, **overrides).train()
+        images_BCHW = torch.empty(batch, 3, d["image_size"], d["image_size"])
+        tokens_BL = torch.zeros(batch, d["context_length"], dtype=torch.long)
+    forward_loss = _evaclip_loss_fn(model)
+    return count_flops(lambda: forward_loss(images_BCHW, tokens_BL).backward()) / batch
 
 
 def _alternate(runners: list[Runner], cfg: TrainBenchCfg, device: torch.device) -> None:
