@@ -342,8 +342,12 @@ def main(argv=None) -> int:
     m.add_argument("--world", type=int, default=2)
     m.add_argument("--width", type=int, default=512)
     m.add_argument("--depth", type=int, default=8)
-    m.add_argument("--out", default="fsdp_memory.json")
+    m.add_argument("--out", default=None, help="JSON result file (default: a temporary file)")
     args = p.parse_args(argv)
+    if args.out is None:
+        import tempfile
+
+        args.out = str(Path(tempfile.mkdtemp()) / "fsdp_memory.json")
     launch(memory_worker, args.world, args.out, args.width, args.depth, ["ddp", "fsdp"])
     res = json.loads(Path(args.out).read_text())
     for k, v in res.items():

@@ -77,6 +77,22 @@ def test_units_are_blocks_then_towers():
     assert [names[id(t)] for t in towers(model, blocks)] == ["visual", "text"]
 
 
+def test_memory_estimate_shards_the_state(capsys):
+    from evaclip.fsdp import _main, estimate_memory
+
+    n_params = sum(p.numel() for p in h.make_model().parameters())
+    cfg = load_config(None, {"model.name": h.MODEL, "dist.strategy": "fsdp", "precision": "bf16",
+                             "model.grad_checkpointing": "true", "model.token_drop": "0.5"})
+    fsdp = estimate_memory(cfg, 4)
+    ddp = estimate_memory(load_config(None, {"model.name": h.MODEL, "precision": "bf16"}), 4)
+    assert fsdp["weights_grads_optimizer"] * 2**30 == pytest.approx(16 * n_params / 4)
+    assert ddp["weights_grads_optimizer"] * 2**30 == pytest.approx(16 * n_params)
+    assert 0 < fsdp["activations"] < ddp["activations"]  # checkpointing + dropping keep less
+    assert fsdp["total"] < ddp["total"]
+    assert _main(["eva02_clip_bige14_plus", "--world", "8,144"]) == 0
+    assert "| 144 |" in capsys.readouterr().out
+
+
 def test_apply_fsdp_without_process_group_is_a_clear_error():
     from evaclip.fsdp import apply_fsdp
 
