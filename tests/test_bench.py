@@ -112,6 +112,7 @@ def test_open_clip_twin_has_open_clips_own_eva02_b16_shapes():
     assert twin.visual.trunk.patch_drop.prob == 0.5
 
 
+@pytest.mark.slow
 def test_train_bench_smoke_on_the_tiny_model(tmp_path):
     rep = bench_main(["train", "--model", "EVA02-CLIP-tiny", "--batch", "4", "--token-drop", "0", "0.5", "--vs",
                       "open_clip", "--steps", "1", "--rounds", "2", "--warmup", "0", "--peak-size", "256",

@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> dict:
     Returns the report dict (``machine``, ``command``, ``sections``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="evaclip bench", description=__doc__.splitlines()[0],
+    # No -h of its own once a subcommand is named: `bench train --help` must reach train's parser.
+    top_help = not argv or argv[0] in ("-h", "--help") or (argv[0] == "all" and {"-h", "--help"} & set(argv))
+    p = argparse.ArgumentParser(prog="evaclip bench", description=__doc__.splitlines()[0], add_help=top_help,
                                 epilog="options after the subcommand go to it (see `evaclip bench train --help`)")
     p.add_argument("what", choices=[*SUBCOMMANDS, "all"])
     p.add_argument("--out", default=None, help="write <out>/<what>.json and .md (default: print only)")
