@@ -111,7 +111,8 @@ def _convert_loader():
 def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", attn_backend: str = "auto"):
     """Build the model a checkpoint was trained as and load its weights strictly; returns ``(model, name)``.
 
-    ``checkpoint`` is a training checkpoint folder (``model.pt`` + the run's ``config.yaml``), or a state-dict file
+    ``checkpoint`` is a run folder (its newest complete checkpoint is used), a training checkpoint folder (``model.pt``
+    + the run's ``config.yaml``), or a state-dict file
     (safetensors / torch) with ``model_name`` naming the architecture (or a ``config.yaml`` beside it).
     """
     from evaclip.checkpoint_sharded import checkpoint_weights, load_full_state_dict
@@ -119,6 +120,13 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", 
     from evaclip.models.convert import load_state_dict_file
 
     path = Path(checkpoint)
+    if path.is_dir() and (path / "ckpt").is_dir():  # a run folder: its newest complete checkpoint
+        from evaclip.checkpoint import find_resume_checkpoint
+
+        newest = find_resume_checkpoint(path / "ckpt")
+        if newest is None:
+            raise FileNotFoundError(f"run folder {path} has no complete checkpoint under {path / 'ckpt'}")
+        path = newest
     sharded = checkpoint_weights(path) if path.is_dir() else None  # dist.strategy=fsdp checkpoints (DCP shards)
     if sharded is not None:
         weights = sharded
