@@ -24,17 +24,21 @@ TOWERS = ("image", "text")
 CLIP_BPE = "clip-bpe"  # the OpenAI CLIP byte-pair tokenizer (open_clip.SimpleTokenizer)
 
 
-class ImageEncoder(nn.Module):
-    """The image tower: ``images_BCHW -> features_BE`` (projected to the shared embedding space)."""
+class _Encoder(nn.Module):
+    """One tower and its ``config.json``: ``inputs -> features_BE`` (projected to the shared embedding space)."""
 
     def __init__(self, tower: nn.Module, config: dict):
         super().__init__()
         self.tower = tower
         self.config = config
 
-    def forward(self, images_BCHW: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        f_BE = self.tower(images_BCHW)
+    def forward(self, inputs: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        f_BE = self.tower(inputs)
         return F.normalize(f_BE, dim=-1) if normalize else f_BE
+
+
+class ImageEncoder(_Encoder):
+    """The image tower: ``images_BCHW -> features_BE``."""
 
     @property
     def preprocess(self) -> Callable:
@@ -46,17 +50,8 @@ class ImageEncoder(nn.Module):
                                interpolation=c.get("interpolation"), resize_mode=c.get("resize_mode"))
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(_Encoder):
     """The text tower: ``tokens_BL -> features_BE``."""
-
-    def __init__(self, tower: nn.Module, config: dict):
-        super().__init__()
-        self.tower = tower
-        self.config = config
-
-    def forward(self, tokens_BL: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        f_BE = self.tower(tokens_BL)
-        return F.normalize(f_BE, dim=-1) if normalize else f_BE
 
     @property
     def tokenizer(self) -> Callable:

@@ -70,9 +70,9 @@ def model_config_of(model, architecture: str):
 
 
 def _mean_std(v: dict) -> tuple[list, list]:
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from evaclip.data.transforms import MEAN, STD
 
-    return list(v.get("mean") or OPENAI_DATASET_MEAN), list(v.get("std") or OPENAI_DATASET_STD)
+    return list(v.get("mean") or MEAN), list(v.get("std") or STD)
 
 
 def _wrap(model, tower: str, cfg: dict):
