@@ -188,13 +188,11 @@ class EVAVisionTransformer(nn.Module):
         if self.rope_cos is None:
             return None
         cos, sin = self.rope_cos, self.rope_sin  # N x Dh, row 0 is the CLS identity
-        if keep_idx_BK is None:
-            head_axis = 0 if self.layout == "BHND" else 1  # N x Dh broadcasts over B (and H)
-            return (cos, sin) if head_axis == 0 else (cos.unsqueeze(1), sin.unsqueeze(1))
-        idx_BN = torch.cat([keep_idx_BK.new_zeros(keep_idx_BK.shape[0], 1), keep_idx_BK + 1], dim=1)
-        cos_BND, sin_BND = cos[idx_BN], sin[idx_BN]  # B x (1+K) x Dh, shared by all heads
-        axis = 1 if self.layout == "BHND" else 2
-        return cos_BND.unsqueeze(axis), sin_BND.unsqueeze(axis)
+        if keep_idx_BK is not None:  # B x (1+K) x Dh, shared by all heads
+            idx_BN = torch.cat([keep_idx_BK.new_zeros(keep_idx_BK.shape[0], 1), keep_idx_BK + 1], dim=1)
+            cos, sin = cos[idx_BN], sin[idx_BN]
+        head_axis = -3 if self.layout == "BHND" else -2  # a size-1 head axis broadcasts over heads, no copies
+        return cos.unsqueeze(head_axis), sin.unsqueeze(head_axis)
 
     def forward_features(self, img_BCHW: torch.Tensor) -> torch.Tensor:
         x_BND = self.patch_embed(img_BCHW)
