@@ -52,13 +52,11 @@ def test_token_drop_matches_timm_patch_dropout(monkeypatch):
     idx_BK = seen["idx"]
     assert idx_BK.shape == (3, 8)
 
-    def timm_choice(x_BND, keep_ratio, num_prefix=1):
-        assert keep_ratio == 0.5 and num_prefix == 1
-        K = idx_BK.shape[1]
-        kept = x_BND[:, 1:].gather(1, idx_BK.unsqueeze(-1).expand(-1, K, x_BND.shape[-1]))
-        return torch.cat([x_BND[:, :1], kept], 1), idx_BK
+    def timm_choice(batch, num_patches, keep_ratio, device=None, generator=None):
+        assert keep_ratio == 0.5 and (batch, num_patches) == (3, 16)
+        return idx_BK
 
-    monkeypatch.setattr(vision_mod, "drop_tokens", timm_choice)
+    monkeypatch.setattr(vision_mod, "keep_indices", timm_choice)
     torch.testing.assert_close(ours.visual(x), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -94,3 +92,48 @@ def test_token_drop_backward_reaches_all_parameters():
     m.encode_image(torch.randn(2, 3, 32, 32)).sum().backward()
     missing = [n for n, p in m.visual.named_parameters() if p.grad is None]
     assert not missing, missing
+
+
+def _full_path_pooled(v, x):
+    """Reference pooling: every block on every token, then the CLS row (the path without the last-block cut)."""
+    return v.head(v.forward_features(x)[:, 0])
+
+
+@pytest.mark.parametrize("name", ["EVA02-CLIP-tiny", "EVA01-CLIP-tiny"])
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("drop,ckpt", [(0.0, False), (0.5, False), (0.5, True)])
+def test_cls_only_last_block_is_exact(name, backend, drop, ckpt):
+    """forward() runs the last block on the CLS query only: same embeddings and same gradients as the full path."""
+    m = create_model(name, attn_backend=backend, token_drop=drop, grad_checkpointing=ckpt).train()
+    with torch.no_grad():
+        for p in m.visual.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    v = m.visual
+    x = torch.randn(3, 3, 32, 32)
+    w = torch.randn(3, m.cfg.embed_dim)
+    outs, grads, last_rows = [], [], []
+    v.blocks[-1].register_forward_hook(lambda mod, inp, out: last_rows.append(out.shape[1]))
+    for fn in (v, lambda t: _full_path_pooled(v, t)):
+        torch.manual_seed(5)  # same kept patches in both
+        out = fn(x)
+        (out * w).sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in v.named_parameters()})
+        v.zero_grad(set_to_none=True)
+    assert last_rows[0] == 1 and last_rows[-1] == (9 if drop else 17)  # the cut path really ran on CLS only
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        scale = grads[1][n].abs().max().item()  # fp32 rounding differs with the GEMM shapes: compare to the scale
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda s, n=n: f"{n}: {s}")
+
+
+def test_kept_patch_embedding_equals_conv_then_gather():
+    """Embedding only the kept patches (gather pixels, GEMM with the conv weight) == conv on all, then gather."""
+    v = create_model("EVA02-CLIP-tiny").visual
+    x = torch.randn(4, 3, 32, 32)
+    idx_BK = torch.stack([torch.randperm(16)[:8].sort().values for _ in range(4)])
+    full_BPD = v.patch_embed(x)
+    expected = full_BPD.gather(1, idx_BK.unsqueeze(-1).expand(-1, -1, full_BPD.shape[-1]))
+    torch.testing.assert_close(v.patch_embed(x, idx_BK), expected, rtol=1e-5, atol=1e-5)

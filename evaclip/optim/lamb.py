@@ -124,12 +124,13 @@ class Lamb(Optimizer):
 
     The step's temporary (the raw update) covers at most ``chunk_numel`` elements at a time, so peak memory is
     bounded whatever the group size (class attributes; each chunk costs one batch of kernels and, for sharded
-    parameters, its own batched all_reduce). On CPU, where foreach ops are per-tensor loops anyway, small chunks keep
-    each chunk's working set (param, grad, two moments, update) in the last-level cache between the ~10 passes.
+    parameters, its own batched all_reduce). On CPU the temporary is a buffer kept across steps (``_cpu_scratch``) and
+    chunks are larger: per-chunk overhead outweighs cache locality there (EVA02-CLIP-S-16's 37.8M parameters, one
+    step on 2 cores: 112 ms with 1M-element chunks, 73 ms with 16M, 68 ms with one chunk per group).
     """
 
     chunk_numel = 1 << 25
-    cpu_chunk_numel = 1 << 20
+    cpu_chunk_numel = 1 << 24
 
     def __init__(
         self,
@@ -227,7 +228,12 @@ class Lamb(Optimizer):
         torch._foreach_mul_(v_l, beta2)
         torch._foreach_addcmul_(v_l, g_l, g_l, value=1 - beta2)
         # u = m / (sqrt(v) + eps) built in the one temporary (a second one costs page faults on CPU, memory on GPU)
-        upd = torch._foreach_sqrt(v_l)
+        if p_l[0].device.type == "cpu":
+            upd = self._cpu_scratch(v_l)
+            for v, u in zip(v_l, upd):  # foreach ops are per-tensor loops on CPU anyway
+                torch.sqrt(v, out=u)
+        else:
+            upd = torch._foreach_sqrt(v_l)
         torch._foreach_add_(upd, group["eps"])
         torch._foreach_reciprocal_(upd)
         torch._foreach_mul_(upd, m_l)
@@ -250,6 +256,23 @@ class Lamb(Optimizer):
         else:
             torch._foreach_mul_(upd, coeffs)
             torch._foreach_add_(p_l, upd)
+
+    def _cpu_scratch(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Tensors shaped like ``like``: views into one buffer kept from step to step (CPU only).
+
+        A fresh temporary for a large tensor (a 50-100 MB token embedding) is a fresh mmap every step, and its page
+        faults cost more than the arithmetic (measured: sqrt of the S-16 embedding's moment 24 ms fresh vs ~5 ms
+        reused). On CUDA the caching allocator already reuses memory, so this is CPU only.
+        """
+        n, dtype = sum(t.numel() for t in like), like[0].dtype
+        scratch = self.__dict__.setdefault("_scratch", {})
+        if dtype not in scratch or scratch[dtype].numel() < n:
+            scratch[dtype] = torch.empty(n, dtype=dtype)
+        views, start = [], 0
+        for t in like:
+            views.append(scratch[dtype][start:start + t.numel()].view(t.shape))
+            start += t.numel()
+        return views
 
     def _trust_ratio(self, w_norm: torch.Tensor, u_norm: torch.Tensor) -> torch.Tensor:
         """Per-tensor trust ratio from whole-tensor norms (vectors of length n_params), on the device."""
