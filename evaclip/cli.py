@@ -47,5 +47,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     return int(rc or 0)
 
 
+def run() -> None:
+    """The console script: ``main()``, then leave with its exit code (see ``distributed.exit_process``)."""
+    from evaclip.distributed import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

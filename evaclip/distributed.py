@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import datetime
 import gc
+import logging
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -100,6 +103,30 @@ def cleanup() -> None:
         # are alive, else their C++ teardown can run at interpreter exit and abort (seen with gloo, ~1 run in 10).
         gc.collect()
         dist.destroy_process_group()
+
+
+def launched_by_torchrun() -> bool:
+    """True in a process started by torchrun / torch.distributed.elastic."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with ``code``; under torchrun via ``os._exit`` once output is flushed.
+
+    Everything is on disk by then (checkpoints fsynced, loggers closed). What is left is interpreter teardown, where
+    the C++ destructors of process groups / FSDP state can still abort ("terminate called without an active
+    exception", seen with gloo): torchrun would count a finished run as failed and restart it. os._exit skips that
+    teardown, so the exit code is the run's.
+    """
+    if launched_by_torchrun():
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 def is_initialized() -> bool:

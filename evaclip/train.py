@@ -633,5 +633,5 @@ def cli(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(cli())
+    du.exit_process(cli())
 

@@ -127,3 +127,18 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
     (newest,) = list_checkpoints(tmp_path / "term" / "ckpt")
     assert newest.name == f"step_{end['step']:08d}"
     verify_checkpoint(newest)
+
+
+@pytest.mark.parametrize("under_torchrun", [True, False])
+def test_exit_process_flushes_and_keeps_the_code(under_torchrun):
+    """Under torchrun the process leaves with os._exit (no teardown aborts) after flushing; else a normal exit."""
+    code = ("import atexit, sys; from evaclip.distributed import exit_process; "
+            "atexit.register(lambda: print('atexit ran')); print('done', end=''); sys.stderr.write('err'); "
+            "exit_process(3)")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE")}
+    if under_torchrun:
+        env["TORCHELASTIC_RUN_ID"] = "test"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3
+    assert out.stdout.startswith("done") and out.stderr == "err"
+    assert ("atexit ran" in out.stdout) is not under_torchrun  # os._exit skips interpreter teardown
