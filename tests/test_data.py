@@ -15,7 +15,7 @@ from PIL import Image
 from data_tools.common import ShardSink, encode_image
 from data_tools.make_shards import make_shards
 from evaclip.config import DataCfg
-from evaclip.data import build_eval_loader, build_train_loader, synthetic_batches
+from evaclip.data import build_train_loader, synthetic_batches
 from evaclip.data.shards import decode_image, expand_spec
 
 N_GOOD = 48  # 8 shards x 6
@@ -168,17 +168,6 @@ def test_restart_at_step_k_continues_the_stream(shards, resampled):
     # set_epoch on the same DataInfo does the same
     info.set_epoch(1, start_step=k)
     assert [c for _, c in info.loader] == [c for _, c in rest]
-
-
-def test_eval_loader_is_in_order_and_split_by_rank(shards):
-    pre = open_clip.image_transform(16, is_train=False)
-    keys = [k for _, ks in build_eval_loader(shards["good"], pre, batch_size=5, workers=2, keys=("image", "key"))
-            for k in ks]
-    assert keys == [f"{i:09d}" for i in range(N_GOOD)]
-    parts = [[c for (c,) in build_eval_loader(shards["good"], None, _captions, batch_size=4, workers=2, keys=("text",),
-                                              rank=r, world_size=2)] for r in range(2)]
-    flat = [c for p in parts for b in p for c in b]
-    assert flat == [f"sample {i}" for i in range(N_GOOD)]
 
 
 def test_jpeg_draft_decoding_matches_full_decode():

@@ -18,7 +18,7 @@ from PIL import Image
 
 from data_tools import inspect_shards, make_demo, make_shards
 from data_tools.common import ShardSink, clean_caption
-from evaclip.data import build_eval_loader
+from evaclip.evals.data import build_eval_loader, resolve_zeroshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -201,14 +201,18 @@ def test_make_demo_zeroshot_set_loads_with_labels(demo):
     from sklearn.datasets import load_digits
 
     y = load_digits().target
-    loader = build_eval_loader(info["zeroshot_shards"], open_clip.image_transform(32, is_train=False),
-                               batch_size=128, workers=0, keys=("image", "cls", "key"))
-    n = 0
-    for images_BCHW, labels_B, keys in loader:
+    evset = resolve_zeroshot(info["zeroshot"])
+    assert len(evset.classnames) == 10
+    loader = build_eval_loader(evset, open_clip.image_transform(32, is_train=False), batch_size=128, workers=0)
+    labels, positions = [], []
+    for idx_B, images_BCHW, labels_B in loader:
         assert images_BCHW.shape[1:] == (3, 32, 32)
-        assert labels_B.tolist() == [int(y[int(k[1:])]) for k in keys]
-        n += len(keys)
-    assert n == info["zeroshot_num_samples"]
+        labels += labels_B.tolist()
+        positions += idx_B.tolist()
+    assert positions == list(range(len(labels)))
+    assert len(labels) == info["zeroshot_num_samples"]
+    held_out = make_demo.split_indices(len(y), seed=0, zeroshot_frac=0.2, retrieval_frac=0.1)["zeroshot"]
+    assert labels == [int(y[i]) for i in held_out]  # the held-out digits, in order, with their true labels
 
 
 def test_make_demo_is_deterministic(tmp_path, demo):

@@ -372,10 +372,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             elif o == "text":
                 texts = [s["__text__"] for s, _ in batch]
                 out.append(self.tokenizer(texts) if self.tokenizer is not None else texts)
-            elif o == "cls":
-                out.append(torch.tensor([int(s["cls"].decode().strip()) for s, _ in batch], dtype=torch.long))
-            elif o == "key":
-                out.append([s["__key__"] for s, _ in batch])
         return tuple(out)
 
 
@@ -399,51 +395,6 @@ class _aug_seed:
         if self.enabled and self.main:
             torch.set_rng_state(self.state[0])
             random.setstate(self.state[1])
-
-
-class _OrderedEvalStream(torch.utils.data.IterableDataset):
-    """Eval: one rank's shards read in order; worker ``w`` decodes batches ``i % W == w`` only, so the loader's
-    round-robin yields samples in the original order. Batches are cut on raw samples; a corrupt image makes its
-    batch one shorter instead of shifting every later batch."""
-
-    def __init__(self, stream: ShardStream, urls: list[str]):
-        super().__init__()
-        self.stream, self.urls = stream, urls
-
-    def __iter__(self):
-        st, spec = self.stream, self.stream.spec
-        info = torch.utils.data.get_worker_info()
-        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        need_text = "text" in spec.outputs
-        pending: list[dict] = []
-        index = 0
-
-        def flush(items, bi):
-            batch = list(st._decoded(iter(items), min_side=st.draft_side))
-            return st._collate(batch, bi) if batch else None
-
-        for s in _raw_samples(self.urls):
-            mine = index // spec.batch_size % n == w
-            ik = _first_key(s, spec.image_keys)
-            t = s.get(spec.text_key)
-            t = t.decode("utf-8", errors="replace").strip() if isinstance(t, (bytes, bytearray)) else ""
-            if ik is None or (need_text and not t) or ("cls" in spec.outputs and "cls" not in s):
-                if mine:
-                    st.counter.add("missing_image" if ik is None else "missing_caption")
-                continue
-            index += 1
-            if mine:
-                s["__image__"], s["__text__"] = s[ik], t
-                pending.append(s)
-                if len(pending) == spec.batch_size:
-                    out = flush(pending, (index - 1) // spec.batch_size)
-                    pending = []
-                    if out is not None:
-                        yield out
-        if pending:
-            out = flush(pending, (index - 1) // spec.batch_size)
-            if out is not None:
-                yield out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -568,33 +519,3 @@ def build_train_loader(cfg, preprocess: Callable, tokenizer: Callable, *, rank: 
     info = DataInfo(stream, workers, torch.cuda.is_available() if pin_memory is None else pin_memory)
     info.set_epoch(epoch, start_step)
     return info
-
-
-def build_eval_loader(spec: str, preprocess: Optional[Callable], tokenizer: Optional[Callable] = None, *,
-                      batch_size: int = 64, workers: int = 0, keys: Sequence[str] = ("image", "text"),
-                      rank: int = 0, world_size: int = 1, image_key: str = "jpg;png;jpeg;webp",
-                      text_key: str = "txt") -> torch.utils.data.DataLoader:
-    """In-order eval loader over ``spec`` (brace-expanded shards or a directory of ``.tar``), this rank's part only.
-
-    ``keys`` picks the batch contents, in order, from ``image`` (BCHW tensor, or PIL list without ``preprocess``),
-    ``text`` (tokens BL with a tokenizer, else list[str]), ``cls`` (int64 labels, clip_benchmark layout) and
-    ``key`` (sample keys). Ranks get contiguous shard ranges; the last batch may be short; nothing is shuffled.
-    """
-    unknown = set(keys) - {"image", "text", "cls", "key"}
-    if unknown:
-        raise ValueError(f"unknown eval keys {sorted(unknown)}; choose from image, text, cls, key")
-    urls = [u for s in expand_spec(spec) for u in s]
-    check_shards_exist(urls, spec)
-    per = -(-len(urls) // world_size)
-    mine = urls[rank * per:(rank + 1) * per]
-    sspec = _StreamSpec(sources=[mine], sizes=None, weights=None, resampled=False, batch_size=batch_size,
-                        num_batches=0, rank=rank, world_size=world_size, num_workers=max(1, workers), seed=0,
-                        image_keys=_split_keys(image_key), text_key=text_key, outputs=tuple(keys),
-                        deterministic_aug=False)
-    stream = ShardStream(sspec, preprocess, tokenizer, SkipCounter(), draft_side=crop_size(preprocess))
-    import webdataset as wds
-
-    loader = wds.WebLoader(_OrderedEvalStream(stream, mine), batch_size=None, shuffle=False,
-                           num_workers=workers if mine else 0)
-    loader.skip_counter = stream.counter  # .total() / .by_reason(): samples dropped so far
-    return loader
