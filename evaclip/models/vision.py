@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Attend
 from .registry import VisionCfg
-from .rope import apply_rope, rope_tables
+from .rope import rope_tables, rotate, signed_sin
 from .token_drop import gather_tokens, keep_indices
 
 
@@ -61,9 +61,9 @@ class VisionAttention(nn.Module):
         if cls_only:  # queries of the CLS token only; row 0 of the RoPE tables is the identity, so q needs none
             q, N = (q[:, :, :1] if self.attend.layout == "BHND" else q[:, :1]), 1
         elif rope is not None:
-            q = apply_rope(q, *rope)
+            q = rotate(q, *rope)
         if rope is not None:
-            k = apply_rope(k, *rope)
+            k = rotate(k, *rope)
         out = self.attend(q, k, v)
         out_BND = (out.transpose(1, 2) if self.attend.layout == "BHND" else out).reshape(B, N, D)
         return self.proj(self.inner_attn_ln(out_BND))
@@ -173,7 +173,7 @@ class EVAVisionTransformer(nn.Module):
             cos = torch.cat([torch.ones_like(cos[:1]), cos])
             sin = torch.cat([torch.zeros_like(sin[:1]), sin])
             self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_sin", signed_sin(sin), persistent=False)  # sign folded in: see rotate
         else:
             self.rope_cos = self.rope_sin = None
         self.layout = attend.layout
