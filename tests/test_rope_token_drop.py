@@ -137,3 +137,31 @@ def test_kept_patch_embedding_equals_conv_then_gather():
     full_BPD = v.patch_embed(x)
     expected = full_BPD.gather(1, idx_BK.unsqueeze(-1).expand(-1, -1, full_BPD.shape[-1]))
     torch.testing.assert_close(v.patch_embed(x, idx_BK), expected, rtol=1e-5, atol=1e-5)
+
+
+class _SdpaInFlashLayout(torch.nn.Module):
+    """flash_attn's B N H D layout computed by SDPA: runs the tower's BNHD code paths (RoPE head axis, CLS-only
+    query, output reshape) on a machine without flash-attn."""
+
+    layout, backend = "BNHD", "sdpa"
+
+    def forward(self, q, k, v, causal=False):
+        from evaclip.models.attention import sdpa_attention
+
+        return sdpa_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal).transpose(1, 2)
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+def test_flash_layout_paths_equal_sdpa_layout(drop):
+    a = create_model("EVA02-CLIP-tiny", attn_backend="sdpa", token_drop=drop).train()
+    b = create_model("EVA02-CLIP-tiny", attn_backend="sdpa", token_drop=drop).train()
+    b.load_state_dict(a.state_dict())
+    for blk in b.visual.blocks:
+        blk.attn.attend = _SdpaInFlashLayout()
+    b.visual.layout = "BNHD"
+    x = torch.randn(3, 3, 32, 32)
+    outs = []
+    for m in (a, b):
+        torch.manual_seed(3)
+        outs.append((m.visual(x), m.visual.forward_features(x)))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)

@@ -53,15 +53,18 @@ class VisionAttention(nn.Module):
         bias = None
         if self.q_bias is not None:  # k has no bias in EVA
             bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv_BN3HD = F.linear(x_BND, self.qkv.weight, bias).view(B, N, 3, self.heads, self.head_dim)
-        if self.attend.layout == "BHND":
-            q, k, v = qkv_BN3HD.permute(2, 0, 3, 1, 4).unbind(0)
+        H, Dh = self.heads, self.head_dim
+        to_layout = (lambda t: t.transpose(1, 2)) if self.attend.layout == "BHND" else (lambda t: t)  # views
+        if cls_only:  # the CLS query only (one row of the q GEMM); keys and values from every token
+            W = self.qkv.weight
+            q_bias, kv_bias = (None, None) if bias is None else (bias[:D], bias[D:])
+            q = to_layout(F.linear(x_BND[:, :1], W[:D], q_bias).view(B, 1, H, Dh))
+            k, v = (to_layout(t) for t in F.linear(x_BND, W[D:], kv_bias).view(B, N, 2, H, Dh).unbind(2))
+            N = 1  # row 0 of the RoPE tables (CLS) is the identity: the CLS query needs no rotation
         else:
-            q, k, v = qkv_BN3HD.unbind(2)
-        if cls_only:  # queries of the CLS token only; row 0 of the RoPE tables is the identity, so q needs none
-            q, N = (q[:, :, :1] if self.attend.layout == "BHND" else q[:, :1]), 1
-        elif rope is not None:
-            q = rotate(q, *rope)
+            q, k, v = (to_layout(t) for t in F.linear(x_BND, self.qkv.weight, bias).view(B, N, 3, H, Dh).unbind(2))
+            if rope is not None:
+                q = rotate(q, *rope)
         if rope is not None:
             k = rotate(k, *rope)
         out = self.attend(q, k, v)
