@@ -37,6 +37,7 @@ from torch import nn
 from evaclip import checkpoint as ckpt
 from evaclip import distributed as du
 from evaclip.config import ConfigError, TrainCfg, load_config, to_dict
+from evaclip.data.transforms import trim_padding
 from evaclip.fsdp import gathered, make_grad_scaler
 from evaclip.logging import MetricLogger, Throughput, get_logger, setup_console
 from evaclip.losses import build_loss
@@ -222,8 +223,11 @@ def next_batch(batches, epoch: int = 0):
                                "DataInfo's num_batches batches per epoch") from e
 
 
-def _to_device(batch, device: torch.device):
+def _to_device(batch, device: torch.device, trim_text: bool = False):
+    """Move a batch to the device; ``trim_text`` first cuts the text padding on the host (no device sync)."""
     images_BCHW, tokens_BL = batch
+    if trim_text:
+        tokens_BL = trim_padding(tokens_BL)
     return images_BCHW.to(device, non_blocking=True), tokens_BL.to(device, non_blocking=True)
 
 
@@ -523,7 +527,8 @@ def _run(cfg: TrainCfg, env: du.DistEnv) -> TrainResult:
                     data.set_epoch(epoch, 0)
                     batches = fresh_iter(data.loader)
                 drop_on = _token_drop_phase(cfg, bare, step, drop_on, logger)
-                micro = [_to_device(next_batch(batches, epoch), env.device) for _ in range(cfg.accum_freq)]
+                micro = [_to_device(next_batch(batches, epoch), env.device, cfg.data.trim_text_padding)
+                         for _ in range(cfg.accum_freq)]
 
                 out = forward_backward(model, loss_fn, micro, autocast, scaler, env.device)
                 upd = apply_update(model, optimizer, scaler, cfg.optim.grad_clip_norm, out["loss"], stop.requested)

@@ -1,7 +1,10 @@
-"""Image transforms and tokenizer, reused from open_clip (same preprocessing as open_clip and EVA-CLIP)."""
+"""Image transforms and tokenizer, reused from open_clip (same preprocessing as open_clip and EVA-CLIP); text padding
+trimming. Shapes: B batch, L context length."""
 from __future__ import annotations
 
 from typing import Union
+
+import torch
 
 from ..models.registry import CLIPCfg, get_model_config
 
@@ -26,3 +29,25 @@ def get_tokenizer(model: Union[str, CLIPCfg]):
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer(context_length=_cfg(model).text.context_length)
+
+
+def trim_padding(tokens_BL: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """Cut a token batch to its longest caption (EOT position + 1) rounded up to ``multiple``, never beyond L.
+
+    Exact for evaclip's text tower: it is causal and pools at the EOT token (the argmax of each row), so positions
+    after the last EOT of the batch never reach the output. Rounding to a multiple keeps kernel / torch.compile
+    shapes few. Meant for host (CPU) tensors before the copy to the device; on a GPU tensor it would sync.
+    Returns a view of ``tokens_BL`` (the input itself when nothing is cut).
+    """
+    if not isinstance(tokens_BL, torch.Tensor) or tokens_BL.dim() != 2:
+        raise ValueError(f"trim_padding expects a B x L token tensor, got {getattr(tokens_BL, 'shape', tokens_BL)!r}")
+    if tokens_BL.is_floating_point() or tokens_BL.is_complex() or tokens_BL.dtype == torch.bool:
+        raise ValueError(f"trim_padding expects integer token ids, got {tokens_BL.dtype}")
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"trim_padding: multiple must be a positive integer, got {multiple!r}")
+    B, L = tokens_BL.shape
+    if B == 0 or L == 0:
+        return tokens_BL
+    longest = int(tokens_BL.argmax(dim=-1).max()) + 1
+    n = min(L, -(-longest // multiple) * multiple)
+    return tokens_BL if n == L else tokens_BL[:, :n]

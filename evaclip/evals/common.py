@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from evaclip.data.transforms import trim_padding
 from evaclip.distributed import unwrap  # noqa: F401  (re-exported for the eval modules)
 
 
@@ -58,7 +59,7 @@ def encode_texts(model, tokenizer: Callable, texts: Sequence[str], device, batch
     """Texts -> L2-normalised float32 features ``(N, D)`` on ``device``, encoded in batches of ``batch_size``."""
     out = []
     for s in range(0, len(texts), batch_size):
-        tokens_BL = tokenizer(list(texts[s:s + batch_size])).to(device)
+        tokens_BL = trim_padding(tokenizer(list(texts[s:s + batch_size]))).to(device)  # exact: causal, EOT-pooled
         with autocast(device, amp):
             f_BD = model.encode_text(tokens_BL)
         out.append(F.normalize(f_BD.float(), dim=-1))

@@ -1,8 +1,13 @@
 """CLIP text tower: causal transformer, EOT pooling, projection; OpenAI / open_clip weight layout.
 
 Architecture only. Shapes: B batch, L context length, D width, H heads, Dh head dim, E embed dim.
+
+Fast path (exact): the tower pools at the EOT token, so the last block runs its query, out_proj, residual, ln_2 and
+MLP on the EOT row of each sample only (keys/values still come from every token), and ln_final + projection on B x D.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +30,7 @@ class TextAttention(nn.Module):
         self.attend = attend
 
     def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        """Every token attends causally: B x L x D -> B x L x D."""
         B, L, D = x_BLD.shape
         qkv = F.linear(x_BLD, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.heads, self.head_dim)
         if self.attend.layout == "BHND":
@@ -33,6 +39,25 @@ class TextAttention(nn.Module):
         else:
             out_BLD = self.attend(*qkv.unbind(2), causal=True).reshape(B, L, D)
         return self.out_proj(out_BLD)
+
+    def forward_rows(self, x_BLD: torch.Tensor, row_B: torch.Tensor) -> torch.Tensor:
+        """Only the query at position ``row_B[b]`` of each sample: B x L x D -> B x D.
+
+        Keys and values come from every token; the query sees positions <= its own (the causal mask's row), so the
+        output equals row ``row_B[b]`` of ``forward`` at 1/L of the query and out_proj cost.
+        """
+        B, L, D = x_BLD.shape
+        H, Dh = self.heads, self.head_dim
+        rows = torch.arange(B, device=x_BLD.device)
+        q_BD = F.linear(x_BLD[rows, row_B], self.in_proj_weight[:D], self.in_proj_bias[:D])
+        kv = F.linear(x_BLD, self.in_proj_weight[D:], self.in_proj_bias[D:]).view(B, L, 2, H, Dh)
+        keep_B11L = (torch.arange(L, device=x_BLD.device) <= row_B[:, None]).view(B, 1, 1, L)
+        if self.attend.layout == "BHND":
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+            out_BD = self.attend(q_BD.view(B, H, 1, Dh), k, v, mask=keep_B11L).reshape(B, D)
+        else:
+            out_BD = self.attend(q_BD.view(B, 1, H, Dh), *kv.unbind(2), mask=keep_B11L).reshape(B, D)
+        return self.out_proj(out_BD)
 
 
 class TextBlock(nn.Module):
@@ -48,9 +73,14 @@ class TextBlock(nn.Module):
         self.mlp.add_module("gelu", nn.GELU())
         self.mlp.add_module("c_proj", nn.Linear(hidden, D))
 
-    def forward(self, x_BLD):
-        x_BLD = x_BLD + self.attn(self.ln_1(x_BLD))
-        return x_BLD + self.mlp(self.ln_2(x_BLD))
+    def forward(self, x_BLD: torch.Tensor, row_B: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """B x L x D -> B x L x D; with ``row_B``, only the output row ``row_B[b]`` of each sample: B x D."""
+        if row_B is None:
+            x_BLD = x_BLD + self.attn(self.ln_1(x_BLD))
+            return x_BLD + self.mlp(self.ln_2(x_BLD))
+        x_BD = x_BLD[torch.arange(x_BLD.shape[0], device=x_BLD.device), row_B]
+        x_BD = x_BD + self.attn.forward_rows(self.ln_1(x_BLD), row_B)
+        return x_BD + self.mlp(self.ln_2(x_BD))
 
 
 class Transformer(nn.Module):
@@ -59,12 +89,15 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList([TextBlock(cfg, attend) for _ in range(cfg.layers)])
         self.grad_checkpointing = False
 
-    def forward(self, x_BLD):
-        for blk in self.resblocks:
+    def forward(self, x_BLD: torch.Tensor, row_B: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """All blocks: B x L x D -> B x L x D; with ``row_B`` the last block outputs only those rows: B x D."""
+        last = len(self.resblocks) - 1
+        for i, blk in enumerate(self.resblocks):
+            rows = row_B if i == last else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x_BLD = checkpoint(blk, x_BLD, use_reentrant=False)
+                x_BLD = checkpoint(blk, x_BLD, rows, use_reentrant=False)
             else:
-                x_BLD = blk(x_BLD)
+                x_BLD = blk(x_BLD, rows)
         return x_BLD
 
 
@@ -97,11 +130,23 @@ class TextTransformer(nn.Module):
             nn.init.normal_(blk.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=D ** -0.5)
 
-    def forward(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+    def _embed(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+        if tokens_BL.dim() != 2:
+            raise ValueError(f"text tokens must be B x L, got shape {tuple(tokens_BL.shape)}")
         L = tokens_BL.shape[1]
         if L > self.cfg.context_length:
             raise ValueError(f"text of {L} tokens is longer than the context length {self.cfg.context_length}")
-        x_BLD = self.token_embedding(tokens_BL) + self.positional_embedding[:L]
-        x_BLD = self.ln_final(self.transformer(x_BLD))
-        eot_B = tokens_BL.argmax(dim=-1)
-        return x_BLD[torch.arange(x_BLD.shape[0], device=x_BLD.device), eot_B] @ self.text_projection
+        return self.token_embedding(tokens_BL) + self.positional_embedding[:L]
+
+    def forward_tokens(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+        """Features of every token after ln_final (not projected): B x L x D. The full computation."""
+        return self.ln_final(self.transformer(self._embed(tokens_BL)))
+
+    def forward(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+        """Token ids B x L -> projected features B x E at the EOT token (the last block runs on that row only)."""
+        x_BLD = self._embed(tokens_BL)
+        if len(self.transformer.resblocks) == 0:  # no block to cut: pool the embeddings
+            x_BD = x_BLD[torch.arange(x_BLD.shape[0], device=x_BLD.device), tokens_BL.argmax(dim=-1)]
+        else:
+            x_BD = self.transformer(x_BLD, tokens_BL.argmax(dim=-1))
+        return self.ln_final(x_BD) @ self.text_projection
