@@ -165,3 +165,23 @@ def test_flash_layout_paths_equal_sdpa_layout(drop):
         torch.manual_seed(3)
         outs.append((m.visual(x), m.visual.forward_features(x)))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_rope_complex_and_real_forms_agree(monkeypatch):
+    """The fp32 complex form and the real form (bf16 / fp16 / tracers) give the same rotation and gradients."""
+    from evaclip.models import rope as rope_mod
+
+    cos, sin = rope_tables(32, 4, 8)
+    qkv = torch.randn(2, 16, 3, 2, 32, requires_grad=True)  # a strided q view, as in the tower
+    q = qkv.unbind(2)[0].transpose(1, 2)
+    assert rope_mod._complex_ok(q) and not rope_mod._complex_ok(q.bfloat16())
+    assert not rope_mod._complex_ok(torch.randn(4, 7)[:, ::2])  # pairs not viewable in place
+    g = torch.randn(2, 2, 16, 32)
+    results = []
+    for complex_ok in (True, False):
+        monkeypatch.setattr(rope_mod, "_complex_ok", lambda x, ok=complex_ok: ok)
+        q = qkv.unbind(2)[0].transpose(1, 2)
+        out = rope_mod.apply_rope(q, cos, sin)
+        (grad,) = torch.autograd.grad(out, qkv, g)
+        results.append((out, grad))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)

@@ -31,12 +31,24 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     return sin * sign
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """The hot-path rotation: x * cos + swap_pairs(x) * signed_sin, i.e. (x0, x1) -> (x0 c - x1 s, x1 c + x0 s).
+def _complex_ok(x: torch.Tensor) -> bool:
+    """The complex form needs fp32/fp64, (real, imag) pairs viewable in place, and no tracer that lacks complex."""
+    if x.dtype not in (torch.float32, torch.float64) or x.stride(-1) != 1 or any(st % 2 for st in x.stride()[:-1]):
+        return False
+    return not (torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
 
-    Three passes over x (pair swap, multiply, fused multiply-add) instead of five for negate + stack + two
-    multiplies + add (fwd + bwd 2.4 -> 1.3 ms for a 16 x 6 x 99 x 64 query on 2 CPU cores).
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x0, x1) -> (x0 c - x1 s, x1 c + x0 s); tables broadcastable to ``x`` (..., N, D).
+
+    fp32 (CPU training, export checks): the pairs are viewed in place as complex numbers and multiplied by
+    e^{i angle}, one pass forward and one backward (fwd + bwd 2.2 -> 0.7-1.0 ms for a 16 x 6 x 99 x 64 query on 2
+    CPU cores). Other dtypes (bf16 / fp16 have no complex kernels) and tracers: x * cos + swap_pairs(x) *
+    signed_sin, three passes.
     """
+    if _complex_ok(x):
+        angle = torch.complex(cos[..., 0::2].to(x.dtype), sin_signed[..., 1::2].to(x.dtype))
+        return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * angle).flatten(-2)
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     return torch.addcmul(x * cos.to(x.dtype), swapped, sin_signed.to(x.dtype))
 
