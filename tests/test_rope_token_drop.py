@@ -185,3 +185,17 @@ def test_rope_complex_and_real_forms_agree(monkeypatch):
         (grad,) = torch.autograd.grad(out, qkv, g)
         results.append((out, grad))
     torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)
+
+
+def test_gated_silu_matches_autograd():
+    """The one-tensor backward of silu(h1) * h2 equals autograd's (chunk, silu, mul) in value and gradient."""
+    from evaclip.models.vision import gated_silu
+
+    h = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(gated_silu, (h,))
+    g = torch.randn(3, 5, 8, dtype=torch.float64)
+    ref_h = h.detach().clone().requires_grad_()
+    gate, up = ref_h.chunk(2, dim=-1)
+    (torch.nn.functional.silu(gate) * up).backward(g)
+    gated_silu(h).backward(g)
+    torch.testing.assert_close(h.grad, ref_h.grad)

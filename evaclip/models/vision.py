@@ -72,6 +72,37 @@ class VisionAttention(nn.Module):
         return self.proj(self.inner_attn_ln(out_BND))
 
 
+class _GatedSilu(torch.autograd.Function):
+    """silu(h1) * h2 for h = [h1 | h2] (the fused w12 output), whose backward writes both halves of dL/dh into one
+    tensor: autograd's chunk backward would allocate the halves and then concatenate them (a copy of the largest
+    activation in the block, ~0.8% of a CPU step of EVA02-CLIP-S-16)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(h, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        h, act = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad, act, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_h
+
+
+def gated_silu(h: torch.Tensor) -> torch.Tensor:
+    """silu(first half) * second half of the last dim; the one-tensor backward when a gradient is needed."""
+    if torch.is_grad_enabled() and h.requires_grad and not torch.onnx.is_in_onnx_export():
+        return _GatedSilu.apply(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     """EVA-02 MLP: silu(w1 x) * (w2 x) -> ffn_ln (sub-LN) -> w3, with w1 and w2 fused into one ``w12`` GEMM
     (rows: w1 then w2; convert.py splits it back for the EVA-CLIP and timm layouts)."""
@@ -84,8 +115,7 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(Hd, D)
 
     def forward(self, x):
-        gate, up = self.w12(x).chunk(2, dim=-1)
-        return self.w3(self.ffn_ln(F.silu(gate) * up))
+        return self.w3(self.ffn_ln(gated_silu(self.w12(x))))
 
 
 class GeluMlp(nn.Module):

@@ -228,15 +228,15 @@ class Lamb(Optimizer):
         torch._foreach_mul_(v_l, beta2)
         torch._foreach_addcmul_(v_l, g_l, g_l, value=1 - beta2)
         # u = m / (sqrt(v) + eps) built in the one temporary (a second one costs page faults on CPU, memory on GPU)
-        if p_l[0].device.type == "cpu":
+        if p_l[0].device.type == "cpu":  # foreach ops are per-tensor loops on CPU anyway: 3 passes instead of 4
             upd = self._cpu_scratch(v_l)
-            for v, u in zip(v_l, upd):  # foreach ops are per-tensor loops on CPU anyway
-                torch.sqrt(v, out=u)
+            for v, m, u in zip(v_l, m_l, upd):
+                torch.div(m, torch.sqrt(v, out=u).add_(group["eps"]), out=u)
         else:
             upd = torch._foreach_sqrt(v_l)
-        torch._foreach_add_(upd, group["eps"])
-        torch._foreach_reciprocal_(upd)
-        torch._foreach_mul_(upd, m_l)
+            torch._foreach_add_(upd, group["eps"])
+            torch._foreach_reciprocal_(upd)
+            torch._foreach_mul_(upd, m_l)
         if wd != 0:
             torch._foreach_add_(upd, p_l, alpha=wd)
         if self.adam:  # trust ratio 1: the norms (and their collectives) are not needed
