@@ -243,13 +243,20 @@ def _run_steps(opt_cls, model: nn.Module, groups_cfg: OptimCfg, steps: int, **kw
 FLAGS = list(itertools.product([False, True], [False, True], [10.0, 0.5]))  # debias, adam, clamp_value
 
 
+class ForeachLamb(Lamb):
+    """The multi-tensor (GPU / sharded) path forced on CPU tensors, which otherwise take the tensor-wise path."""
+
+    cpu_tensorwise = False
+
+
+@pytest.mark.parametrize("path", [Lamb, ForeachLamb], ids=["tensorwise", "foreach"])
 @pytest.mark.parametrize("debias,adam,clamp_value", FLAGS)
-def test_lamb_matches_torch_optimizer(debias, adam, clamp_value):
+def test_lamb_matches_torch_optimizer(debias, adam, clamp_value, path):
     # layer decay and per-tower wd give groups with and without weight decay and several lrs
     cfg = OptimCfg(lr=1e-2, weight_decay=0.05, visual_ld=0.75, text_ld=0.75, text_wd=0.1)
     kw = dict(debias=debias, adam=adam, clamp_value=clamp_value)
     ref = _run_steps(torch_optimizer.Lamb, tiny_clip(), cfg, 20, **kw)
-    ours = _run_steps(Lamb, tiny_clip(), cfg, 20, **kw)
+    ours = _run_steps(path, tiny_clip(), cfg, 20, **kw)
     moved = sum(not torch.equal(a, b) for a, b in zip(ref, [p.detach() for p in tiny_clip().parameters()]))
     assert moved > 0
     for a, b in zip(ours, ref):
@@ -259,10 +266,10 @@ def test_lamb_matches_torch_optimizer(debias, adam, clamp_value):
 def test_lamb_chunking_does_not_change_the_step():
     cfg = OptimCfg(lr=1e-2, weight_decay=0.05, visual_ld=0.75)
 
-    class SmallChunks(Lamb):
+    class SmallChunks(ForeachLamb):
         chunk_numel = cpu_chunk_numel = 100  # many chunks, some a single tensor larger than the budget
 
-    ours = _run_steps(Lamb, tiny_clip(), cfg, 3)
+    ours = _run_steps(ForeachLamb, tiny_clip(), cfg, 3)
     chunked = _run_steps(SmallChunks, tiny_clip(), cfg, 3)
     for a, b in zip(ours, chunked):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -280,7 +287,8 @@ def test_build_optimizer_impls():
         Lamb([nn.Parameter(torch.ones(2))], variant="apex")
 
 
-def test_lamb_deepspeed_variant_hand_computed_step():
+@pytest.mark.parametrize("path", [Lamb, ForeachLamb], ids=["tensorwise", "foreach"])
+def test_lamb_deepspeed_variant_hand_computed_step(path):
     lr, b1, b2, eps, wd = 0.1, 0.9, 0.999, 1e-6, 0.01
     big = nn.Parameter(torch.tensor([3.0, 4.0]))  # |w| = 5; update norm ~ sqrt(2) -> ratio 3.5 (inside the clamp)
     huge = nn.Parameter(torch.tensor([300.0, 400.0]))  # ratio ~ 350 -> clamped to 10
@@ -291,7 +299,7 @@ def test_lamb_deepspeed_variant_hand_computed_step():
     for p, g in zip(params, grads):
         p.grad = torch.tensor(g)
     w0 = [p.detach().tolist() for p in params]
-    Lamb(params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, variant="deepspeed").step()
+    path(params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, variant="deepspeed").step()
 
     step_size = lr * math.sqrt(1 - b2) / (1 - b1)  # DeepSpeed: bias correction always on
     trusts = []
