@@ -107,7 +107,7 @@ def cleanup() -> None:
 
 def launched_by_torchrun() -> bool:
     """True in a process started by torchrun / torch.distributed.elastic."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return "TORCHELASTIC_RUN_ID" in os.environ or _env_int("WORLD_SIZE", 1) > 1
 
 
 def exit_process(code: int) -> NoReturn:
