@@ -12,9 +12,18 @@ Writes, deterministically from the seed:
         test/{0..K}.tar, test/nshards.txt   one {key}.png + {key}.cls (class index) per sample
         classnames.txt                 "zero" .. "nine"
         zeroshot_classification_templates.txt   held-out templates (none is a training template), using {c}
-      retrieval/                       held-out image-text pairs ({key}.png + {key}.txt), clip_benchmark layout:
-        test/{0..K}.tar, test/nshards.txt, dataset_type.txt ("retrieval")
+      retrieval/                       held-out image-text pairs ({key}.png + {key}.txt + {key}.cls), clip_benchmark
+        test/{0..K}.tar, test/nshards.txt, dataset_type.txt ("retrieval")   layout
+      knn_train/knn-{00000..0000N}.tar labelled image-only shards ({key}.png + {key}.cls) of the training digits as
+        classnames.txt, sizes.json     scanned (no augmentation): the k-NN memory bank of the MIM monitor, whose
+                                       queries are the held-out zero-shot digits (same class ids)
       demo.json                        the shard specs, counts, seed and templates
+
+Retrieval captions name only the digit ("someone wrote the number seven."), so each caption is word-for-word the
+caption of many other images: standard (instance) recall cannot tell them apart and i2t R@1 is about 0 whatever the
+model. The samples therefore also carry their class id (``cls``), and ``evaclip eval --retrieval`` reports
+class-aware recall (``class_i2t_R@k`` / ``class_t2i_R@k``: a hit is any caption / image of the query's digit) beside
+the instance figures, saying which is which.
 
 The three splits are disjoint by scikit-learn sample index. Images are the 8x8 digits upscaled to 32x32 RGB PNG.
 """
@@ -146,13 +155,24 @@ def make_demo(out: str, seed: int = 0, copies: int = 6, size: int = 32, samples_
     rt_root = os.path.join(out, "retrieval")
     rt_spec, n_rt = _write_benchmark_split(rt_root, (
         {"__key__": f"d{i:04d}", "png": encode_image(digit_image(images[i], size), "png"),
-         "txt": RETRIEVAL_TEMPLATES[k % len(RETRIEVAL_TEMPLATES)].format(c=CLASSNAMES[labels[i]])}
+         "txt": RETRIEVAL_TEMPLATES[k % len(RETRIEVAL_TEMPLATES)].format(c=CLASSNAMES[labels[i]]),
+         "cls": str(labels[i])}  # captions are shared across images: cls gives evaclip eval its class-aware recall
         for k, i in enumerate(idx["retrieval"])), samples_per_shard)
     with open(os.path.join(rt_root, "dataset_type.txt"), "w") as f:
         f.write("retrieval\n")
 
+    # k-NN memory bank for the MIM monitor: the training digits as scanned, labelled, in make_shards --images-only form
+    knn_root = os.path.join(out, "knn_train")
+    with ShardSink(knn_root, samples_per_shard, prefix="knn", mtime=_MTIME) as knn:
+        for i in idx["train"]:
+            knn.write({"__key__": f"d{i:04d}", "png": encode_image(digit_image(images[i], size), "png"),
+                       "cls": str(labels[i])})
+    with open(os.path.join(knn_root, "classnames.txt"), "w") as f:
+        f.write("\n".join(CLASSNAMES) + "\n")
+
     info = {
         "seed": seed, "image_size": size, "copies_per_train_digit": copies,
+        "knn_train": knn_root, "knn_train_num_samples": sum(knn.sizes.values()), "knn_val": zs_root,
         "train": os.path.join(out, "train", "train-{00000..%05d}.tar" % (len(train_sizes) - 1)),
         "train_num_samples": sum(train_sizes.values()),
         "zeroshot": zs_root, "zeroshot_shards": zs_spec, "zeroshot_num_samples": n_zs,

@@ -5,6 +5,13 @@ parquet table with a local image path column and a caption column (relative path
 
     python -m data_tools.make_shards pairs.parquet out/ --samples-per-shard 10000 --max-side 512 --workers 8
 
+Image-only shards (masked image modeling, ImageNet-21K style): ``--images-only`` on a folder writes ``{key}.jpg`` +
+``{key}.json`` and, when the folder is ImageNet-style (class sub-folders: the rule of ``evaclip.evals.data``, sorted
+names = class ids), ``{key}.cls`` (the class id) plus ``classnames.txt`` (folder names, one per line, in id order);
+captions are not read. Such shards with classes are also a labelled set for the k-NN monitor.
+
+    python -m data_tools.make_shards /data/imagenet21k/train in21k/ --images-only --max-side 256
+
 Unreadable images, empty captions and exact duplicate images (same bytes) are skipped, never written, and reported
 in the summary (``summary.json`` in the output folder).
 """
@@ -46,6 +53,25 @@ def iter_folder(root: str) -> Iterator[tuple[str, Optional[str]]]:
                     with open(txt, encoding="utf-8", errors="replace") as fh:
                         cap = fh.read()
                 yield p, cap
+
+
+def iter_image_folder(root: str, classes: str = "auto") -> tuple[list[tuple[str, Optional[int]]], Optional[list]]:
+    """Images under ``root`` for image-only shards: ``([(path, class id or None)], class names or None)``.
+
+    ``classes``: ``"folders"`` reads ``root`` as an ImageNet-style folder (refused with what was found otherwise),
+    ``"none"`` takes every image under it unlabelled (recursive, sorted), ``"auto"`` the first when it qualifies."""
+    from evaclip.evals.data import imagenet_folder
+
+    if classes not in ("auto", "folders", "none"):
+        raise ValueError(f"classes must be auto, folders or none, got {classes!r}")
+    if classes != "none":
+        try:
+            names, files = imagenet_folder(root)
+            return [(p, cid) for p, cid in files], list(names)
+        except ValueError:
+            if classes == "folders":
+                raise
+    return [(p, None) for p, _ in iter_folder(root)], None
 
 
 def _pick(cols: list[str], wanted: Optional[str], defaults: tuple, what: str, path: str) -> str:
@@ -102,11 +128,13 @@ def read_table(path: str, image_col: Optional[str] = None, caption_col: Optional
 # ----------------------------------------------------------------------------------------------------------------------
 # per-item work (runs in the worker processes)
 # ----------------------------------------------------------------------------------------------------------------------
-def process_item(item: tuple[str, Optional[str]], max_side: Optional[int], fmt: str, quality: int) -> dict:
-    """Read, validate, resize and encode one pair. Returns ``{"ok": True, ...}`` or ``{"ok": False, "reason": ...}``."""
+def process_item(item: tuple, max_side: Optional[int], fmt: str, quality: int, images_only: bool = False) -> dict:
+    """Read, validate, resize and encode one pair ``(path, caption)``, or with ``images_only`` one ``(path, class id or
+    None)``. Returns ``{"ok": True, ...}`` or ``{"ok": False, "reason": ...}``."""
     path, raw_caption = item
-    caption = clean_caption(raw_caption) if raw_caption else ""
-    if not caption:
+    label = raw_caption if images_only else None
+    caption = "" if images_only else (clean_caption(raw_caption) if raw_caption else "")
+    if not caption and not images_only:
         return {"ok": False, "path": path, "reason": "empty caption"}
     try:
         with open(path, "rb") as f:
@@ -128,7 +156,7 @@ def process_item(item: tuple[str, Optional[str]], max_side: Optional[int], fmt: 
         encoded = encode_image(to_rgb(out) if fmt == "jpg" else out, fmt, quality)
     meta = {"source": path, "sha1": digest, "width": out.size[0], "height": out.size[1],
             "original_width": w0, "original_height": h0}
-    return {"ok": True, "image": encoded, "caption": caption, "meta": meta, "sha1": digest}
+    return {"ok": True, "image": encoded, "caption": caption, "label": label, "meta": meta, "sha1": digest}
 
 
 def _work(args):
@@ -140,14 +168,18 @@ def _work(args):
 # ----------------------------------------------------------------------------------------------------------------------
 def make_shards(items: list[tuple[str, Optional[str]]], out_dir: str, samples_per_shard: int = 10000,
                 max_side: Optional[int] = None, fmt: str = "jpg", quality: int = 95, dedup: bool = True,
-                workers: int = 1, prefix: str = "", show_progress: bool = True, max_report: int = 20) -> dict:
-    """Write ``items`` [(image path, caption)] as shards into ``out_dir``; returns the summary dict (also saved)."""
+                workers: int = 1, prefix: str = "", show_progress: bool = True, max_report: int = 20,
+                images_only: bool = False, classnames: Optional[list] = None) -> dict:
+    """Write ``items`` [(image path, caption)] as shards into ``out_dir``; returns the summary dict (also saved).
+
+    ``images_only``: items are [(image path, class id or None)] (``iter_image_folder``); samples get no ``txt``, a
+    ``cls`` when labelled, and ``classnames`` (if given) is written to ``out_dir/classnames.txt``."""
     t0 = time.time()
     skipped: dict[str, int] = {}
     examples: list[dict] = []
     seen: set[str] = set()
     sink = ShardSink(out_dir, samples_per_shard, prefix=prefix)
-    tasks = ((it, max_side, fmt, quality) for it in items)
+    tasks = ((it, max_side, fmt, quality, images_only) for it in items)
     pool = mp.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers) if workers > 1 else None
     results = pool.imap(_work, tasks, chunksize=16) if pool else map(_work, tasks)
     written = 0
@@ -163,12 +195,22 @@ def make_shards(items: list[tuple[str, Optional[str]]], out_dir: str, samples_pe
                     examples.append({"path": r["path"], "reason": r["reason"]})
                 continue
             seen.add(r["sha1"])
-            sink.write({"__key__": f"{written:09d}", ext: r["image"], "txt": r["caption"], "json": r["meta"]})
+            sample = {"__key__": f"{written:09d}", ext: r["image"], "json": r["meta"]}
+            if not images_only:
+                sample["txt"] = r["caption"]
+            elif r["label"] is not None:
+                sample["cls"] = str(r["label"])
+                if classnames:
+                    r["meta"]["class"] = classnames[r["label"]]
+            sink.write(sample)
             written += 1
     finally:
         if pool:
             pool.terminate()
         sizes = sink.close()
+    if images_only and classnames:
+        with open(os.path.join(out_dir, "classnames.txt"), "w", encoding="utf-8") as f:
+            f.write("\n".join(classnames) + "\n")
     summary = {"inputs": len(items), "written": written, "skipped": skipped, "skipped_total": sum(skipped.values()),
                "skipped_examples": examples, "shards": len(sizes), "spec": sink.shard_spec,
                "seconds": round(time.time() - t0, 2)}
@@ -192,6 +234,11 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix", default="", help="shard name prefix: PREFIX-00000.tar (default: 00000.tar)")
     ap.add_argument("--image-col", default=None, help=f"table column of image paths (default: first of {IMAGE_COLS})")
     ap.add_argument("--caption-col", default=None, help=f"table column of captions (default: first of {CAPTION_COLS})")
+    ap.add_argument("--images-only", action="store_true",
+                    help="image-only shards from a folder (no captions; class sub-folders give cls + classnames.txt)")
+    ap.add_argument("--classes", choices=("auto", "folders", "none"), default="auto",
+                    help="with --images-only: read class sub-folders (folders), never (none), or when the folder "
+                         "is ImageNet-style (auto)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     if a.samples_per_shard < 1:
@@ -200,11 +247,24 @@ def main(argv=None) -> int:
         ap.error("--max-side must be >= 1")
     if not os.path.exists(a.input):
         ap.error(f"input not found: {a.input}")
-    items = list(iter_folder(a.input)) if os.path.isdir(a.input) else read_table(a.input, a.image_col, a.caption_col)
+    classnames = None
+    if a.images_only:
+        if not os.path.isdir(a.input):
+            ap.error("--images-only reads a folder of images (class sub-folders allowed)")
+        try:
+            items, classnames = iter_image_folder(a.input, a.classes)
+        except ValueError as e:
+            ap.error(str(e))
+    else:
+        items = list(iter_folder(a.input)) if os.path.isdir(a.input) else read_table(a.input, a.image_col,
+                                                                                     a.caption_col)
     if not items:
         ap.error(f"no images found in {a.input}")
     s = make_shards(items, a.output, a.samples_per_shard, a.max_side, a.format, a.quality, not a.no_dedup,
-                    a.workers, a.prefix, show_progress=not a.quiet)
+                    a.workers, a.prefix, show_progress=not a.quiet, images_only=a.images_only,
+                    classnames=classnames)
+    if classnames:
+        print(f"{len(classnames)} classes from the sub-folders of {a.input} (classnames.txt)")
     print(f"wrote {s['written']} of {s['inputs']} samples in {s['shards']} shard(s) ({s['spec']}) in {s['seconds']}s")
     if s["skipped_total"]:
         print(f"skipped {s['skipped_total']}: " + ", ".join(f"{k}: {v}" for k, v in sorted(s["skipped"].items())))

@@ -15,7 +15,7 @@ resume detect a checkpoint damaged later (truncated copy, bad disk) before touch
 tensors and primitives, so every load uses ``torch.load(weights_only=True)``.
 
 The model / optimizer state goes through ``get_state_io(strategy)``: DDP saves full state dicts on rank 0; the FSDP
-module can register sharded save / load functions with ``register_state_io("fsdp", ...)``.
+strategy uses ``evaclip.checkpoint_sharded`` (DCP); other strategies plug in with ``register_state_io``.
 """
 from __future__ import annotations
 
@@ -183,8 +183,10 @@ def register_state_io(strategy: str, io: StateIO) -> None:
 
 
 def get_state_io(strategy: str) -> StateIO:
-    if strategy not in _STATE_IO and strategy == "fsdp":
-        import evaclip.fsdp  # noqa: F401  (registers its StateIO on import, if it provides one)
+    if strategy not in _STATE_IO and strategy == "fsdp":  # sharded (DCP) state, imported only by runs that use it
+        from evaclip import checkpoint_sharded as cs
+
+        register_state_io("fsdp", StateIO(cs.save_step_state, cs.load_step_state, cs.step_files))
     if strategy not in _STATE_IO:
         raise CheckpointError(f"no checkpoint format registered for dist.strategy={strategy!r}")
     return _STATE_IO[strategy]

@@ -169,16 +169,19 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 SUBDIR = "dcp"
 
 
-def _io_save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> None:
+def save_step_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> None:
+    """The ``dist.strategy=fsdp`` model + optimizer state of a training checkpoint folder (collective)."""
     save_sharded(Path(folder) / SUBDIR, model, optimizer)
 
 
-def _io_load(folder: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
+def load_step_state(folder: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """Load what ``save_step_state`` wrote (collective; any number of ranks)."""
     load_sharded(Path(folder) / SUBDIR, model, optimizer)
 
 
-def _io_files(world_size: int) -> list[str]:
-    # DCP's FileSystemWriter writes one file per rank (single_file_per_rank) and the coordinator's .metadata.
+def step_files(world_size: int) -> list[str]:
+    """The files ``save_step_state`` writes: DCP's FileSystemWriter writes one file per rank and the coordinator's
+    ``.metadata``."""
     return [f"{SUBDIR}/{METADATA_FILE}"] + [f"{SUBDIR}/__{r}_0.distcp" for r in range(world_size)]
 
 
@@ -188,13 +191,3 @@ def checkpoint_weights(folder: str | os.PathLike) -> Optional[Path]:
         if is_sharded_checkpoint(cand):
             return cand
     return None
-
-
-def register() -> None:
-    """Make ``evaclip.checkpoint`` save / load ``dist.strategy=fsdp`` runs with this module."""
-    from evaclip.checkpoint import StateIO, register_state_io
-
-    register_state_io("fsdp", StateIO(_io_save, _io_load, _io_files))
-
-
-register()

@@ -1,22 +1,30 @@
 """Typed configuration schema: the single source of truth for every training knob.
 
-A run is a recipe (YAML, stating only what differs from the defaults here) plus ``key.sub=value`` overrides.
-``load_config`` merges them, checks every key and type, and fails early with a message that names the key.
+A run is a recipe (YAML, stating only what differs from the defaults here) plus ``key.sub=value`` overrides, merged
+by OmegaConf onto these dataclasses (structured configs): an unknown key, a wrong type or a value outside a
+``Literal``'s choices fails with one line naming the full key (and the nearest known key for a misspelling).
+Architecture overrides (``model.overrides.vision.width=64``) are merged onto the model's own ``CLIPCfg`` so they are
+checked the same way. Range checks OmegaConf cannot express live in ``validate``. Each task's section is defined next
+to the task's code (``evaclip/tasks/``).
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from evaclip.errors import ConfigError
+from evaclip.tasks.clip import ClipEvalCfg as EvalCfg
+from evaclip.tasks.clip import ClipLossCfg as LossCfg
 
-class ConfigError(ValueError):
-    """A recipe or override names an unknown key, has a wrong type, or an invalid value."""
+__all__ = ["CkptCfg", "ConfigError", "DataCfg", "DistCfg", "EvalCfg", "LogCfg", "LossCfg", "ModelCfg", "OptimCfg",
+           "TrainCfg", "apply_overrides", "flat_diff", "from_dict", "from_yaml", "load_config", "to_dict", "to_yaml",
+           "validate"]
 
 
 @dataclass
@@ -25,18 +33,20 @@ class ModelCfg:
     pretrained: Optional[str] = None  # whole-CLIP checkpoint (EVA-CLIP release, open_clip, evaclip)
     image_init: Optional[str] = None  # image-tower init: EVA MIM, EVA-CLIP, timm / open_clip EVA02 checkpoint
     text_init: Optional[str] = None  # text-tower init: OpenAI / open_clip / EVA-CLIP checkpoint
-    attn_backend: str = "auto"  # auto | flash_attn | sdpa | eager
+    attn_backend: Literal["auto", "flash_attn", "sdpa", "eager"] = "auto"
     token_drop: float = 0.0  # fraction of image patch tokens dropped in training (0.5 in the paper's big runs)
     token_drop_until: Optional[int] = None  # optimizer step where token dropping ends (FLIP-style unmasked tuning)
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the towers
-    overrides: dict = field(default_factory=dict)  # architecture overrides passed to create_model
+    # architecture overrides, merged onto the model's CLIPCfg and checked against it: e.g. vision.width=64,
+    # vision.depth=4, text.layers=2, embed_dim=128 (model.overrides.vision.width=64 on the command line)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DataCfg:
     train: Optional[str] = None  # shard spec(s), brace-expanded; several sources joined with '::'
-    train_weights: Optional[list] = None  # sampling weight per source (resampled mode)
+    train_weights: Optional[list[float]] = None  # sampling weight per source (resampled mode)
     train_num_samples: Optional[int] = None  # samples per epoch (required for resampled mode)
     resampled: bool = False  # draw shards with replacement instead of each shard once per epoch
     batch_size: int = 32  # per process (per micro-batch when accumulating)
@@ -52,9 +62,10 @@ class DataCfg:
 
 @dataclass
 class OptimCfg:
-    name: str = "lamb"  # lamb | adamw
-    impl: str = "foreach"  # foreach (evaclip.optim.Lamb) | reference (torch_optimizer.Lamb)
-    lamb_variant: str = "torch_optimizer"  # torch_optimizer | deepspeed (bias correction, trust ratio in [0.01, 10])
+    name: Literal["lamb", "adamw"] = "lamb"
+    impl: Literal["foreach", "reference"] = "foreach"  # evaclip.optim.Lamb | torch_optimizer.Lamb
+    # torch_optimizer | deepspeed (bias correction, trust ratio in [0.01, 10])
+    lamb_variant: Literal["torch_optimizer", "deepspeed"] = "torch_optimizer"
     lr: float = 5e-4  # lr of the parameters outside the towers (logit scale)
     visual_lr: Optional[float] = None  # None: use lr
     text_lr: Optional[float] = None
@@ -63,34 +74,16 @@ class OptimCfg:
     text_wd: Optional[float] = None
     visual_ld: float = 1.0  # layer-wise lr decay of the image tower (1.0: none)
     text_ld: float = 1.0
-    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     clamp_value: float = 10.0
     debias: bool = False
     grad_clip_norm: Optional[float] = 5.0
     lock_image: bool = False  # freeze the image tower (LiT)
     lock_text: bool = False  # freeze the text tower (locked-text tuning)
-    schedule: str = "cosine"  # cosine | const
+    schedule: Literal["cosine", "const"] = "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of each group's peak lr
-
-
-@dataclass
-class LossCfg:
-    name: str = "clip"  # clip | siglip
-    local_loss: bool = True
-    gather_with_grad: bool = True
-
-
-@dataclass
-class EvalCfg:
-    every: int = 0  # steps between evaluations during training (0: only at the end, if data is given)
-    zeroshot: Optional[str] = None  # clip_benchmark webdataset dir or ImageNet-style folder
-    retrieval: Optional[str] = None  # image-text shards
-    batch_size: int = 64
-    workers: int = 2  # DataLoader workers for evaluation data
-    classnames: Optional[str] = None  # zero-shot class-name file (default: the data's own, or open_clip's ImageNet)
-    templates: Optional[str] = None  # zero-shot prompt-template file ({c} = class name)
 
 
 @dataclass
@@ -104,21 +97,22 @@ class CkptCfg:
 class LogCfg:
     every: int = 10  # steps between log lines
     wandb: bool = False
-    wandb_mode: str = "offline"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "evaclip"
     tensorboard: bool = True
 
 
 @dataclass
 class DistCfg:
-    strategy: str = "ddp"  # ddp | fsdp
-    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     cpu_offload: bool = False  # fsdp: sharded params, grads and optimizer state on the host (step runs there)
     reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (False: keep to backward)
 
 
 @dataclass
 class TrainCfg:
+    task: Literal["clip"] = "clip"  # the objective (evaclip/tasks/)
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
@@ -127,8 +121,8 @@ class TrainCfg:
     ckpt: CkptCfg = field(default_factory=CkptCfg)
     log: LogCfg = field(default_factory=LogCfg)
     dist: DistCfg = field(default_factory=DistCfg)
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    device: str = "auto"  # auto | cpu | cuda
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     epochs: int = 1
     max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs)
     accum_freq: int = 1  # micro-batches per optimizer step (contrastive batch kept over all of them)
@@ -140,143 +134,49 @@ class TrainCfg:
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
 
 
-_CHOICES = {
-    "model.attn_backend": ("auto", "flash_attn", "sdpa", "eager"),
-    "optim.name": ("lamb", "adamw"),
-    "optim.impl": ("foreach", "reference"),
-    "optim.lamb_variant": ("torch_optimizer", "deepspeed"),
-    "optim.schedule": ("cosine", "const"),
-    "loss.name": ("clip", "siglip"),
-    "dist.strategy": ("ddp", "fsdp"),
-    "dist.backend": ("auto", "nccl", "gloo"),
-    "precision": ("fp32", "bf16", "fp16"),
-    "device": ("auto", "cpu", "cuda"),
-    "log.wandb_mode": ("offline", "online", "disabled"),
-}
+# ----------------------------------------------------------------------------------------------------------------------
+# OmegaConf errors -> one line naming the full key
+# ----------------------------------------------------------------------------------------------------------------------
+def _one_line(e: OmegaConfBaseException, prefix: str = "") -> ConfigError:
+    key = prefix + (getattr(e, "full_key", None) or "")
+    msg = (getattr(e, "msg", None) or str(e)).splitlines()[0].strip()
+    where = getattr(getattr(e, "object_type", None), "__name__", None)
+    if msg.startswith("Key '") and " not in " in msg:  # "Key 'lrr' not in 'OptimCfg'. Did you mean: 'lr'?"
+        hint = msg.split("Did you mean:", 1)[1].strip().rstrip("?") if "Did you mean:" in msg else None
+        text = f"config key '{key}': not in {where or 'the config'}"
+        return ConfigError(text + (f"; did you mean {hint}?" if hint else ""))
+    if "not a valid type" in msg or "could not be converted" in msg or "Invalid value" in msg:
+        return ConfigError(f"config key '{key}': {msg}")
+    return ConfigError(f"config key '{key}': {msg}")
 
 
-def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+def _merge(base, *others, prefix: str = ""):
+    try:
+        return OmegaConf.merge(base, *others)
+    except OmegaConfBaseException as e:
+        raise _one_line(e, prefix) from None
 
 
-def _unwrap_optional(tp) -> tuple[Any, bool]:
-    if typing.get_origin(tp) is Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return (args[0] if len(args) == 1 else Union[tuple(args)]), True
-    return tp, False
+def _to_object(conf, prefix: str = ""):
+    try:
+        return OmegaConf.to_object(conf)
+    except OmegaConfBaseException as e:
+        raise _one_line(e, prefix) from None
 
 
-def _parse_scalar(text: str) -> Any:
-    """Parse a command-line value as YAML; also accept ``1e-3`` (YAML 1.1 reads it as a string)."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
-
-
-def _coerce(key: str, value: Any, tp) -> Any:
-    """Check ``value`` against the annotated type ``tp``; strings from the command line are parsed as YAML."""
-    base, optional = _unwrap_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"config key '{key}' may not be null")
-    if optional and isinstance(value, str) and value.strip() in ("null", "Null", "NULL", "~", "None"):
-        return None  # `key=null` on the command line clears an optional key, whatever its type
-    if isinstance(value, str) and base is not str:
-        value = _parse_scalar(value)
-        if value is None and optional:
-            return None
-    origin = typing.get_origin(base) or base
-    if origin is bool:
-        ok = isinstance(value, bool)
-    elif origin is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif origin is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif origin is str:
-        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
-        value = str(value) if ok else value
-    elif origin in (list, dict):
-        ok = isinstance(value, origin)
-    else:
-        ok = True
-    if not ok:
-        raise ConfigError(f"config key '{key}' expects {getattr(base, '__name__', base)}, got {value!r}")
-    return value
-
-
-def _unknown(key: str, candidates) -> ConfigError:
-    hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(candidates), n=1)
-    msg = f"unknown config key '{key}'"
-    return ConfigError(msg + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-
-
-def _apply(obj, data: dict, prefix: str = "") -> None:
-    types = _field_types(type(obj))
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if k not in types:
-            raise _unknown(key, types)
-        current = getattr(obj, k)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(v, dict):
-                raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {v!r}")
-            _apply(current, v, key + ".")
-        elif k == "overrides" and isinstance(current, dict) and isinstance(v, dict):
-            current.update(v)
-        else:
-            setattr(obj, k, _coerce(key, v, types[k]))
-
-
-def _set_dotted(obj, key: str, value: Any) -> None:
-    parts = key.split(".")
-    target = obj
-    for i, p in enumerate(parts[:-1]):
-        if not dataclasses.is_dataclass(target) or p not in _field_types(type(target)):
-            known = _field_types(type(target)) if dataclasses.is_dataclass(target) else []
-            raise _unknown(".".join(parts[: i + 1]), known)
-        target = getattr(target, p)
-        if isinstance(target, dict):  # free-form mapping, e.g. model.overrides.width=64
-            target[".".join(parts[i + 1 :])] = _parse_scalar(value) if isinstance(value, str) else value
-            return
-    if not dataclasses.is_dataclass(target):
-        raise ConfigError(f"unknown config key '{key}': '{'.'.join(parts[:-1])}' is a value, not a section")
-    _apply(target, {parts[-1]: value}, ".".join(parts[:-1]) + "." if len(parts) > 1 else "")
-
-
-def validate(cfg: TrainCfg) -> TrainCfg:
-    """Check value ranges and choices; raises ConfigError naming the key."""
-    for key, choices in _CHOICES.items():
-        obj = cfg
-        for p in key.split("."):
-            obj = getattr(obj, p)
-        if obj not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {obj!r}")
-    if not 0.0 <= cfg.model.token_drop < 1.0:
-        raise ConfigError(f"config key 'model.token_drop' must be in [0, 1), got {cfg.model.token_drop}")
-    if cfg.accum_freq < 1:
-        raise ConfigError(f"config key 'accum_freq' must be >= 1, got {cfg.accum_freq}")
-    if cfg.model.token_drop_until is not None and cfg.model.token_drop_until < 0:
-        raise ConfigError(f"config key 'model.token_drop_until' must be >= 0, got {cfg.model.token_drop_until}")
-    if cfg.max_bad_steps < 1:
-        raise ConfigError(f"config key 'max_bad_steps' must be >= 1, got {cfg.max_bad_steps}")
-    if cfg.ckpt.every < 0 or cfg.log.every < 1:
-        raise ConfigError("config keys 'ckpt.every' must be >= 0 and 'log.every' >= 1")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ConfigError(f"config key 'max_steps' must be >= 1, got {cfg.max_steps}")
-    if cfg.data.batch_size < 1:
-        raise ConfigError(f"config key 'data.batch_size' must be >= 1, got {cfg.data.batch_size}")
-    if cfg.data.resampled and not cfg.data.synthetic and not cfg.data.train_num_samples:
-        raise ConfigError("config key 'data.train_num_samples' is required when 'data.resampled' is true")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"config key 'optim.betas' expects two numbers, got {cfg.optim.betas!r}")
-    return cfg
+def _yaml_mapping(text: str, source: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML ({problem} at{where or ' the end'})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: must be a YAML mapping of config keys, got {type(data).__name__}")
+    return data
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
@@ -290,6 +190,108 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
+def _check_path(key: str) -> None:
+    """``optim.lr.x``: a key below a value (not a section) is named as such (OmegaConf would report a type error)."""
+    cls, parts = TrainCfg, key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            return  # unknown key: OmegaConf names it with a suggestion
+        value = getattr(cls(), part) if dataclasses.is_dataclass(cls) else None
+        if isinstance(value, dict):
+            return  # free-form mapping (model.overrides)
+        if not dataclasses.is_dataclass(value):
+            raise ConfigError(f"config key '{key}': '{'.'.join(parts[:i + 1])}' is a value, not a section")
+        cls = type(value)
+
+
+def _overrides_conf(overrides: dict[str, Any]):
+    """Dotted overrides as one OmegaConf mapping; string values are parsed as YAML (``1e-3`` is a float)."""
+    dotlist = []
+    for key, value in overrides.items():
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{key}={value}': the key is not a dotted config key")
+        _check_path(key)
+        if isinstance(value, str):
+            try:
+                conf = OmegaConf.from_dotlist([f"{key}={value}"])
+            except yaml.YAMLError as e:
+                problem = getattr(e, "problem", None) or "parse error"
+                raise ConfigError(f"override '{key}={value}': the value is not valid YAML ({problem}); quote it or "
+                                  "write e.g. [0.9,0.98]") from None
+            dotlist.append(conf)
+        else:
+            conf = OmegaConf.create({})
+            OmegaConf.update(conf, key, value, force_add=True)
+            dotlist.append(conf)
+    return dotlist
+
+
+def _check_architecture(cfg: TrainCfg) -> None:
+    """Merge ``model.overrides`` onto the model's own ``CLIPCfg`` (type-checked like the rest of the config)."""
+    if not cfg.model.overrides:
+        return
+    from evaclip.models import get_model_config, list_models
+
+    if cfg.model.name not in list_models():
+        return  # named by the task's check, with the list of known models
+    model_cfg = get_model_config(cfg.model.name)
+    try:
+        _merge(OmegaConf.structured(model_cfg), OmegaConf.create(cfg.model.overrides), prefix="model.overrides.")
+    except ConfigError as e:
+        towers = [t for t in ("vision", "text") if any(k in {f.name for f in dataclasses.fields(getattr(model_cfg, t))}
+                                                       for k in cfg.model.overrides)]
+        if towers and "not in CLIPCfg" in str(e):
+            key = next(k for k in cfg.model.overrides if k not in {f.name for f in dataclasses.fields(model_cfg)})
+            raise ConfigError(f"{e}; tower keys go under a tower: "
+                              + " or ".join(f"model.overrides.{t}.{key}" for t in towers)) from None
+        raise
+    try:
+        get_model_config(cfg.model.name, **cfg.model.overrides)
+    except ValueError as e:
+        raise ConfigError(f"config key 'model.overrides': {e}") from None
+
+
+def validate(cfg: TrainCfg) -> TrainCfg:
+    """Range checks OmegaConf cannot express; raises ConfigError naming the key."""
+    if not 0.0 <= cfg.model.token_drop < 1.0:
+        raise ConfigError(f"config key 'model.token_drop' must be in [0, 1), got {cfg.model.token_drop}")
+    if cfg.accum_freq < 1:
+        raise ConfigError(f"config key 'accum_freq' must be >= 1, got {cfg.accum_freq}")
+    if cfg.model.token_drop_until is not None and cfg.model.token_drop_until < 0:
+        raise ConfigError(f"config key 'model.token_drop_until' must be >= 0, got {cfg.model.token_drop_until}")
+    if cfg.max_bad_steps < 1:
+        raise ConfigError(f"config key 'max_bad_steps' must be >= 1, got {cfg.max_bad_steps}")
+    if cfg.ckpt.every < 0:
+        raise ConfigError(f"config key 'ckpt.every' must be >= 0, got {cfg.ckpt.every}")
+    if cfg.log.every < 1:
+        raise ConfigError(f"config key 'log.every' must be >= 1, got {cfg.log.every}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ConfigError(f"config key 'max_steps' must be >= 1, got {cfg.max_steps}")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"config key 'data.batch_size' must be >= 1, got {cfg.data.batch_size}")
+    if cfg.data.resampled and not cfg.data.synthetic and not cfg.data.train_num_samples:
+        raise ConfigError("config key 'data.train_num_samples' is required when 'data.resampled' is true")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"config key 'optim.betas' expects two numbers, got {cfg.optim.betas!r}")
+    if cfg.data.train and any(c in cfg.data.train for c in "*?"):
+        raise ConfigError(f"config key 'data.train': {cfg.data.train!r} is a glob; name shards with braces "
+                          "('shards/{00000..00099}.tar') or give the folder that holds them")
+    if cfg.optim.impl == "reference" and cfg.optim.lamb_variant != "torch_optimizer":
+        raise ConfigError("config key 'optim.lamb_variant': optim.impl=reference is torch_optimizer.Lamb, which has "
+                          "no DeepSpeed variant; use optim.impl=foreach with optim.lamb_variant=deepspeed")
+    if cfg.dist.cpu_offload and cfg.dist.strategy != "fsdp":
+        raise ConfigError("config key 'dist.cpu_offload' needs dist.strategy=fsdp (DDP keeps full replicas)")
+    if cfg.dist.strategy == "fsdp" and cfg.dist.cpu_offload and cfg.dist.backend == "nccl":
+        raise ConfigError("config key 'dist.backend': dist.cpu_offload keeps sharded weights and optimizer state on "
+                          "the CPU, whose collectives need gloo; use dist.backend=auto (cpu:gloo,cuda:nccl)")
+    if cfg.loss.local_loss and not cfg.loss.gather_with_grad:
+        raise ConfigError("config key 'loss.gather_with_grad': loss.local_loss=true needs gather_with_grad=true "
+                          "(without it the cross-rank gradient terms are lost); set both, or local_loss=false")
+    _check_architecture(cfg)
+    return cfg
+
+
 def resolve_recipe(recipe: str | Path) -> Path:
     """A recipe is a YAML path, or the name of a file in the repository's ``recipes/`` folder."""
     p = Path(recipe)
@@ -299,32 +301,67 @@ def resolve_recipe(recipe: str | Path) -> Path:
     for c in (cand, cand.with_suffix(".yaml")):
         if c.is_file():
             return c
-    raise ConfigError(f"recipe not found: {recipe}")
+    raise ConfigError(f"recipe not found: {recipe} (a YAML file, or a name in recipes/)")
+
+
+def _build(*layers, source: str = "") -> TrainCfg:
+    conf = _merge(OmegaConf.structured(TrainCfg), *layers)
+    return validate(_to_object(conf))
 
 
 def load_config(recipe: str | Path | None = None, overrides: dict | list | None = None) -> TrainCfg:
     """Defaults <- recipe YAML <- overrides (dict of dotted keys, or a list of ``key=value`` strings)."""
-    cfg = TrainCfg()
+    layers = []
+    name = None
     if recipe is not None:
         path = resolve_recipe(recipe)
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"recipe {path} must be a YAML mapping")
-        _apply(cfg, data)
-        if cfg.name is None:
-            cfg.name = path.stem
+        layers.append(OmegaConf.create(_yaml_mapping(path.read_text(), f"recipe {path}")))
+        name = path.stem
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    for k, v in (overrides or {}).items():
-        _set_dotted(cfg, k, v)
-    return validate(cfg)
+    layers += _overrides_conf(overrides or {})
+    cfg = _build(*layers)
+    if cfg.name is None and name is not None:
+        cfg.name = name
+    return cfg
+
+
+def apply_overrides(cfg: TrainCfg, overrides: dict | list) -> TrainCfg:
+    """A new config: ``cfg`` with dotted ``overrides`` applied (validated)."""
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    return _build(OmegaConf.structured(cfg), *_overrides_conf(overrides))
 
 
 def to_dict(cfg: TrainCfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def to_yaml(cfg: TrainCfg) -> str:
+    """The resolved config as YAML (written into run folders and checkpoints; ``from_yaml`` reads it back)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def from_dict(data: dict) -> TrainCfg:
-    cfg = TrainCfg()
-    _apply(cfg, data)
-    return validate(cfg)
+    return _build(OmegaConf.create(data))
+
+
+def from_yaml(text: str, source: str = "config") -> TrainCfg:
+    return from_dict(_yaml_mapping(text, source))
+
+
+def _flat(obj, prefix: str = "") -> dict[str, Any]:
+    if dataclasses.is_dataclass(obj):
+        obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict) and (obj or not prefix):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def flat_diff(a: TrainCfg, b: TrainCfg) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (value in a, value in b)}`` for every key whose value differs."""
+    fa, fb = _flat(a), _flat(b)
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}

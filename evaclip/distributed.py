@@ -1,4 +1,4 @@
-"""Process group, device and model wrapping for one training process (torchrun or plain ``python``).
+"""Process group and device for one training process (torchrun or plain ``python``).
 
 torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without them the run is a single process and no process
 group is created (every helper here then degrades to the identity). The backend is chosen once, here: NCCL on CUDA,
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from evaclip.config import ConfigError, TrainCfg
+from evaclip.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -64,35 +64,39 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     raise ConfigError(f"config key 'device' must be auto, cpu or cuda, got {requested!r}")
 
 
-def backend_for(cfg: TrainCfg, device: torch.device) -> str:
-    """The ``init_process_group`` backend: the FSDP module decides for fsdp (it may need cpu:gloo beside nccl)."""
-    if cfg.dist.backend == "nccl" and device.type != "cuda":
+def backend_for(dist_cfg, device: torch.device) -> str:
+    """The ``init_process_group`` backend of ``dist_cfg`` (the config's ``dist`` section) on ``device``.
+
+    NCCL on CUDA, gloo on the CPU. FSDP2 with ``cpu_offload`` keeps parameters, gradients and optimizer state on the
+    host, so the host-side collectives (gradient-norm and LAMB trust-ratio all_reduces) need gloo beside NCCL:
+    ``"cpu:gloo,cuda:nccl"``.
+    """
+    if dist_cfg.backend == "nccl" and device.type != "cuda":
         raise ConfigError("config key 'dist.backend' is 'nccl' but the run is on the CPU; use gloo or auto")
-    if cfg.dist.strategy == "fsdp":
-        from evaclip.fsdp import process_group_backend
-
-        return process_group_backend(cfg, device)
-    if cfg.dist.backend != "auto":
-        return cfg.dist.backend
-    return "nccl" if device.type == "cuda" else "gloo"
+    if device.type != "cuda" or dist_cfg.backend == "gloo":
+        return "gloo"
+    if dist_cfg.strategy == "fsdp" and dist_cfg.cpu_offload:
+        return "cpu:gloo,cuda:nccl"
+    return "nccl"
 
 
-def init_distributed(cfg: TrainCfg, timeout_s: float = 1800.0) -> DistEnv:
-    """Read the torchrun environment, pick the device, and create the process group when ``WORLD_SIZE > 1``."""
+def init_distributed(device: str, dist_cfg, timeout_s: float = 1800.0) -> DistEnv:
+    """Read the torchrun environment, pick the device (the config's ``device``: auto | cpu | cuda), and create the
+    process group (``dist_cfg`` = the config's ``dist`` section) when ``WORLD_SIZE > 1``."""
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
-    device = resolve_device(cfg.device, local_rank)
+    device = resolve_device(device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend_for(cfg, device), timeout=datetime.timedelta(seconds=timeout_s),
+        dist.init_process_group(backend=backend_for(dist_cfg, device), timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
-    elif cfg.dist.strategy == "fsdp" and not dist.is_initialized():
+    elif dist_cfg.strategy == "fsdp" and not dist.is_initialized():
         # FSDP2 needs a process group even for one process (a 1-rank mesh): make a local one.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group(backend=backend_for(cfg, device), rank=0, world_size=1)
+        dist.init_process_group(backend=backend_for(dist_cfg, device), rank=0, world_size=1)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
@@ -156,37 +160,24 @@ def broadcast_object(obj, src: int = 0):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model under DDP / ``torch.compile`` wrappers (FSDP2 shards in place: nothing to unwrap)."""
+    """The bare model under DDP (``.module``) / ``torch.compile`` (``._orig_mod``) wrappers, however nested (FSDP2
+    shards in place: nothing to unwrap)."""
     while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
             return model
-
-
-def wrap_model(model: nn.Module, cfg: TrainCfg, device: torch.device) -> nn.Module:
-    """Move ``model`` to ``device`` and wrap it for data parallelism.
-
-    ``dist.strategy: ddp``: DistributedDataParallel when a process group with more than one rank exists, the bare
-    model otherwise. ``fsdp``: ``evaclip.fsdp.shard_model`` (FSDP2, in place). Build the optimizer *after* this call.
-    """
-    if cfg.dist.strategy == "fsdp":
-        from evaclip.fsdp import shard_model
-
-        return shard_model(model, cfg, device)
-    model = model.to(device)
-    if is_initialized() and dist.get_world_size() > 1:
-        # Locked towers have requires_grad=False, which DDP skips, so every registered parameter gets a gradient.
-        return nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            gradient_as_bucket_view=True,
-        )
-    return model
+        model = inner
 
 
 def get_rank() -> int:
     """Global rank (0 without a process group)."""
-    return dist.get_rank() if is_initialized() else 0
+    return rank_world()[0]
+
+
+def rank_world(group=None) -> tuple[int, int]:
+    """(rank, world size) in ``group`` (default: the default process group); (0, 1) without a process group."""
+    if is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1

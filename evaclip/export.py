@@ -28,7 +28,7 @@ import torch
 
 from evaclip.encoder import CLIP_BPE, ENCODER_FORMAT, ENCODER_FORMAT_VERSION, ImageEncoder, TextEncoder
 
-FORMATS = ("safetensors", "open_clip", "onnx")
+FORMATS = ("safetensors", "open_clip", "onnx", "eva_mim")  # eva_mim: a MIM student (masked image modeling runs)
 EXPORT_ATTN_BACKEND = "sdpa"  # portable: runs on CPU and GPU, traces to ONNX; flash_attn does neither
 ONNX_ATOL = 1e-4
 
@@ -330,6 +330,33 @@ def check_open_clip(model, export_dir: Path, atol: float = 1e-4) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# EVA-02 MIM layout
+# ----------------------------------------------------------------------------------------------------------------------
+def export_eva_mim(student, out_path: Path) -> list[Path]:
+    """Write a MIM student (``evaclip.models.mim.MIMStudent``) in EVA-02's released MIM layout
+    (``cls_token``, ``mask_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.i.*``, ``norm.*``, ``lm_head.*``):
+    a ``.safetensors`` path gets a flat safetensors file, any other a torch file ``{"module": state_dict}`` as the
+    release ships it. EVA's code, timm (``timm.models.eva.checkpoint_filter_fn``) and ``model.image_init`` load both.
+    Checks a bit-exact round trip."""
+    from safetensors.torch import load_file, save_file
+
+    from evaclip.models.convert import to_eva_mim_state_dict
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in to_eva_mim_state_dict(student).items()}
+    if out_path.suffix == ".safetensors":
+        save_file(sd, str(out_path), metadata={"format": "pt", "evaclip_layout": "eva_mim"})
+        back = load_file(str(out_path))
+    else:
+        torch.save({"module": sd}, out_path)
+        back = torch.load(out_path, map_location="cpu", weights_only=True)["module"]
+    if back.keys() != sd.keys() or any(not torch.equal(sd[k], back[k]) for k in sd):
+        raise ExportError(f"{out_path} did not round-trip exactly")
+    return [out_path]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # entry points
 # ----------------------------------------------------------------------------------------------------------------------
 def export(checkpoint: str, out_dir: str, fmt: Sequence[str] | str = "safetensors", *, model_name: Optional[str] = None,
@@ -341,6 +368,14 @@ def export(checkpoint: str, out_dir: str, fmt: Sequence[str] | str = "safetensor
     bad = [f for f in fmts if f not in FORMATS]
     if bad or not fmts:
         raise ValueError(f"unknown export format(s) {bad}: choose from {list(FORMATS)}")
+    if "eva_mim" in fmts:
+        if len(fmts) > 1:
+            raise ValueError("--format eva_mim exports a MIM student (a masked-image-modeling run) and goes alone: "
+                             "the other formats are for CLIP checkpoints")
+        from evaclip.models.mim import load_student
+
+        student = load_student(checkpoint, model_name, attn_backend=EXPORT_ATTN_BACKEND)
+        return [p for ext in (".pt", ".safetensors") for p in export_eva_mim(student, Path(out_dir) / f"eva_mim{ext}")]
     model, name = load_model(checkpoint, model_name, "cpu", attn_backend=EXPORT_ATTN_BACKEND)
     model = model.float().eval()
     model_cfg = model_config_of(model, name)

@@ -28,11 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-# evaclip.checkpoint imports this module for dist.strategy=fsdp; importing the sharded format registers it there.
-from evaclip import checkpoint_sharded  # noqa: F401
-from evaclip.config import ConfigError, TrainCfg
-
-_PRECISION_DTYPE = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from evaclip.engine.precision import amp_dtype
+from evaclip.errors import ConfigError
 
 
 def _fsdp_api():
@@ -53,32 +50,17 @@ def _fsdp_api():
     return fully_shard, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, CPUOffloadPolicy
 
 
-def check_fsdp_config(cfg: TrainCfg) -> None:
-    """Reject FSDP settings that cannot work, before any model is built; raises ConfigError naming the key."""
-    if cfg.dist.strategy != "fsdp":
-        if cfg.dist.cpu_offload:
+def check_fsdp_config(dist_cfg) -> None:
+    """Reject FSDP settings (the config's ``dist`` section) that cannot work, before any model is built."""
+    if dist_cfg.strategy != "fsdp":
+        if dist_cfg.cpu_offload:
             raise ConfigError("config key 'dist.cpu_offload' needs dist.strategy=fsdp (DDP keeps full replicas)")
         return
-    if cfg.dist.cpu_offload and cfg.dist.backend == "nccl":
+    if dist_cfg.cpu_offload and dist_cfg.backend == "nccl":
         raise ConfigError(
             "config key 'dist.backend': dist.cpu_offload keeps sharded weights and optimizer state on the CPU, whose "
             "collectives (clip_grad_norm_, LAMB norms) need gloo; use dist.backend=auto (cpu:gloo,cuda:nccl)"
         )
-
-
-def process_group_backend(cfg: TrainCfg, device: torch.device) -> str:
-    """The ``init_process_group`` backend string for ``cfg`` on ``device``.
-
-    CPU offload keeps parameters, gradients and optimizer state on the host, so the host-side collectives (the
-    gradient-norm and LAMB trust-ratio all_reduces) need gloo beside NCCL: ``"cpu:gloo,cuda:nccl"``.
-    """
-    if device.type != "cuda":
-        return "gloo"
-    if cfg.dist.backend == "gloo":
-        return "gloo"
-    if cfg.dist.strategy == "fsdp" and cfg.dist.cpu_offload:
-        return "cpu:gloo,cuda:nccl"
-    return "nccl"
 
 
 def mixed_precision(precision: str, *, root: bool = False):
@@ -89,9 +71,7 @@ def mixed_precision(precision: str, *, root: bool = False):
     root unit's policy: its own parameters stay fp32 and its floating outputs are cast to fp32 for the loss.
     """
     _, _, policy_cls, _, _ = _fsdp_api()
-    if precision not in _PRECISION_DTYPE:
-        raise ConfigError(f"config key 'precision' must be one of {list(_PRECISION_DTYPE)}, got {precision!r}")
-    dtype = _PRECISION_DTYPE[precision]
+    dtype = amp_dtype(precision)
     if dtype is None:
         return policy_cls()
     if root:
@@ -107,21 +87,6 @@ def offload_policy(cpu_offload: bool, device: torch.device):
         return none_cls()
     # Pinned host memory makes the copies asynchronous; it only means something with a CUDA device.
     return cpu_cls(pin_memory=device.type == "cuda")
-
-
-def make_grad_scaler(precision: str, strategy: str, device: torch.device):
-    """The loss scaler of a run: enabled for fp16 only; FSDP2 runs get ``ShardedGradScaler``.
-
-    With sharded gradients each rank sees only its shard, so an overflow may show on one rank alone; the sharded
-    scaler max-reduces the inf flag over the process group, so every rank skips the same steps (a plain GradScaler
-    would let the ranks' parameters diverge).
-    """
-    enabled = precision == "fp16"
-    if strategy == "fsdp" and enabled:
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        return ShardedGradScaler(device=device.type)
-    return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -282,20 +247,19 @@ def default_mesh(device: torch.device):
     return init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
 
 
-def shard_model(model: nn.Module, cfg: TrainCfg, device: torch.device) -> nn.Module:
-    """The ``dist.strategy: fsdp`` path of ``evaclip.distributed.wrap_model``: ``apply_fsdp`` with ``cfg``'s knobs.
-
-    ``model`` must already be on ``device`` (or on the host with ``dist.cpu_offload``, which FSDP2 also accepts).
-    """
-    check_fsdp_config(cfg)
+def shard_model(model: nn.Module, dist_cfg, device: torch.device, *, precision: str = "fp32",
+                compile: bool = False) -> nn.Module:
+    """The ``dist.strategy: fsdp`` path of ``evaclip.parallel.wrap_model``: ``apply_fsdp`` with the ``dist`` section's
+    knobs. ``model`` goes to ``device`` first (FSDP2 with ``cpu_offload`` moves the shards back to the host)."""
+    check_fsdp_config(dist_cfg)
     model.to(device)
     return apply_fsdp(
         model,
         default_mesh(device),
-        precision=cfg.precision,
-        cpu_offload=cfg.dist.cpu_offload,
-        reshard_after_forward=cfg.dist.reshard_after_forward,
-        compile=cfg.model.compile,
+        precision=precision,
+        cpu_offload=dist_cfg.cpu_offload,
+        reshard_after_forward=dist_cfg.reshard_after_forward,
+        compile=compile,
     )
 
 
@@ -332,102 +296,3 @@ def param_bytes(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # memory per GPU, computed (docs/FSDP.md): python -m evaclip.fsdp RECIPE --world N [key=value ...]
 # ----------------------------------------------------------------------------------------------------------------------
-_GIB = 2**30
-_CUDA_OVERHEAD = 1.5 * _GIB  # CUDA context, cuBLAS / flash workspaces, NCCL buffers (typical, not measured here)
-
-
-def _block_activation_bytes_per_token(width: int, hidden: int, swiglu: bool, subln: bool, act_bytes: int) -> int:
-    """Tensors one transformer block keeps for backward, per token (fused SDPA / flash attention: no T x T scores).
-
-    ~11 width-sized tensors (norm in/out x2, q, k, v, RoPE'd q/k or attention out, sub-LN, projection in) plus the
-    MLP's hidden-sized ones: 2 for GELU (fc1 out, activation out), 5 for SwiGLU with sub-LN (w1, w2, silu, product,
-    ffn_ln). An estimate, good to ~20%.
-    """
-    mlp = (4 + int(subln)) if swiglu else 2
-    return (11 * width + mlp * hidden) * act_bytes
-
-
-def estimate_memory(cfg: TrainCfg, world_size: int) -> dict[str, float]:
-    """Computed GPU memory per rank (GiB) of one training step of ``cfg`` on ``world_size`` ranks.
-
-    Exact parts: parameter counts (the model is built on the meta device) and the sharded fp32 state (master
-    weights, gradients, two optimizer moments: 16 bytes per parameter, / N with FSDP). Estimated parts: activations
-    (``_block_activation_bytes_per_token``; with gradient checkpointing one saved input per block plus one block's
-    recompute), the gathered weights of the blocks in flight, the contrastive logits, and a fixed CUDA overhead.
-    """
-    from evaclip.models import create_model, get_model_config
-
-    mc = get_model_config(cfg.model.name, **cfg.model.overrides)
-    with torch.device("meta"):
-        model = create_model(cfg.model.name, attn_backend="eager", **cfg.model.overrides)
-    n_params = sum(p.numel() for p in model.parameters())
-    fsdp = cfg.dist.strategy == "fsdp"
-    shard = world_size if fsdp else 1
-    low = cfg.precision in ("bf16", "fp16")
-    act_bytes = 2 if low else 4
-    param_bytes = 2 if (low and fsdp) else 4
-    out = {"params_billion": n_params / 1e9}
-    state = 16 * n_params / shard
-    out["weights_grads_optimizer"] = 0.0 if (fsdp and cfg.dist.cpu_offload) else state / _GIB
-    out["host_offloaded"] = state / _GIB if (fsdp and cfg.dist.cpu_offload) else 0.0
-    blocks = transformer_blocks(model)
-    biggest_block = max(sum(p.numel() for p in b.parameters()) for b in blocks)
-    tower_own = max(sum(p.numel() for p in t.parameters()) - sum(sum(p.numel() for p in b.parameters())
-                    for b in transformer_blocks(t)) for t in towers(model, blocks))
-    if fsdp:  # current + prefetched block gathered, one block's unsharded grad and its fp32 reduce-scatter input
-        gathered = 2 * biggest_block * param_bytes + biggest_block * (param_bytes + 4) + tower_own * param_bytes
-    else:  # autocast keeps a low-precision copy of every weight during forward
-        gathered = n_params * 2 if low else 0
-    out["gathered_weights"] = gathered / _GIB
-    B = cfg.data.batch_size
-    v, t = mc.vision, mc.text
-    keep = 1.0 - cfg.model.token_drop
-    towers_shape = [  # (tokens, width, hidden, depth, swiglu, subln)
-        (1 + round(v.grid**2 * keep), v.width, v.mlp_hidden, v.depth, v.swiglu, v.subln),
-        (t.context_length, t.width, int(t.width * t.mlp_ratio), t.layers, False, False),
-    ]
-    acts = 0
-    recompute_peak = 0
-    for tokens, width, hidden, depth, swiglu, subln in towers_shape:
-        per_block = B * tokens * _block_activation_bytes_per_token(width, hidden, swiglu, subln, act_bytes)
-        if cfg.model.grad_checkpointing:
-            acts += depth * B * tokens * width * act_bytes
-            recompute_peak = max(recompute_peak, per_block)
-        else:
-            acts += depth * per_block
-    out["activations"] = (acts + recompute_peak) / _GIB
-    G = B * world_size
-    out["loss_logits"] = 4 * B * G * 4 / _GIB  # image and text logits (B x G, fp32) and their gradients
-    out["cuda_overhead"] = _CUDA_OVERHEAD / _GIB
-    out["total"] = sum(v for k, v in out.items() if k not in ("params_billion", "host_offloaded"))
-    return out
-
-
-def _main(argv=None) -> int:
-    import argparse
-
-    from evaclip.config import load_config
-
-    p = argparse.ArgumentParser(prog="python -m evaclip.fsdp", description="Computed GPU memory per rank of a recipe.")
-    p.add_argument("recipe")
-    p.add_argument("--world", required=True, help="number of ranks; several comma-separated give one row each")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = p.parse_intermixed_args(argv)
-    cfg = load_config(args.recipe, args.overrides)
-    try:
-        worlds = [int(w) for w in args.world.split(",")]
-    except ValueError:
-        p.error(f"--world expects comma-separated integers, got {args.world!r}")
-    rows = [(n, estimate_memory(cfg, n)) for n in worlds]
-    keys = [k for k in rows[0][1] if k != "params_billion"]
-    print(f"{cfg.model.name}: {rows[0][1]['params_billion']:.2f}B params, {cfg.dist.strategy}, {cfg.precision}, "
-          f"batch {cfg.data.batch_size}/GPU, token_drop {cfg.model.token_drop}, "
-          f"grad_checkpointing {cfg.model.grad_checkpointing} (GiB per GPU, computed)")
-    print("| GPUs | " + " | ".join(keys) + " |")
-    print("|" + "---|" * (len(keys) + 1))
-    for n, r in rows:
-        print(f"| {n} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
-    return 0
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

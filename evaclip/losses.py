@@ -16,14 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from evaclip.config import LossCfg
+from evaclip.distributed import rank_world
 
 
-def _world(group=None) -> tuple[int, int]:
-    """(rank, world_size) of ``group``, or (0, 1) without an initialised process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def _all_gather_with_grad(x_BD: torch.Tensor, group=None) -> torch.Tensor:
@@ -73,7 +68,7 @@ class _GlobalBatchLoss(nn.Module):
 
     def _setup(self, image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale) -> tuple[int, int]:
         _check_inputs(image_BD, text_BD, logit_scale)
-        rank, world_size = _world(self.group)
+        rank, world_size = rank_world(self.group)
         if world_size > 1 and self._checked_world != world_size:
             # One host sync, once: uneven batches would otherwise fail inside all_gather with an opaque message.
             sizes = [None] * world_size
@@ -165,10 +160,32 @@ class SigLipLoss(_GlobalBatchLoss):
                 "t2i_acc": _accuracy(logits_local_BB.T, local_labels)}
 
 
-def build_loss(cfg: LossCfg) -> nn.Module:
-    """The loss named by ``cfg.name`` ('clip' or 'siglip')."""
+def mim_cosine_loss(pred: torch.Tensor, target_BPT: torch.Tensor, mask_BP: torch.Tensor,
+                    denom: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """EVA's masked-image-modeling loss: minus the cosine similarity of the student's prediction and the teacher's
+    feature at each masked patch, averaged over the masked patches (computed in fp32).
+
+    ``pred``: B x P x T (every patch; the unmasked ones get no gradient) or M x T (the M masked patches in mask order,
+    as ``MIMStudent`` returns them); ``target_BPT``: the teacher's features; ``mask_BP``: bool, True = masked (B x G x G
+    is flattened). ``denom``: divide the summed loss by this count instead of M, e.g. the masked patches of a whole
+    step over every micro-batch and rank, so that accumulation and data parallelism give the exact global mean.
+    """
+    mask_BP = mask_BP.flatten(1)
+    pred_MT = pred[mask_BP] if pred.ndim == 3 else pred
+    target_MT = target_BPT[mask_BP]
+    if pred_MT.shape != target_MT.shape:
+        raise ValueError(f"{pred_MT.shape[0]} predictions of dim {pred_MT.shape[-1]} for {target_MT.shape[0]} masked "
+                         f"targets of dim {target_MT.shape[-1]}")
+    neg_cos = -F.cosine_similarity(pred_MT.float(), target_MT.float(), dim=-1).sum()
+    if denom is None:
+        denom = mask_BP.sum().clamp(min=1)
+    return neg_cos / denom
+
+
+def build_loss(cfg) -> nn.Module:
+    """The loss named by ``cfg.name`` ('clip' or 'siglip'; the config's ``loss`` section, choices checked there)."""
     if cfg.name == "clip":
         return ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad)
     if cfg.name == "siglip":
         return SigLipLoss()
-    raise ValueError(f"loss.name must be 'clip' or 'siglip', got {cfg.name!r}")
+    raise AssertionError(cfg.name)  # unreachable: config validation rejects other names

@@ -293,7 +293,8 @@ def lamb_norm_check(rank: int, world: int) -> dict:
 
 def fp16_skip_check(rank: int, world: int) -> dict:
     """An fp16 overflow in one rank's gradient shard only: every rank must skip the step and lower the scale."""
-    from evaclip.fsdp import apply_fsdp, make_grad_scaler
+    from evaclip.engine.precision import make_grad_scaler
+    from evaclip.fsdp import apply_fsdp
 
     model = apply_fsdp(make_model(), precision="fp32")
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,6 +218,13 @@ RT_CAPTIONS = [(0, [0, 1, 0, 0]), (0, [.5, 0, 0, 0]), (1, [1, 0, 0, 0]), (2, [0,
 # i2t: I0 best own .5, wrong t2=1 above -> 1; I1 own 0, six wrong >= 0 -> 6; I2 own 1 -> 0; I3 own 1 tied by t4 -> 1
 # t2i: t0 -> 3, t1 -> 0, t2 -> 3, t3 -> 0, t4 -> 3, t5 -> 0, t6 -> 0
 RT_EXPECTED = {"i2t_R@1": 1 / 4, "i2t_R@5": 3 / 4, "t2i_R@1": 4 / 7, "num_images": 4, "num_texts": 7}
+# class-aware: images of classes 0 1 1 0, a caption has its image's class; a hit is any candidate of the same class
+# i2t: I0 best own-class .5 (t1), t2 (class 1) = 1 above -> 1; I1 best 0, t0 t1 t6 >= 0 -> 3; I2 -> 0; I3 t6 = 1 tied
+#      by t4 (class 1) -> 1.   t2i: t0 -> 2 (I1, I2 >= 0), t1 -> 0, t2 -> 2, t3 -> 0, t4 -> 2, t5 -> 0, t6 -> 0
+RT_CLASSES = [0, 1, 1, 0]
+RT_CLASS_EXPECTED = {"class_i2t_R@1": 1 / 4, "class_i2t_R@5": 1.0, "class_t2i_R@1": 4 / 7}
+# what retrieval() adds on data: how many captions are also another image's (none here)
+RT_E2E_EXPECTED = {**RT_EXPECTED, **RT_CLASS_EXPECTED, "captions_shared": 0}
 
 
 def test_retrieval_metrics_known_answers():
@@ -244,16 +252,56 @@ def test_retrieval_metrics_match_brute_force():
         assert res[f"t2i_R@{k}"] == pytest.approx(float((top_t2i == owner_M[:, None]).any(1).float().mean()))
 
 
-def test_retrieval_end_to_end_several_captions_per_image(tmp_path):
-    texts = {f"caption {m}": f for m, (_, f) in enumerate(RT_CAPTIONS)}
-    model = StubCLIP(RT_IMAGES, texts)
+def test_retrieval_class_aware_known_answers():
+    text_MD = torch.tensor([f for _, f in RT_CAPTIONS])
+    owner_M = torch.tensor([o for o, _ in RT_CAPTIONS])
+    for chunk in (1, 3, 1024):
+        res = retrieval_metrics(RT_IMAGES, text_MD, owner_M, chunk=chunk, image_class_N=torch.tensor(RT_CLASSES))
+        assert res == pytest.approx({**RT_EXPECTED, **RT_CLASS_EXPECTED})
+    with pytest.raises(ValueError, match="one class id per image"):
+        retrieval_metrics(RT_IMAGES, text_MD, owner_M, image_class_N=torch.tensor([0, 1]))
+
+
+def _rt_samples(with_class: bool = True):
     samples = []
     for i in range(4):
         caps = [f"caption {m}" for m, (o, _) in enumerate(RT_CAPTIONS) if o == i]
-        samples.append((f"im{i}", {"png": _png(i), "txt": "\n".join(caps) + "\n"}))
-    root = _benchmark_dir(tmp_path / "rt", samples, per_shard=3, dataset_type="retrieval")
+        files = {"png": _png(i), "txt": "\n".join(caps) + "\n"}
+        if with_class:
+            files["cls"] = str(RT_CLASSES[i])
+        samples.append((f"im{i}", files))
+    return samples
+
+
+def test_retrieval_end_to_end_several_captions_per_image(tmp_path):
+    texts = {f"caption {m}": f for m, (_, f) in enumerate(RT_CAPTIONS)}
+    model = StubCLIP(RT_IMAGES, texts)
+    root = _benchmark_dir(tmp_path / "rt", _rt_samples(), per_shard=3, dataset_type="retrieval")
     res = retrieval(model, model.tokenize, str(root), ToTensor(), batch_size=3, workers=0, show_progress=False)
-    assert res == pytest.approx(RT_EXPECTED)
+    assert res == pytest.approx(RT_E2E_EXPECTED)
+    # without class ids: the instance figures only
+    root = _benchmark_dir(tmp_path / "rt2", _rt_samples(with_class=False), per_shard=3, dataset_type="retrieval")
+    res = retrieval(model, model.tokenize, str(root), ToTensor(), batch_size=3, workers=0, show_progress=False)
+    assert res == pytest.approx({**RT_EXPECTED, "captions_shared": 0})
+
+
+def test_retrieval_with_shared_captions_reports_class_aware_recall(tmp_path):
+    """The demo's case: every caption names only the class, so each is word-for-word another image's caption too.
+    Instance i2t R@1 is 0 even for a perfect model (the copies tie); the class-aware recall credits it, and the
+    notes say which figure is which."""
+    from evaclip.evals.retrieval import retrieval_notes
+
+    classes = [0, 1, 2, 0, 1, 2]
+    image_ND = torch.eye(3)[classes]  # a perfect model: an image's feature is its class
+    texts = {f"the digit {c}": torch.eye(3)[c] for c in range(3)}
+    model = StubCLIP(image_ND, texts)
+    samples = [(f"im{i}", {"png": _png(i), "txt": f"the digit {c}", "cls": str(c)}) for i, c in enumerate(classes)]
+    root = _benchmark_dir(tmp_path / "rt", samples, per_shard=6, dataset_type="retrieval")
+    res = retrieval(model, model.tokenize, str(root), ToTensor(), batch_size=4, workers=0, show_progress=False)
+    assert res["i2t_R@1"] == 0.0 and res["captions_shared"] == 6
+    assert res["class_i2t_R@1"] == 1.0 and res["class_t2i_R@1"] == 1.0
+    notes = " ".join(retrieval_notes({f"retrieval/{k}": v for k, v in res.items()}))
+    assert "class-aware recall" in notes and "6 of 6 captions" in notes and "instance recall" in notes
 
 
 def test_retrieval_metrics_reject_bad_input():
@@ -300,15 +348,171 @@ def test_two_ranks_gather_to_the_same_metrics(tmp_path):
 
     zs_samples = [(f"s{i:03d}", {"png": _png(i), "cls": str(t)}) for i, (_, t) in enumerate(ZS_CASES)]
     zs_root = _benchmark_dir(tmp_path / "zs", zs_samples, per_shard=5, classnames=CLASSNAMES, templates=TEMPLATES)
-    rt_samples = []
-    for i in range(4):
-        caps = [f"caption {m}" for m, (o, _) in enumerate(RT_CAPTIONS) if o == i]
-        rt_samples.append((f"im{i}", {"png": _png(i), "txt": "\n".join(caps)}))
-    rt_root = _benchmark_dir(tmp_path / "rt", rt_samples, per_shard=4, dataset_type="retrieval")
+    rt_samples = _rt_samples()  # with class ids: the class-aware recall must gather in the same order too
+    rt_root = _benchmark_dir(tmp_path / "rt", rt_samples, per_shard=3, dataset_type="retrieval")
     # fork: the children inherit the imports (spawn would re-import torch and evaclip in each, ~10 s on 2 cores)
     mp.start_processes(_two_rank_worker, args=(2, str(tmp_path / "init"), str(zs_root), str(rt_root), str(tmp_path)),
                        nprocs=2, start_method="fork")
     for r in range(2):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert res["zs"] == pytest.approx(ZS_EXPECTED)
-        assert res["rt"] == pytest.approx(RT_EXPECTED)
+        assert res["rt"] == pytest.approx(RT_E2E_EXPECTED)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaclip eval on bad input: one line naming what is wrong and what to do, exit code 2 (never a worker traceback)
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_state_dict(tmp_path_factory):
+    import evaclip
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(evaclip.create_model("EVA02-CLIP-tiny", attn_backend="sdpa").state_dict(), path)
+    return str(path)
+
+
+def _eval_cli(ckpt, capsys, *args):
+    from evaclip.evals import main
+
+    rc = main([ckpt, "--model", "EVA02-CLIP-tiny", "--quiet", "--batch-size", "2", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _assert_one_line_error(rc, err, *expected):
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evaclip eval: error: "), err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    for e in expected:
+        assert e in lines[0], lines[0]
+
+
+def _shard_dir(root, samples, per_shard=2):
+    root.mkdir(parents=True)
+    for s in range(0, len(samples), per_shard):
+        _write_tar(root / f"{s // per_shard:05d}.tar", samples[s:s + per_shard])
+    return str(root)
+
+
+def test_eval_cli_data_of_the_wrong_kind(tiny_state_dict, tmp_path, capsys):
+    cls_samples = [(f"s{i}", {"png": _png(i), "cls": str(i % 2)}) for i in range(6)]
+    txt_samples = [(f"s{i}", {"png": _png(i), "txt": f"caption {i}"}) for i in range(6)]
+    zs_typed = _benchmark_dir(tmp_path / "zs", cls_samples, 3, classnames=["a", "b"], dataset_type="classification")
+    zs_untyped = _benchmark_dir(tmp_path / "zs2", cls_samples, 3, classnames=["a", "b"])
+    cls_dir = _shard_dir(tmp_path / "cls_shards", cls_samples)
+    txt_dir = _shard_dir(tmp_path / "txt_shards", txt_samples)
+    for c in ("a", "b"):
+        (tmp_path / "folder" / c).mkdir(parents=True)
+        (tmp_path / "folder" / c / "x.png").write_bytes(_png(1))
+    (tmp_path / "names.txt").write_text("a\nb\n")
+    cases = [
+        (["--retrieval", str(zs_typed)], "pass it as --zeroshot"),
+        (["--retrieval", str(zs_untyped)], "pass it as --zeroshot"),
+        (["--retrieval", cls_dir], "pass it as --zeroshot"),  # plain shards: found from the first sample
+        (["--retrieval", str(tmp_path / "folder")], "pass it as --zeroshot"),
+        (["--zeroshot", txt_dir, "--classnames", str(tmp_path / "names.txt")], "pass it as --retrieval"),
+        (["--zeroshot", txt_dir], "pass it as --retrieval"),  # not "pass --classnames": it is the wrong kind
+    ]
+    for args, expected in cases:
+        rc, _, err = _eval_cli(tiny_state_dict, capsys, "--workers", "2", *args)
+        _assert_one_line_error(rc, err, expected)
+
+
+def test_eval_cli_error_raised_in_a_loader_worker_is_one_line(tiny_state_dict, tmp_path, capsys):
+    # the first sample is fine (the up-front check passes); a later one has no caption: found inside a worker
+    samples = [(f"s{i}", {"png": _png(i), "txt": f"caption {i}"}) for i in range(5)]
+    samples.append(("broken", {"png": _png(9)}))
+    rc, _, err = _eval_cli(tiny_state_dict, capsys, "--workers", "2", "--retrieval",
+                           _shard_dir(tmp_path / "rt", samples, per_shard=3))
+    _assert_one_line_error(rc, err, "sample 'broken'", "has no 'txt' captions")
+
+
+def test_eval_cli_unreadable_image_in_a_class_folder(tiny_state_dict, tmp_path, capsys):
+    for c in ("cat", "dog"):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "val" / c / f"{i}.png").write_bytes(_png(i))
+    (tmp_path / "val" / "dog" / "9.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    rc, _, err = _eval_cli(tiny_state_dict, capsys, "--workers", "2", "--zeroshot", str(tmp_path / "val"))
+    _assert_one_line_error(rc, err, "unreadable image", "9.jpg")
+
+
+def test_zeroshot_folder_needs_a_recognizable_layout(tiny_state_dict, tmp_path, capsys):
+    """Sub-folders are classes only in a real ImageNet-style folder: >= 2 sub-folders, each holding images, and no
+    loose images beside them. Anything else is refused with what was found."""
+    def folder(name, subs, loose=(), other=()):
+        root = tmp_path / name
+        root.mkdir()
+        for sub, files in subs.items():
+            (root / sub).mkdir()
+            for f in files:
+                (root / sub / f).write_bytes(_png(1) if f.endswith(".png") else b"text")
+        for f in loose:
+            (root / f).write_bytes(_png(2))
+        for f in other:
+            (root / f).write_text("x")
+        return str(root)
+
+    photos = folder("photos", {"holiday": ["a.png", "b.png"], "misc": ["notes.txt"]})
+    with pytest.raises(ValueError, match=r"sub-folder\(s\) misc hold no images"):
+        resolve_zeroshot(photos)
+    loose = folder("album", {"holiday": ["a.png"], "misc": ["b.png"]}, loose=["cover.png"])
+    with pytest.raises(ValueError, match=r"1 image\(s\) lie beside its sub-folders \(cover.png\)"):
+        resolve_zeroshot(loose)
+    one = folder("one", {"cats": ["a.png"]})
+    with pytest.raises(ValueError, match=r"not a zero-shot set: found 1 sub-folder\(s\) \(cats\)"):
+        resolve_zeroshot(one)
+    empty = folder("empty", {}, other=["readme.md"])
+    with pytest.raises(ValueError, match=r"found 0 sub-folder\(s\), 1 other file\(s\) \(readme.md\)"):
+        resolve_zeroshot(empty)
+    # a data root holding a clip_benchmark set: the message points at it
+    data_root = tmp_path / "data"
+    _benchmark_dir(data_root / "zeroshot", [("a", {"png": _png(0), "cls": "0"})], 1, classnames=["x"])
+    (data_root / "train").mkdir()
+    with pytest.raises(ValueError, match="zeroshot is a clip_benchmark set: pass that folder"):
+        resolve_zeroshot(str(data_root))
+    # a real one is accepted, and the CLI says what it found
+    good = folder("good", {"cat": ["a.png", "b.png"], "dog": ["c.png"]})
+    assert resolve_zeroshot(good).num_samples == 3
+    rc, _, err = _eval_cli(tiny_state_dict, capsys, "--workers", "0", "--zeroshot", photos)
+    _assert_one_line_error(rc, err, "misc hold no images", "ImageNet-style folder (>= 2 class sub-folders")
+    rc, out, _ = _eval_cli(tiny_state_dict, capsys, "--workers", "0", "--zeroshot", good)
+    assert rc == 0 and f"zero-shot: ImageNet-style folder {good}: 2 classes (cat, dog), 3 images" in out
+
+
+def test_glob_in_a_shard_spec_says_use_braces_or_the_folder(tiny_state_dict, tmp_path, capsys):
+    from evaclip.data.shards import expand_spec
+
+    d = _shard_dir(tmp_path / "rt", [(f"s{i}", {"png": _png(i), "txt": "x"}) for i in range(4)])
+    with pytest.raises(ValueError, match=r"uses a glob .* braces .* or give the folder"):
+        expand_spec(f"{d}/*.tar")
+    rc, _, err = _eval_cli(tiny_state_dict, capsys, "--retrieval", f"{d}/0000?.tar")
+    _assert_one_line_error(rc, err, "glob", "braces")
+    assert len(expand_spec(d)[0]) == 2  # the folder itself works
+
+
+def test_eval_names_the_checkpoint_it_picked_from_a_run_folder(tiny_state_dict, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import yaml
+
+    import evaclip.checkpoint as ckpt_mod
+
+    run = tmp_path / "runs" / "demo"
+    for step in (10, 20):
+        d = run / "ckpt" / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        shutil.copy(tiny_state_dict, d / "model.pt")
+        (d / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "EVA02-CLIP-tiny"}}))
+    # which checkpoint counts as complete is checkpoint.py's business (meta.json, checksums): the newest here
+    monkeypatch.setattr(ckpt_mod, "find_resume_checkpoint", lambda root, *a, **k: sorted(Path(root).iterdir())[-1])
+    rt = _benchmark_dir(tmp_path / "rt", _rt_samples(), per_shard=4, dataset_type="retrieval")
+    out_json = tmp_path / "res.json"
+    rc, out, err = _eval_cli(str(run), capsys, "--workers", "0", "--retrieval", str(rt), "--out", str(out_json))
+    picked = run / "ckpt" / "step_00000020"
+    assert rc == 0, err
+    assert f"checkpoint: {picked} (newest complete checkpoint of run folder {run})" in out.splitlines()[0]
+    res = json.loads(out_json.read_text())
+    assert res["checkpoint"] == str(run) and res["checkpoint_used"] == str(picked)
+    assert any("class-aware" in n for n in res["notes"]) and "retrieval/class_i2t_R@1" in res["results"]

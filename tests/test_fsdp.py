@@ -35,22 +35,31 @@ LOSS_RTOL = 1e-4  # DDP vs FSDP2, and resumed with another world size vs uninter
 def test_config_checks_name_the_key():
     from evaclip.fsdp import check_fsdp_config
 
+    from evaclip.config import DistCfg
+
+    # the config rejects both at load time, naming the key; the FSDP module's own check says the same
     with pytest.raises(ConfigError, match="dist.cpu_offload"):
-        check_fsdp_config(load_config(None, {"dist.cpu_offload": "true"}))
+        load_config(None, {"dist.cpu_offload": "true"})
     with pytest.raises(ConfigError, match="dist.backend"):
-        check_fsdp_config(load_config(None, {"dist.strategy": "fsdp", "dist.cpu_offload": "true",
-                                             "dist.backend": "nccl"}))
-    check_fsdp_config(load_config(None, {"dist.strategy": "fsdp", "precision": "bf16", "dist.cpu_offload": "true"}))
+        load_config(None, {"dist.strategy": "fsdp", "dist.cpu_offload": "true", "dist.backend": "nccl"})
+    with pytest.raises(ConfigError, match="dist.cpu_offload"):
+        check_fsdp_config(DistCfg(cpu_offload=True))
+    with pytest.raises(ConfigError, match="dist.backend"):
+        check_fsdp_config(DistCfg(strategy="fsdp", cpu_offload=True, backend="nccl"))
+    check_fsdp_config(load_config(None, {"dist.strategy": "fsdp", "precision": "bf16",
+                                         "dist.cpu_offload": "true"}).dist)
 
 
 def test_backend_policies_and_scaler():
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-    from evaclip.fsdp import make_grad_scaler, mixed_precision, process_group_backend
+    from evaclip.distributed import backend_for
+    from evaclip.engine.precision import make_grad_scaler
+    from evaclip.fsdp import mixed_precision
 
     cfg = load_config(None, {"dist.strategy": "fsdp", "dist.cpu_offload": "true"})
-    assert process_group_backend(cfg, torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
-    assert process_group_backend(cfg, torch.device("cpu")) == "gloo"
+    assert backend_for(cfg.dist, torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    assert backend_for(cfg.dist, torch.device("cpu")) == "gloo"
     mp = mixed_precision("bf16")
     assert (mp.param_dtype, mp.reduce_dtype) == (torch.bfloat16, torch.float32)
     root = mixed_precision("bf16", root=True)
@@ -78,7 +87,7 @@ def test_units_are_blocks_then_towers():
 
 
 def test_memory_estimate_shards_the_state(capsys):
-    from evaclip.fsdp import _main, estimate_memory
+    from evaclip.memory import _main, estimate_memory
 
     n_params = sum(p.numel() for p in h.make_model().parameters())
     cfg = load_config(None, {"model.name": h.MODEL, "dist.strategy": "fsdp", "precision": "bf16",

@@ -158,7 +158,7 @@ def test_flash_layout_paths_equal_sdpa_layout(drop):
     b.load_state_dict(a.state_dict())
     for blk in b.visual.blocks:
         blk.attn.attend = _SdpaInFlashLayout()
-    b.visual.layout = "BNHD"
+    assert b.visual.layout == "BNHD"  # read from the blocks
     x = torch.randn(3, 3, 32, 32)
     outs = []
     for m in (a, b):

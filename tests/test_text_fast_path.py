@@ -11,7 +11,7 @@ import torch
 from test_models import _randomize
 from test_train import _cfg, _records
 
-import evaclip.train
+import evaclip.data.transforms
 from evaclip.data.transforms import trim_padding
 from evaclip.models.attention import Attend
 from evaclip.models.registry import TextCfg
@@ -178,7 +178,7 @@ def test_train_loop_trims_and_gives_the_same_losses(tmp_path, monkeypatch):
         seen.append((tokens_BL.shape[1], out.shape[1]))
         return out
 
-    monkeypatch.setattr(evaclip.train, "trim_padding", spy)
+    monkeypatch.setattr(evaclip.data.transforms, "trim_padding", spy)
     losses = {}
     for trim in (True, False):
         run = main(_cfg(tmp_path / str(trim), "max_steps=2", "model.attn_backend=eager",

@@ -13,7 +13,10 @@ from evaclip.config import load_config
 from evaclip.data.synthetic import SyntheticDataInfo
 from evaclip.losses import ClipLoss
 from evaclip.models import create_model, get_model_config
-from evaclip.train import TrainingStopped, forward_backward, main
+from evaclip.engine import TrainingStopped
+from evaclip.engine.step import step_context
+from evaclip.tasks.clip import ClipTask, contrastive_forward_backward
+from evaclip.train import main
 
 MODEL = "EVA02-CLIP-tiny"
 
@@ -23,6 +26,10 @@ def _cfg(tmp_path, *overrides):
             f"output_dir={tmp_path}", "name=run", "log.every=1", "log.tensorboard=false", "optim.warmup_steps=1",
             "optim.lr=1e-3", "model.token_drop=0.0", "eval.zeroshot=null"]
     return load_config("demo_cpu", base + list(overrides))
+
+
+def forward_backward(model, loss_fn, micro, autocast):
+    return contrastive_forward_backward(model, loss_fn, micro, step_context(autocast, None, torch.device("cpu")))
 
 
 def _records(run_dir):
@@ -67,6 +74,7 @@ def test_grad_accumulation_replays_the_token_drop_mask():
     torch.manual_seed(0)
     model = create_model(MODEL, attn_backend="eager", token_drop=0.5)
     twin = copy.deepcopy(model)
+    again = copy.deepcopy(model)
     images, tokens = _batch(8)
     micro = [(images[:4], tokens[:4]), (images[4:], tokens[4:])]
     autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
@@ -79,6 +87,14 @@ def test_grad_accumulation_replays_the_token_drop_mask():
         ref = ClipLoss()(torch.cat([f.image_features for f in feats]), torch.cat([f.text_features for f in feats]),
                          feats[0].logit_scale)["loss"]
     torch.testing.assert_close(out["loss"], ref, rtol=1e-5, atol=1e-6)
+    torch.set_rng_state(state)
+    out_again = forward_backward(again, ClipLoss(), micro, autocast)
+    assert torch.equal(out_again["loss"], out["loss"])
+    grads = [(n, p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), again.parameters())]
+    assert sum(g is not None for _, g, _ in grads) > 10
+    for name, g, h in grads:
+        assert (g is None) == (h is None), name
+        assert g is None or torch.equal(g, h), name
 
 
 class _Poisoned:
@@ -108,15 +124,13 @@ class _Poisoned:
 
 
 def _poison(monkeypatch, bad):
-    import evaclip.train as train_mod
+    real = ClipTask.build_data
 
-    real = train_mod.build_data
-
-    def build(cfg, env, preprocess, tokenizer, steps_hint):
-        inner = real(cfg, env, preprocess, tokenizer, steps_hint)
+    def build(self, steps_hint):
+        inner = real(self, steps_hint)
         return _Poisoned(inner, bad, inner.num_batches)
 
-    monkeypatch.setattr(train_mod, "build_data", build)
+    monkeypatch.setattr(ClipTask, "build_data", build)
 
 
 def test_nan_steps_are_skipped_counted_and_the_run_goes_on(tmp_path, monkeypatch):

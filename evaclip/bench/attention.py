@@ -27,17 +27,17 @@ ATTN_COLUMNS = [("backend", "backend"), ("seq", "N"), ("head_dim", "D"), ("batch
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> tuple[list[str], list[str]]:
     """(backends to run, notes on the ones skipped and why)."""
-    from evaclip.models.attention import flash_attn_usable
+    from evaclip.models.attention import flash_kernel
 
     run, notes = ["eager", "sdpa"], []
-    if device.type != "cuda":
-        notes.append("flash_attn skipped: needs a CUDA device")
-    elif dtype not in (torch.float16, torch.bfloat16):
-        notes.append("flash_attn skipped: its kernels run fp16 / bf16 only (the model would cast around them)")
-    elif not flash_attn_usable(device):
-        notes.append("flash_attn skipped: the flash-attn package is not installed (pip install evaclip[flash])")
+    kernel, why = flash_kernel(device)
+    if dtype not in (torch.float16, torch.bfloat16):
+        notes.append("flash_attn skipped: its kernels run fp16 / bf16 only (the model runs SDPA for fp32)")
+    elif kernel is None:
+        notes.append(f"flash_attn skipped: {why} (pip install 'evaclip[flash]', see README)")
     else:
         run.append("flash_attn")
+        notes.append(f"flash_attn: {why}")
     return run, notes
 
 

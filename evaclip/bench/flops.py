@@ -64,15 +64,19 @@ def count_flops(fn: Callable[[], Any]) -> int:
     """Run ``fn()`` once under FlopCounterMode; returns the total FLOPs (forward and backward).
 
     FlopCounterMode counts matmuls, convolutions and attention (forward and backward; with the CPU SDPA and
-    flash-attn kernels added here); elementwise work (norms, activations, the optimizer update) is not counted, as
+    flash-attn 2 kernels added here, and FlashAttention-4's, which are no torch op, tallied by the model's attention
+    module); elementwise work (norms, activations, the optimizer update) is not counted, as
     is usual for MFU. Causal attention is counted as full (as torch and the FlashAttention papers' MFU do).
     """
     # Per-module totals are not returned: the counter's module tracker attributes backward ops to the wrong
     # modules (a 2-layer text tower "costs" as much as the image tower), so only the global total is trustworthy.
+    from evaclip.models.attention import untraced_attention_flops
+
     counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
-    with counter:
+    # FA4 (flash_attn.cute) runs CuTe kernels that are no torch op: the counter cannot see them, Attend tallies them
+    with untraced_attention_flops() as attention, counter:
         fn()
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()) + attention[0]
 
 
 def _default_matmul_size(device: torch.device) -> int:

@@ -124,8 +124,9 @@ class Runner:
 def _evaclip_model(cfg: TrainBenchCfg, token_drop: float, device: torch.device) -> nn.Module:
     from evaclip.models import create_model
 
-    model = create_model(cfg.model, attn_backend=cfg.attn_backend, token_drop=token_drop, **cfg.overrides)
-    model = model.to(device).train()
+    model = create_model(cfg.model, attn_backend=cfg.attn_backend, token_drop=token_drop, device=device,
+                         precision=resolve_dtype(cfg.precision, device), **cfg.overrides)
+    model = model.train()
     if cfg.compile:
         # In place (nn.Module.compile), so parameter names and the optimizer hooks stay as they are.
         model.visual.compile()
@@ -275,20 +276,50 @@ def _free(device: torch.device) -> None:
 _PRIMED: dict[str, bool] = {}
 
 
-def _build_runners(cfg: TrainBenchCfg, d: dict, token_drop: float, batch: dict, device: torch.device,
-                   amp_dtype) -> list[Runner]:
-    """Build each implementation and run its first step under the memory meter (weights, grads, optimizer state and
-    activations all count), the baseline being the memory in use before that model was built."""
-    runners = []
+def _stages(cfg: TrainBenchCfg, d: dict, token_drop: float, batch: dict, device: torch.device,
+            amp_dtype) -> list[tuple[str, str, int, Callable[[], Runner]]]:
+    """(impl, optimizer, batch, build) per measured configuration, in report order. ``build`` makes the model and
+    runs its first step under the memory meter (weights, grads, optimizer state and activations all count), the
+    baseline being the memory in use before that model was built. The last one reuses open_clip's model (its memory
+    is not comparable, so not reported)."""
+    shared: dict = {}
 
     def first_step(runner: Runner, baseline: int) -> Runner:
         with PeakMemory(device, baseline=baseline) as mem:
             runner.step()
         runner.peak_mem = mem.peak_bytes
-        runners.append(runner)
         _free(device)
         return runner
 
+    def evaclip() -> Runner:
+        base = memory_in_use(device)
+        model = _evaclip_model(cfg, token_drop, device)
+        return first_step(Runner("evaclip", "lamb (foreach)", model, _evaclip_lamb(model), _evaclip_loss_fn(model),
+                                 _synthetic(batch["evaclip"], d, device, cfg.seed), token_drop, amp_dtype), base)
+
+    def open_clip_reference() -> Runner:
+        base = memory_in_use(device)
+        oc = shared["open_clip"] = open_clip_model(d, token_drop, device)
+        return first_step(Runner("open_clip", "torch_optimizer.Lamb", oc, _reference_lamb(open_clip_param_groups(oc)),
+                                 _open_clip_loss_fn(oc), _synthetic(batch["open_clip"], d, device, cfg.seed),
+                                 token_drop, amp_dtype), base)
+
+    def open_clip_foreach() -> Runner:
+        # Same model object, evaclip's optimizer: memory is not comparable (shares the weights), so not reported.
+        oc = shared.pop("open_clip", None) or open_clip_model(d, token_drop, device)
+        r = Runner("open_clip", "lamb (foreach)", oc, _foreach_lamb(open_clip_param_groups(oc)),
+                   _open_clip_loss_fn(oc), _synthetic(batch["open_clip"], d, device, cfg.seed), token_drop, amp_dtype)
+        r.step()
+        return r
+
+    out = [("evaclip", "lamb (foreach)", batch["evaclip"], evaclip)]
+    if cfg.vs == "open_clip":
+        out += [("open_clip", "torch_optimizer.Lamb", batch["open_clip"], open_clip_reference),
+                ("open_clip", "lamb (foreach)", batch["open_clip"], open_clip_foreach)]
+    return out
+
+
+def _prime(cfg: TrainBenchCfg, d: dict, token_drop: float, batch: dict, device: torch.device, amp_dtype) -> None:
     if not _PRIMED.get(device.type):
         # One throw-away step first: the process's one-time allocations (thread pools, BLAS / oneDNN workspaces,
         # autograd engine) would otherwise be charged to whichever model is measured first.
@@ -298,22 +329,44 @@ def _build_runners(cfg: TrainBenchCfg, d: dict, token_drop: float, batch: dict, 
         del model
         _PRIMED[device.type] = True
     _free(device)
-    base = memory_in_use(device)
-    model = _evaclip_model(cfg, token_drop, device)
-    first_step(Runner("evaclip", "lamb (foreach)", model, _evaclip_lamb(model), _evaclip_loss_fn(model),
-                      _synthetic(batch["evaclip"], d, device, cfg.seed), token_drop, amp_dtype), base)
-    if cfg.vs == "open_clip":
-        base = memory_in_use(device)
-        oc = open_clip_model(d, token_drop, device)
-        first_step(Runner("open_clip", "torch_optimizer.Lamb", oc, _reference_lamb(open_clip_param_groups(oc)),
-                          _open_clip_loss_fn(oc), _synthetic(batch["open_clip"], d, device, cfg.seed), token_drop,
-                          amp_dtype), base)
-        # Same model object, evaclip's optimizer: memory is not comparable (shares the weights), so not reported.
-        r = Runner("open_clip", "lamb (foreach)", oc, _foreach_lamb(open_clip_param_groups(oc)),
-                   _open_clip_loss_fn(oc), runners[-1].batch, token_drop, amp_dtype)
-        r.step()
-        runners.append(r)
-    return runners
+
+
+def _build_runners(cfg: TrainBenchCfg, d: dict, token_drop: float, batch: dict, device: torch.device,
+                   amp_dtype) -> list[Runner]:
+    """Every configuration built and alive together (for alternating rounds)."""
+    _prime(cfg, d, token_drop, batch, device, amp_dtype)
+    return [build() for _, _, _, build in _stages(cfg, d, token_drop, batch, device, amp_dtype)]
+
+
+def _measure(runners: list[Runner], cfg: TrainBenchCfg, device: torch.device) -> dict:
+    """Host syncs, FLOPs, timed rounds (alternating between ``runners``) and the optional profile; id -> syncs."""
+    syncs = {id(r): count_host_syncs(r) for r in runners}
+    if cfg.count_flops:
+        for r in runners:
+            _count(r)
+    _alternate(runners, cfg, device)
+    if cfg.profile:
+        for r in runners:
+            _profile(r, cfg.profile, device)
+    return syncs
+
+
+def _result(r: Runner, syncs: dict, dtype: torch.dtype, peak: float) -> dict:
+    step_s = median(r.times)
+    return {
+        "impl": r.impl, "optimizer": r.optimizer_name, "params_m": _params_m(r.model),
+        "precision": str(dtype).replace("torch.", ""), "token_drop": r.token_drop, "batch": r.batch_size,
+        "samples_per_s": r.batch_size / step_s, "step_ms": 1e3 * step_s,
+        "peak_mem_mb": r.peak_mem / 2 ** 20 if r.peak_mem is not None else None,
+        "gflops_per_sample": r.flops / r.batch_size / 1e9 if r.flops else None,
+        "mfu_pct": 100 * mfu(r.flops, step_s, peak) if r.flops else None, "host_syncs": syncs[id(r)],
+        "attn_backend": getattr(r.model, "attn_backend", None), "step_ms_rounds": [1e3 * t for t in r.times],
+    }
+
+
+def _oom_row(impl: str, optimizer: str, batch: int, e: BaseException) -> dict:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
+    return {"impl": impl, "optimizer": optimizer, "batch": batch, "error": f"out of memory: {msg[:200]}"}
 
 
 def _count(runner: Runner) -> None:
@@ -464,38 +517,50 @@ def bench_train(cfg: TrainBenchCfg) -> dict:
             batch = _auto_batches(cfg, d, token_drop, device, amp_dtype)
         else:
             batch = {"evaclip": int(cfg.batch), "open_clip": int(cfg.batch)}
-        runners = _build_runners(cfg, d, token_drop, batch, device, amp_dtype)
-        syncs = {id(r): count_host_syncs(r) for r in runners}
-        if cfg.count_flops:
-            for r in runners:
-                _count(r)
-        _alternate(runners, cfg, device)
-        if cfg.profile:
-            for r in runners:
-                _profile(r, cfg.profile, device)
-        for r in runners:
-            step_s = median(r.times)
-            rows.append({
-                "impl": r.impl, "optimizer": r.optimizer_name, "model": cfg.model, "params_m": _params_m(r.model),
-                "precision": str(dtype).replace("torch.", ""), "token_drop": token_drop, "batch": r.batch_size,
-                "samples_per_s": r.batch_size / step_s, "step_ms": 1e3 * step_s,
-                "peak_mem_mb": r.peak_mem / 2 ** 20 if r.peak_mem is not None else None,
-                "gflops_per_sample": r.flops / r.batch_size / 1e9 if r.flops else None,
-                "mfu_pct": 100 * mfu(r.flops, step_s, peak) if r.flops else None, "host_syncs": syncs[id(r)],
-                "step_ms_rounds": [1e3 * t for t in r.times],
-            })
-        runners_by_drop[token_drop] = [(r.impl, r.optimizer_name) for r in runners]
-        del runners
-        _free(device)
+        stages = _stages(cfg, d, token_drop, batch, device, amp_dtype)
+        new_rows: list = []
+        if cfg.batch == "auto":
+            # Each largest batch was found with nothing else in memory: each configuration is measured alone and
+            # freed before the next is built (rounds are not interleaved across configurations).
+            for impl, opt, b, build in stages:
+                runner = None
+                try:
+                    _prime(cfg, d, token_drop, batch, device, amp_dtype)
+                    runner = build()
+                    new_rows.append(_result(runner, _measure([runner], cfg, device), dtype, peak))
+                except torch.cuda.OutOfMemoryError as e:
+                    new_rows.append(_oom_row(impl, opt, b, e))
+                del runner
+                _free(device)
+        else:
+            runners: list = []  # alive together: rounds alternate between them
+            try:
+                _prime(cfg, d, token_drop, batch, device, amp_dtype)
+                for _, _, _, build in stages:
+                    runners.append(build())
+                syncs = _measure(runners, cfg, device)
+                new_rows = [_result(r, syncs, dtype, peak) for r in runners]
+            except torch.cuda.OutOfMemoryError as e:
+                new_rows = [_oom_row(impl, opt, b, e) for impl, opt, b, _ in stages]
+            del runners
+            _free(device)
+        for r in new_rows:
+            r.update(model=cfg.model, token_drop=token_drop, precision=str(dtype).replace("torch.", ""))
+        rows += new_rows
+        runners_by_drop[token_drop] = [(r["impl"], r["optimizer"]) for r in new_rows]
     # Measured again at the end, the better of the two kept: on a shared machine a busy moment lowers the peak
     # (and inflates MFU); a busy moment cannot raise it.
     peak = max(peak, matmul_peak_flops(device, dtype, size=cfg.peak_size))
     for r in rows:
-        if r["mfu_pct"] is not None:
+        if r.get("mfu_pct") is not None:
             r["mfu_pct"] = 100 * mfu(r["gflops_per_sample"] * 1e9 * r["batch"], r["step_ms"] / 1e3, peak)
     summary = _summary(rows)
     notes = _notes(cfg, device, dtype, peak, summary)
-    sec = section(f"Training step: {cfg.model}", TRAIN_COLUMNS, rows, notes)
+    used = sorted({r["attn_backend"] for r in rows if r["impl"] == "evaclip" and r.get("attn_backend")})
+    if used:
+        notes.append(f"evaclip attention backend: {', '.join(used)} (requested {cfg.attn_backend})")
+    columns = TRAIN_COLUMNS + ([("error", "error")] if any("error" in r for r in rows) else [])
+    sec = section(f"Training step: {cfg.model}", columns, rows, notes)
     sec["summary"] = summary
     sec["config"] = dataclasses.asdict(cfg)
     sec["matmul_peak_tflops"] = peak / 1e12
@@ -504,6 +569,8 @@ def bench_train(cfg: TrainBenchCfg) -> dict:
 
 def _row(rows: list[dict], impl: str, optimizer: str, token_drop: float) -> Optional[dict]:
     for r in rows:
+        if "error" in r:  # out of memory: no figures
+            continue
         if r["impl"] == impl and r["optimizer"] == optimizer and r["token_drop"] == token_drop:
             return r
     return None
@@ -559,6 +626,9 @@ def _notes(cfg: TrainBenchCfg, device: torch.device, dtype: torch.dtype, peak: f
         f"CPU threads)",
         f"peak memory: {mem}; not reported for open_clip + foreach LAMB (it shares the model of the run above)",
     ]
+    if cfg.batch == "auto":
+        notes.append("--batch auto: each configuration is measured alone at its own largest batch and freed before "
+                     "the next is built, so the rounds of different configurations are not interleaved")
     if cfg.compile:
         notes.append("evaclip towers wrapped in torch.compile (compile time excluded: it happens in the memory step)")
     return notes

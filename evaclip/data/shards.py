@@ -16,12 +16,14 @@ import heapq
 import io
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from braceexpand import braceexpand
 from PIL import Image
@@ -43,7 +45,8 @@ def is_local(url: str) -> bool:
 def expand_spec(spec: str) -> list[list[str]]:
     """``'a/{0..3}.tar::b/x.tar'`` -> one list of shard URLs per ``::``-separated source, braces expanded.
 
-    A source that is a local directory stands for every ``*.tar`` in it (sorted).
+    A source that is a local directory stands for every ``*.tar`` in it (sorted). Globs (``*``, ``?``, ``[...]``)
+    are refused with a message saying to use braces or the folder.
     """
     if not spec or not str(spec).strip():
         raise ValueError("empty shard spec: set data.train (e.g. 'data/{00000..00099}.tar')")
@@ -58,6 +61,10 @@ def expand_spec(spec: str) -> list[list[str]]:
                 raise FileNotFoundError(f"no .tar shards in directory {part}")
         else:
             urls = list(braceexpand(part))
+            globbed = [u for u in urls if is_local(u) and any(c in u for c in "*?[") and not os.path.exists(u)]
+            if globbed:
+                raise ValueError(f"shard spec '{part}' uses a glob ({globbed[0]}), which is not expanded: list the "
+                                 "shards with braces ('data/{00000..00099}.tar') or give the folder that holds them")
         sources.append(urls)
     return sources
 
@@ -130,12 +137,18 @@ def decode_image(data: bytes, min_side: Optional[int] = None) -> Image.Image:
 
 
 def crop_size(preprocess: Callable) -> Optional[int]:
-    """The output side of a torchvision transform pipeline (its last Resize / crop), used to bound JPEG drafting."""
+    """The source side a torchvision transform pipeline needs (its last Resize / crop), used to bound JPEG drafting.
+
+    A random resized crop whose area can be as small as ``scale[0]`` of the image needs ``size / sqrt(scale[0])``
+    source pixels for its crop to keep full resolution (MIM crops down to 20 % of the area)."""
     size = None
     for t in getattr(preprocess, "transforms", [preprocess]):
         s = getattr(t, "size", None)
         if s is not None:
             size = s if isinstance(s, int) else (min(s) if len(s) else None)
+            scale = getattr(t, "scale", None)
+            if size is not None and scale is not None and 0 < min(scale) < 1:
+                size = int(math.ceil(size / math.sqrt(min(scale))))
     return size
 
 
@@ -147,20 +160,40 @@ def _first_key(sample: dict, keys: Sequence[str]) -> Optional[str]:
 
 
 class SkipCounter:
-    """Skipped-sample counts shared by all DataLoader workers (a process-shared array, one slot per reason)."""
+    """Skipped samples per epoch and reason, shared by all DataLoader workers (a process-shared array).
 
-    def __init__(self):
-        self._arr = mp.Array("q", len(_SKIP_REASONS), lock=True)
+    One row per logical worker: ``[epoch, distinct skipped samples per reason]``. A worker writes how many *distinct*
+    samples (shard, key) it has skipped in the epoch, so reading the same samples again -- a worker cycling its
+    shards to fill its batch quota, the skip-ahead after a restart, a second pass over the loader -- never counts
+    them twice. A row written for another epoch starts over.
+    """
 
-    def add(self, reason: str, n: int = 1) -> None:
+    def __init__(self, num_workers: int = 1):
+        self.num_workers = max(1, num_workers)
+        self._width = 1 + len(_SKIP_REASONS)
+        self._arr = mp.Array("q", [-1 if j % self._width == 0 else 0 for j in range(self.num_workers * self._width)],
+                             lock=True)
+
+    def record(self, worker: int, epoch: int, reason: str, distinct: int) -> None:
+        """Worker ``worker`` has skipped ``distinct`` different samples for ``reason`` so far in ``epoch``."""
+        row = (worker % self.num_workers) * self._width
         with self._arr.get_lock():
-            self._arr[_SKIP_REASONS.index(reason)] += n
+            if self._arr[row] != epoch:
+                self._arr[row] = epoch
+                for j in range(1, self._width):
+                    self._arr[row + j] = 0
+            j = row + 1 + _SKIP_REASONS.index(reason)
+            self._arr[j] = max(self._arr[j], distinct)
 
-    def by_reason(self) -> dict[str, int]:
-        return {r: int(v) for r, v in zip(_SKIP_REASONS, self._arr[:])}
-
-    def total(self) -> int:
-        return sum(self._arr[:])
+    def by_reason(self, epoch: int) -> dict[str, int]:
+        """Distinct skipped samples of ``epoch`` by reason, summed over the workers (zeros once rows moved on)."""
+        vals = self._arr[:]
+        out = dict.fromkeys(_SKIP_REASONS, 0)
+        for row in range(0, len(vals), self._width):
+            if vals[row] == epoch:
+                for r, v in zip(_SKIP_REASONS, vals[row + 1:row + self._width]):
+                    out[r] += int(v)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -255,13 +288,16 @@ class ShardStream(torch.utils.data.IterableDataset):
     """Iterable of collated batches for one rank; each DataLoader worker produces its own share of batch indices."""
 
     def __init__(self, spec: _StreamSpec, preprocess: Optional[Callable], tokenizer: Optional[Callable],
-                 counter: SkipCounter, draft_side: Optional[int] = None):
+                 counter: SkipCounter, draft_side: Optional[int] = None, mask_generator: Optional[Callable] = None):
         super().__init__()
         self.spec = spec
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.counter = counter
+        self._skip_seen: dict[str, set] = {}
+        self._skip_worker = 0
         self.draft_side = draft_side
+        self.mask_generator = mask_generator  # a BlockMaskGenerator when the batches carry masks ("mask" output)
 
     # -- sample sources ------------------------------------------------------------------------------------------
     def _passes(self, logical: int, state: dict) -> Iterator[Iterator[str]]:
@@ -313,17 +349,23 @@ class ShardStream(torch.utils.data.IterableDataset):
             state["raw_since_valid"] += 1
             ik = _first_key(s, spec.image_keys)
             if ik is None:
-                self.counter.add("missing_image")
+                self._skip("missing_image", s)
                 continue
             s["__image__"] = s[ik]
             if need_text:
                 t = s.get(spec.text_key)
                 t = t.decode("utf-8", errors="replace").strip() if isinstance(t, (bytes, bytearray)) else ""
                 if not t:
-                    self.counter.add("missing_caption")
+                    self._skip("missing_caption", s)
                     continue
                 s["__text__"] = t
             yield s
+
+    def _skip(self, reason: str, sample: dict) -> None:
+        # count a skipped sample once per epoch (by shard and key), however often this worker reads it
+        seen = self._skip_seen.setdefault(reason, set())
+        seen.add((sample.get("__url__"), sample.get("__key__")))
+        self.counter.record(self._skip_worker, self.spec.epoch, reason, len(seen))
 
     def _decoded(self, samples: Iterator[dict], min_side: Optional[int]) -> Iterator[tuple[dict, Any]]:
         state = getattr(self, "_state", None)
@@ -331,7 +373,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             try:
                 img = decode_image(s["__image__"], min_side)
             except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) on bad bytes
-                self.counter.add("corrupt_image")
+                self._skip("corrupt_image", s)
                 log.debug("skipping %s from %s: %s", s.get("__key__"), s.get("__url__"), e)
                 continue
             if state is not None:
@@ -347,6 +389,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise RuntimeError(f"stream built for {spec.num_workers} workers runs in {n_phys}; use the DataInfo loader")
         # after a restart at step k the loader's worker 0 must produce batch k: rotate the logical roles
         logical = (physical + spec.start_step) % spec.num_workers
+        self._skip_seen, self._skip_worker = {}, logical  # this pass's skipped samples (see SkipCounter)
         done_before = len(range(logical, min(spec.start_step, spec.num_batches), spec.num_workers))
         todo = _batch_share(spec.num_batches, spec.num_workers, logical, spec.start_step)
         if len(todo) == 0:
@@ -372,6 +415,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             elif o == "text":
                 texts = [s["__text__"] for s, _ in batch]
                 out.append(self.tokenizer(texts) if self.tokenizer is not None else texts)
+            elif o == "mask":
+                # MIM masks: a generator seeded like the augmentations, from (seed, epoch, rank, batch index) only
+                rng = np.random.default_rng(_seed_int("mask", spec.seed, spec.epoch, spec.rank, batch_index))
+                out.append(self.mask_generator.batch(len(batch), rng))
         return tuple(out)
 
 
@@ -407,6 +454,7 @@ class DataInfo:
         self.stream = stream
         self._num_workers = num_workers
         self._pin = pin_memory
+        self._skip_history: dict[int, dict[str, int]] = {}  # finished epochs' skipped samples by reason
         self.loader = self._make_loader()
 
     def _make_loader(self):
@@ -432,15 +480,27 @@ class DataInfo:
         """Select the epoch (shard order, shuffles, augmentations) and the batch index to start from."""
         if not 0 <= start_step <= self.num_batches:
             raise ValueError(f"start_step {start_step} outside [0, {self.num_batches}] for this epoch")
+        if epoch != self.stream.spec.epoch:  # file the epoch that ends (the counter's rows move on)
+            self._skip_history[self.stream.spec.epoch] = self.skipped_by_reason()
         self.stream.spec.epoch = epoch
         self.stream.spec.start_step = start_step
 
-    def skipped(self) -> int:
-        """Samples skipped so far (corrupt image, missing image or caption), summed over all workers."""
-        return self.stream.counter.total()
+    def skipped(self, epoch: Optional[int] = None) -> int:
+        """Distinct samples skipped in ``epoch`` (default: the current one), summed over all reasons and workers."""
+        return sum(self.skipped_by_reason(epoch).values())
 
-    def skipped_by_reason(self) -> dict[str, int]:
-        return self.stream.counter.by_reason()
+    def skipped_by_reason(self, epoch: Optional[int] = None) -> dict[str, int]:
+        """``{"corrupt_image": n, "missing_image": n, "missing_caption": n}`` for ``epoch`` (default: the current one):
+        distinct samples, each counted once however often the epoch re-reads it (see SkipCounter)."""
+        epoch = self.stream.spec.epoch if epoch is None else epoch
+        live = self.stream.counter.by_reason(epoch)
+        filed = self._skip_history.get(epoch, {})
+        return {r: max(n, filed.get(r, 0)) for r, n in live.items()}
+
+    def skipped_per_epoch(self) -> dict[int, dict[str, int]]:
+        """``{epoch: skipped_by_reason(epoch)}`` for every epoch this loader has run (or is running)."""
+        epochs = sorted({*self._skip_history, self.stream.spec.epoch})
+        return {e: self.skipped_by_reason(e) for e in epochs}
 
     def __len__(self) -> int:
         return self.num_batches - self.stream.spec.start_step
@@ -450,10 +510,15 @@ def _split_keys(keys: str) -> tuple:
     return tuple(k.strip().lstrip(".") for k in keys.split(";") if k.strip())
 
 
-def build_train_loader(cfg, preprocess: Callable, tokenizer: Callable, *, rank: int = 0, world_size: int = 1,
-                       seed: int = 0, epoch: int = 0, start_step: int = 0, pin_memory: Optional[bool] = None
-                       ) -> DataInfo:
+def build_train_loader(cfg, preprocess: Callable, tokenizer: Optional[Callable] = None, *, rank: int = 0,
+                       world_size: int = 1, seed: int = 0, epoch: int = 0, start_step: int = 0,
+                       pin_memory: Optional[bool] = None, mask_generator=None) -> DataInfo:
     """Train loader for one rank from ``cfg`` (a ``DataCfg``); yields ``(images_BCHW, tokens_BL)``.
+
+    With ``mask_generator`` (a ``evaclip.data.masking.BlockMaskGenerator``; masked image modeling) it yields
+    ``(images_BCHW, masks_BN)`` instead: captions are neither read nor required (image-only shards such as
+    ImageNet-21K's, or image-text shards with the text ignored) and ``tokenizer`` is unused. Batch ``i``'s masks are
+    drawn in the worker from a generator seeded by (seed, epoch, rank, i), like its augmentations.
 
     Exact mode (``cfg.resampled=False``): every shard once per epoch, shards shuffled per epoch from ``seed`` and
     split over ranks and workers; every rank yields ``total // (world_size * batch_size)`` batches. Resampled mode:
@@ -514,8 +579,10 @@ def build_train_loader(cfg, preprocess: Callable, tokenizer: Callable, *, rank: 
     spec = _StreamSpec(sources=sources, sizes=sizes, weights=weights, resampled=cfg.resampled,
                        batch_size=cfg.batch_size, num_batches=num_batches, rank=rank, world_size=world_size,
                        num_workers=max(1, workers), seed=seed, shuffle_buffer=cfg.shuffle_buffer,
-                       image_keys=_split_keys(cfg.image_key), text_key=cfg.text_key.strip().lstrip("."))
-    stream = ShardStream(spec, preprocess, tokenizer, SkipCounter(), draft_side=crop_size(preprocess))
+                       image_keys=_split_keys(cfg.image_key), text_key=cfg.text_key.strip().lstrip("."),
+                       outputs=("image", "mask") if mask_generator is not None else ("image", "text"))
+    stream = ShardStream(spec, preprocess, tokenizer, SkipCounter(spec.num_workers), draft_side=crop_size(preprocess),
+                         mask_generator=mask_generator)
     info = DataInfo(stream, workers, torch.cuda.is_available() if pin_memory is None else pin_memory)
     info.set_epoch(epoch, start_step)
     return info

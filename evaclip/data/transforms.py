@@ -2,7 +2,7 @@
 trimming. Shapes: B batch, L context length."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Sequence, Union
 
 import torch
 
@@ -22,6 +22,24 @@ def get_transforms(model: Union[str, CLIPCfg], train: bool):
     from open_clip.transform import image_transform
 
     return image_transform(_cfg(model).vision.image_size, is_train=train, mean=MEAN, std=STD)
+
+
+def mim_train_transform(image_size: int, crop_scale: Sequence[float] = (0.2, 1.0), mean: Sequence[float] = MEAN,
+                        std: Sequence[float] = STD):
+    """Masked-image-modeling train transform (EVA / EVA-02): one RandomResizedCrop (area ``crop_scale``, aspect 3/4 to
+    4/3, bicubic) and a horizontal flip, then the teacher's normalisation (default: the OpenAI CLIP statistics that
+    EVA-CLIP teachers use). One view: student and teacher see the same tensor."""
+    from torchvision import transforms as T
+
+    lo, hi = (float(x) for x in crop_scale)
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"crop_scale must be (min, max) with 0 < min <= max <= 1, got {tuple(crop_scale)}")
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=(lo, hi), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean=mean, std=std),
+    ])
 
 
 def get_tokenizer(model: Union[str, CLIPCfg]):

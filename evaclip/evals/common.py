@@ -13,14 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from evaclip.data.transforms import trim_padding
-from evaclip.distributed import unwrap  # noqa: F401  (re-exported for the eval modules)
-
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world_size) of the default process group, or (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from evaclip.distributed import rank_world, unwrap  # noqa: F401  (re-exported for the eval modules)
 
 
 def gather_cat(t: torch.Tensor) -> torch.Tensor:
@@ -109,8 +102,26 @@ def _convert_loader():
     return load_pretrained
 
 
-def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", attn_backend: str = "auto"):
+def resolve_checkpoint(checkpoint) -> Path:
+    """The checkpoint a path stands for: a run folder (one holding ``ckpt/``) -> its newest complete checkpoint
+    (``RUN/ckpt/step_N``); anything else is returned as given. ``evaclip eval`` / ``export`` print the result."""
+    path = Path(checkpoint)
+    if path.is_dir() and (path / "ckpt").is_dir():  # a run folder: its newest complete checkpoint
+        from evaclip.checkpoint import find_resume_checkpoint
+
+        newest = find_resume_checkpoint(path / "ckpt")
+        if newest is None:
+            raise FileNotFoundError(f"run folder {path} has no complete checkpoint under {path / 'ckpt'}")
+        return Path(newest)
+    return path
+
+
+def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", attn_backend: str = "auto",
+               amp: bool = True):
     """Build the model a checkpoint was trained as and load its weights strictly; returns ``(model, name)``.
+
+    The model is built for ``device`` and for the precision ``autocast(device, amp)`` runs it in (bf16 on CUDA with
+    ``amp``, else fp32), so ``attn_backend=auto`` picks flash-attn only for a bf16 CUDA evaluation.
 
     ``checkpoint`` is a run folder (its newest complete checkpoint is used), a training checkpoint folder (``model.pt``
     + the run's ``config.yaml``), or a state-dict file
@@ -120,14 +131,7 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", 
     from evaclip.models import create_model
     from evaclip.models.convert import load_state_dict_file
 
-    path = Path(checkpoint)
-    if path.is_dir() and (path / "ckpt").is_dir():  # a run folder: its newest complete checkpoint
-        from evaclip.checkpoint import find_resume_checkpoint
-
-        newest = find_resume_checkpoint(path / "ckpt")
-        if newest is None:
-            raise FileNotFoundError(f"run folder {path} has no complete checkpoint under {path / 'ckpt'}")
-        path = newest
+    path = resolve_checkpoint(checkpoint)
     sharded = checkpoint_weights(path) if path.is_dir() else None  # dist.strategy=fsdp checkpoints (DCP shards)
     if sharded is not None:
         weights = sharded
@@ -147,7 +151,8 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", 
             model_name = run_cfg["model"].get("name")
     if model_name is None:
         raise ValueError(f"cannot tell which architecture {path} is: pass --model NAME (see evaclip.list_models())")
-    model = create_model(model_name, attn_backend=attn_backend, **overrides)
+    precision = "bf16" if amp and torch.device(device).type == "cuda" else "fp32"  # what autocast() runs
+    model = create_model(model_name, attn_backend=attn_backend, device=device, precision=precision, **overrides)
     sd = load_full_state_dict(weights) if sharded is not None else load_state_dict_file(weights)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if (missing or unexpected) and sharded is None and _convert_loader() is not None:

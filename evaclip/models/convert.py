@@ -4,7 +4,8 @@ In: the EVA-CLIP release (``visual.*``, ``text.*``, ``logit_scale``; q_proj/k_pr
 w1/w2/ffn_ln/w3, inner_attn_ln), EVA MIM pre-training (image tower only, no prefix), timm ``eva02_*`` (bare) and
 open_clip ``EVA02-*`` (timm naming under ``visual.trunk.``), OpenAI / open_clip text towers, and evaclip's own files
 (safetensors or torch).
-Out: ``to_open_clip_state_dict`` (open_clip's EVA02 layout), ``to_eva_clip_state_dict`` (the EVA-CLIP release layout).
+Out: ``to_open_clip_state_dict`` (open_clip's EVA02 layout), ``to_eva_clip_state_dict`` (the EVA-CLIP release layout),
+``to_eva_mim_state_dict`` (a MIM student in EVA-02's released MIM layout).
 
 Every load accounts for every key: known-ignorable ones (RoPE tables, ``mask_token``, ``lm_head``, attention masks) are
 dropped, anything else missing or unexpected raises ``CheckpointError`` naming the keys. Shapes that legitimately differ
@@ -51,12 +52,30 @@ class LoadReport:
 # ----------------------------------------------------------------------------------------------------------------------
 # reading files
 # ----------------------------------------------------------------------------------------------------------------------
+def resolve_checkpoint(path: Union[str, Path]) -> Path:
+    """A run folder (holding ``ckpt/``) -> its newest complete checkpoint folder; any other path as it is."""
+    path = Path(path)
+    if path.is_dir() and (path / "ckpt").is_dir():
+        from evaclip.checkpoint import find_resume_checkpoint
+
+        newest = find_resume_checkpoint(path / "ckpt")
+        if newest is None:
+            raise CheckpointError(f"run folder {path} has no complete checkpoint under {path / 'ckpt'}")
+        return newest
+    return path
+
+
 def load_state_dict_file(path: Union[str, Path]) -> dict:
     """A flat ``{name: tensor}`` from a safetensors or torch file, unwrapped from ``state_dict`` / ``model`` /
     ``module`` containers and ``module.`` prefixes. Torch files are read with ``weights_only=True``: a pickle that
-    would run code is refused with CheckpointError."""
-    path = Path(path)
+    would run code is refused with CheckpointError. A run folder reads its newest checkpoint, a ``dist.strategy=fsdp``
+    checkpoint its DCP shards."""
+    path = resolve_checkpoint(path)
     if path.is_dir():  # an evaclip checkpoint folder (RUN/ckpt/step_X) or an exported encoder folder
+        from evaclip.checkpoint_sharded import checkpoint_weights, load_full_state_dict
+
+        if checkpoint_weights(path) is not None:
+            return unwrap_state_dict(load_full_state_dict(checkpoint_weights(path)))
         found = [path / n for n in ("model.safetensors", "model.pt") if (path / n).is_file()]
         if not found:
             raise CheckpointError(f"{path} is a folder without model.safetensors or model.pt")
@@ -405,6 +424,20 @@ def to_eva_clip_state_dict(model) -> dict:
     """The model in the EVA-CLIP release layout (q_proj/k_proj/v_proj in sub-LN towers, as EVA-02 releases)."""
     sd = {k: v for k, v in model.state_dict().items() if not IGNORABLE.search(k)}
     return _split(sd, _FUSED if model.cfg.vision.subln else _FUSED[1:])
+
+
+def to_eva_mim_state_dict(student) -> dict:
+    """A MIM student (``evaclip.models.mim.MIMStudent``) in EVA-02's released MIM layout, the ``eva_mim`` load path
+    in reverse: no prefix, ``mask_token`` and ``lm_head`` kept; sub-LN towers (EVA-02 B / L) split q/k/v and the
+    SwiGLU w1 / w2, the others (EVA-01, EVA-02 Ti / S) keep the fused qkv and w12 as their releases do."""
+    return _split(student.state_dict(), _FUSED if student.cfg.subln else ())
+
+
+def eva_mim_student_state(sd: dict) -> dict:
+    """``to_eva_mim_state_dict`` in reverse, for a released or an evaclip MIM checkpoint: evaclip's fused projections,
+    recomputed tables (RoPE) dropped, ``mask_token`` and ``lm_head`` kept (the keys of ``MIMStudent``)."""
+    return _fuse({k: v for k, v in sd.items()
+                  if k == "mask_token" or k.startswith("lm_head.") or not IGNORABLE.search(k)})
 
 
 def image_tower_state(timm_sd: dict, swiglu: Optional[bool] = None) -> dict:

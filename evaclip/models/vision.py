@@ -209,10 +209,14 @@ class EVAVisionTransformer(nn.Module):
             self.register_buffer("rope_sin", signed_sin(sin), persistent=False)  # sign folded in: see rotate
         else:
             self.rope_cos = self.rope_sin = None
-        self.layout = attend.layout
         self.grad_checkpointing = False
         self.set_token_drop(token_drop)
         self._init_weights()
+
+    @property
+    def layout(self) -> str:
+        """The attention layout, read from the blocks: an ``auto`` backend may change when the model moves."""
+        return self.blocks[0].attn.attend.layout
 
     def set_token_drop(self, ratio: float) -> None:
         if not 0.0 <= ratio < 1.0:
@@ -249,17 +253,24 @@ class EVAVisionTransformer(nn.Module):
         head_axis = -3 if self.layout == "BHND" else -2  # a size-1 head axis broadcasts over heads, no copies
         return cos.unsqueeze(head_axis), sin.unsqueeze(head_axis)
 
-    def _embed(self, img_BCHW: torch.Tensor):
-        """Tokens entering the first block (CLS first) and the kept patch indices (None without token dropping)."""
+    def _embed(self, img_BCHW: torch.Tensor, patch_fn=None):
+        """Tokens entering the first block (CLS first) and the kept patch indices (None without token dropping).
+        ``patch_fn`` (B x P x D -> B x P x D) edits the patch embeddings before the position embedding is added (MIM
+        puts its mask token there); it needs every patch, so not with token dropping."""
         B = img_BCHW.shape[0]
         cls_B1D = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
         keep_idx_BK = None
         if self.training and self.token_drop > 0:  # indices first, so only the kept patches are embedded
+            if patch_fn is not None:
+                raise ValueError("patch_fn needs every patch embedding: set token_drop to 0")
             keep_idx_BK = keep_indices(B, self.pos_embed.shape[1] - 1, 1.0 - self.token_drop, img_BCHW.device)
             pos_BKD = gather_tokens(self.pos_embed[:, 1:].expand(B, -1, -1), keep_idx_BK)
             patches_BKD = self.patch_embed(img_BCHW, keep_idx_BK) + pos_BKD
         else:
-            patches_BKD = self.patch_embed(img_BCHW) + self.pos_embed[:, 1:]
+            patches_BKD = self.patch_embed(img_BCHW)
+            if patch_fn is not None:
+                patches_BKD = patch_fn(patches_BKD)
+            patches_BKD = patches_BKD + self.pos_embed[:, 1:]
         return torch.cat([cls_B1D, patches_BKD], dim=1), keep_idx_BK
 
     def _blocks(self, x_BND: torch.Tensor, rope, cls_only_last: bool) -> torch.Tensor:
@@ -272,9 +283,10 @@ class EVAVisionTransformer(nn.Module):
                 x_BND = blk(x_BND, rope, cls_only)
         return x_BND
 
-    def forward_features(self, img_BCHW: torch.Tensor) -> torch.Tensor:
-        """Every token's final features, B x (1 + K) x D (K = kept patches in training with token dropping)."""
-        x_BND, keep_idx = self._embed(img_BCHW)
+    def forward_features(self, img_BCHW: torch.Tensor, patch_fn=None) -> torch.Tensor:
+        """Every token's final features, B x (1 + K) x D (K = kept patches in training with token dropping);
+        ``patch_fn``: see ``_embed``."""
+        x_BND, keep_idx = self._embed(img_BCHW, patch_fn)
         return self.norm(self._blocks(x_BND, self._rope(keep_idx), cls_only_last=False))
 
     def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ import math
 import torch
 from torch import nn
 
-from evaclip.config import OptimCfg
 from evaclip.optim.groups import build_param_groups, lock_towers, param_rule, tower_settings, unwrap_model
 from evaclip.optim.lamb import Lamb, global_sq_norms, local_tensor
 from evaclip.optim.schedule import Scheduler, lr_factor
@@ -29,13 +28,12 @@ __all__ = [
 LOGIT_SCALE_MAX = math.log(100.0)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimCfg) -> torch.optim.Optimizer:
-    """Lock the configured towers, build the param groups and the optimizer named by ``cfg.name`` / ``cfg.impl``."""
-    lock_towers(model, cfg)
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """The param groups and the optimizer named by ``cfg.name`` / ``cfg.impl`` (the config's ``optim`` section, whose
+    choices ``evaclip.config`` has checked). Towers are locked by the task before the model is wrapped
+    (``lock_towers``), so frozen parameters are simply absent from the groups."""
     groups = build_param_groups(model, cfg)
     betas = tuple(cfg.betas)
-    if len(betas) != 2:
-        raise ValueError(f"optim.betas expects two numbers, got {cfg.betas!r}")
     # The constructor's lr is only a default (every group has its own); keep it > 0 for torch_optimizer's check.
     default_lr = cfg.lr if cfg.lr > 0 else 1.0
     if cfg.name == "adamw":
@@ -43,23 +41,16 @@ def build_optimizer(model: nn.Module, cfg: OptimCfg) -> torch.optim.Optimizer:
         fused = all(p.is_cuda and type(p) is nn.Parameter for p in params)
         return torch.optim.AdamW(groups, lr=default_lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                  foreach=None if fused else True, fused=fused or None)
-    if cfg.name != "lamb":
-        raise ValueError(f"optim.name must be 'lamb' or 'adamw', got {cfg.name!r}")
     if cfg.impl == "reference":
-        if cfg.lamb_variant != "torch_optimizer":
-            raise ValueError("optim.impl=reference is torch_optimizer.Lamb, which has no DeepSpeed variant; "
-                             "use optim.impl=foreach with optim.lamb_variant=deepspeed")
         import torch_optimizer
 
         return torch_optimizer.Lamb(groups, lr=default_lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                     clamp_value=cfg.clamp_value, debias=cfg.debias)
-    if cfg.impl != "foreach":
-        raise ValueError(f"optim.impl must be 'foreach' or 'reference', got {cfg.impl!r}")
     return Lamb(groups, lr=default_lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                 clamp_value=cfg.clamp_value, debias=cfg.debias, variant=cfg.lamb_variant)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimCfg, total_steps: int) -> Scheduler:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> Scheduler:
     """The schedule of ``cfg.schedule`` over ``total_steps`` optimizer steps (lr for step 0 is set now)."""
     return Scheduler(optimizer, cfg.schedule, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
 

@@ -8,23 +8,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from evaclip.config import OptimCfg
+from evaclip.distributed import unwrap as unwrap_model
 
 TOWERS = ("visual", "text", "other")
 _HOOKS = ("param_tower", "layer_id", "num_layers", "no_weight_decay")
 # Name fragments that never take weight decay even if a model's no_weight_decay() forgets them (EVA-CLIP's rules).
 _NO_WD_FRAGMENTS = ("pos_embed", "positional_embedding", "cls_token", "logit_scale", "logit_bias")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The CLIP module inside DDP / torch.compile wrappers (they expose it as ``.module`` / ``._orig_mod``)."""
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 def _check_hooks(model: nn.Module) -> None:
@@ -36,7 +25,7 @@ def _check_hooks(model: nn.Module) -> None:
         )
 
 
-def tower_settings(cfg: OptimCfg, tower: str) -> tuple[float, float, float]:
+def tower_settings(cfg, tower: str) -> tuple[float, float, float]:
     """(lr, weight_decay, layer_decay) of a tower; unset tower values fall back to the global ones."""
     if tower == "visual":
         return _or(cfg.visual_lr, cfg.lr), _or(cfg.visual_wd, cfg.weight_decay), cfg.visual_ld
@@ -49,7 +38,7 @@ def _or(value, default):
     return default if value is None else value
 
 
-def lock_towers(model: nn.Module, cfg: OptimCfg) -> None:
+def lock_towers(model: nn.Module, cfg) -> None:
     """Freeze the image tower (``lock_image``, LiT) and / or the text tower (``lock_text``)."""
     model = unwrap_model(model)
     locked = {t for t, on in (("visual", cfg.lock_image), ("text", cfg.lock_text)) if on}
@@ -61,7 +50,7 @@ def lock_towers(model: nn.Module, cfg: OptimCfg) -> None:
             p.requires_grad_(False)
 
 
-def param_rule(model: nn.Module, name: str, p, cfg: OptimCfg, no_wd_names: set[str]) -> dict:
+def param_rule(model: nn.Module, name: str, p, cfg, no_wd_names: set[str]) -> dict:
     """The optimizer settings of one parameter: tower, layer_id, lr_scale, base_lr, weight_decay.
 
     ``no_wd_names`` is ``model.no_weight_decay()`` (full parameter names), computed once by the caller.
@@ -89,7 +78,7 @@ def param_rule(model: nn.Module, name: str, p, cfg: OptimCfg, no_wd_names: set[s
     return dict(tower=tower, layer_id=layer_id, lr_scale=scale, base_lr=lr, weight_decay=0.0 if no_wd else wd)
 
 
-def build_param_groups(model: nn.Module, cfg: OptimCfg) -> list[dict]:
+def build_param_groups(model: nn.Module, cfg) -> list[dict]:
     """Optimizer param groups for ``model`` (trainable parameters only, so frozen towers get no optimizer state).
 
     Each group has ``params``, ``param_names``, ``tower``, ``lr_scale``, ``base_lr``, ``lr`` (= base_lr * lr_scale),

@@ -65,6 +65,9 @@ def global_sq_norms(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> to
     """
     if not tensors:
         return torch.zeros(0)
+    devices = list(dict.fromkeys(t.device for t in tensors))  # first-seen order: the same on every rank
+    if len(devices) > 1:
+        return _sq_norms_by_device(tensors, like, devices)
     norms = torch._foreach_norm(tensors)
     if len({n.dtype for n in norms}) > 1:
         norms = [n.float() for n in norms]
@@ -82,6 +85,24 @@ def global_sq_norms(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> to
         if not whole:
             sq_N[torch.tensor(idx, device=sq_N.device)] = part
     return sq_N
+
+
+def _sq_norms_by_device(tensors: list[torch.Tensor], like: list[torch.Tensor], devices: list) -> torch.Tensor:
+    """``global_sq_norms`` of tensors on several devices (FSDP2 ``cpu_offload``: the offloaded shards' gradients on
+    the host, the unsharded ``logit_scale``'s on the GPU): each device's norms (and its shard collectives, gloo for
+    the host, NCCL for the GPU) on that device, then gathered in order on one device, the accelerator if any."""
+    target = next((d for d in devices if d.type != "cpu"), devices[0])
+    out = torch.empty(len(tensors), dtype=torch.float32, device=target)
+    for device in devices:
+        idx = [i for i, t in enumerate(tensors) if t.device == device]
+        part = global_sq_norms([tensors[i] for i in idx], [like[i] for i in idx])
+        out[torch.tensor(idx, device=target)] = part.to(target, non_blocking=True)
+    return out
+
+
+def _multi_tensor_device(t: torch.Tensor) -> bool:
+    """Whether foreach ops on ``t``'s device run as multi-tensor kernels (CUDA) rather than per-tensor loops (CPU)."""
+    return t.device.type != "cpu"
 
 
 def _is_plain_cpu(t: torch.Tensor) -> bool:
@@ -257,7 +278,8 @@ class Lamb(Optimizer):
         torch._foreach_mul_(v_l, beta2)
         torch._foreach_addcmul_(v_l, g_l, g_l, value=1 - beta2)
         # u = m / (sqrt(v) + eps) built in the one temporary (a second one costs page faults on CPU, memory on GPU)
-        if p_l[0].device.type == "cpu":  # foreach ops are per-tensor loops on CPU anyway: 3 passes instead of 4
+        multi_tensor = _multi_tensor_device(p_l[0])
+        if not multi_tensor:  # foreach ops are per-tensor loops on CPU anyway: 3 passes instead of 4
             upd = self._cpu_scratch(v_l)
             for v, m, u in zip(v_l, m_l, upd):
                 torch.div(m, torch.sqrt(v, out=u).add_(group["eps"]), out=u)
@@ -276,15 +298,29 @@ class Lamb(Optimizer):
             trust = self._trust_ratio(w_norm, u_norm)
         # lr (and bias correction) per tensor, folded into the trust ratio so one multiply scales each update.
         if len(set(step_sizes)) == 1:  # the usual case: every tensor of the group is at the same step
-            coeffs = (trust * -step_sizes[0]).unbind(0)
+            coeffs = trust * -step_sizes[0]
         else:
             sizes = torch.tensor(step_sizes, dtype=torch.float32).to(trust.device, non_blocking=True)
-            coeffs = (trust * -sizes).unbind(0)
-        if p_l[0].device.type == "cpu":
-            torch._foreach_addcmul_(p_l, upd, coeffs)  # one pass; on CUDA the 0-d factors would leave the fast path
+            coeffs = trust * -sizes
+        if not multi_tensor:
+            torch._foreach_addcmul_(p_l, upd, coeffs.unbind(0))  # one pass
         else:
-            torch._foreach_mul_(upd, coeffs)
-            torch._foreach_add_(p_l, upd)
+            # A list of 0-d factors would send _foreach_mul_ down its per-tensor path (one kernel per tensor on
+            # CUDA): the factors are spread to one per element instead, so p += u * c is one multi-tensor kernel.
+            torch._foreach_addcmul_(p_l, upd, self._per_element(coeffs, upd))
+
+    def _per_element(self, coeffs: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``coeffs[i]`` repeated to the shape of ``like[i]``, for every i: one repeat_interleave (its output size
+        given, so no host sync), views of one buffer, in ``like``'s dtype (the fast path needs one dtype)."""
+        numels = [t.numel() for t in like]
+        key = (coeffs.device, tuple(numels))
+        cache = self.__dict__.setdefault("_repeats", {})
+        if key not in cache:  # the tensor layout of a chunk does not change between steps: copied once
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = torch.tensor(numels, dtype=torch.long).to(coeffs.device)
+        flat = torch.repeat_interleave(coeffs.to(like[0].dtype), cache[key], output_size=sum(numels))
+        return [c.view(t.shape) for c, t in zip(flat.split(numels), like)]
 
     def _cpu_scratch(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
         """Tensors shaped like ``like``: views into one buffer kept from step to step (CPU only).

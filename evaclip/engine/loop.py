@@ -1,0 +1,243 @@
+"""``train(cfg, task_cls)``: the step loop every objective shares.
+
+Order of a run: check the config (task and files), set up the process group, build data, model (wrapped for DDP /
+FSDP2), optimizer and schedule; only then touch the disk (run folder, resume). Each step: the task's ``before_step``,
+K micro-batches to the device, the task's ``forward_backward``, one ``apply_update`` (finite check, clip, optimizer
+step; skipped and counted when non-finite), the task's ``after_update``. Cadence: log, checkpoint, then evaluate (a
+checkpoint is on disk before any evaluation starts, so a slow or failing eval never costs the step's work).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from evaclip import checkpoint as ckpt
+from evaclip import distributed as du
+from evaclip.config import ConfigError, TrainCfg, to_dict, to_yaml
+from evaclip.engine import run_dir as rd
+from evaclip.engine.precision import autocast_for, make_grad_scaler
+from evaclip.engine.rng import fresh_iter, host_rng_untouched, next_batch, seed_all
+from evaclip.engine.signals import StopSignal
+from evaclip.engine.state import TrainerState
+from evaclip.engine.step import apply_update, lr_by_tower, step_context
+from evaclip.logging import MetricLogger, Throughput, get_logger, setup_console
+from evaclip.optim import build_optimizer, build_scheduler
+from evaclip.parallel import gathered, wrap_model
+
+log = get_logger("evaclip.train")
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot continue (e.g. too many consecutive non-finite steps); the message says why and what to do."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished, preempted or interrupted run left behind. ``signal`` is the stop signal's number, if any."""
+
+    run_dir: Path
+    step: int
+    status: str  # "finished" | "preempted"
+    checkpoint: Optional[Path] = None
+    bad_steps: int = 0
+    eval: dict = field(default_factory=dict)
+    signal: Optional[int] = None
+
+
+@contextlib.contextmanager
+def as_config_error(section: str):
+    """Builders report bad settings as ValueError / FileNotFoundError naming the key: show them as configuration
+    errors (a one-line message from the CLI, no traceback)."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{section}: {e}") from e
+
+
+def check_global_batch(cfg: TrainCfg, world_size: int) -> None:
+    """A recipe's ``global_batch`` must be what this launch gives; say which ``accum_freq`` would make it so."""
+    if cfg.global_batch is None:
+        return
+    got = cfg.data.batch_size * cfg.accum_freq * world_size
+    if got != cfg.global_batch:
+        per_step = cfg.data.batch_size * world_size
+        hint = (f"set accum_freq={cfg.global_batch // per_step}" if cfg.global_batch % per_step == 0
+                else "change data.batch_size / accum_freq")
+        raise ConfigError(
+            f"config key 'global_batch' is {cfg.global_batch} but data.batch_size {cfg.data.batch_size} x accum_freq "
+            f"{cfg.accum_freq} x {world_size} processes = {got}: {hint}, or global_batch=null to train with {got}")
+
+
+def _diverged_message(consecutive: int, step: int, max_bad: int, last_ckpt: Optional[Path]) -> str:
+    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+    return (f"{consecutive} consecutive steps with a non-finite loss or gradient (steps {step - consecutive + 1}.."
+            f"{step}; max_bad_steps={max_bad}); stopping: {where}. Lower optim.lr, raise optim.warmup_steps, use "
+            "precision=bf16, or check the data.")
+
+
+def train(cfg: TrainCfg, task_cls) -> TrainResult:
+    """Train ``task_cls`` (a ``evaclip.tasks.base.Task`` subclass) according to ``cfg`` (validated)."""
+    task_cls.check(cfg)
+    env = du.init_distributed(cfg.device, cfg.dist)
+    setup_console(env.rank)
+    try:
+        return _run(cfg, task_cls(cfg, env), env)
+    finally:
+        du.cleanup()
+
+
+def _run(cfg: TrainCfg, task, env: du.DistEnv) -> TrainResult:
+    check_global_batch(cfg, env.world_size)
+    run_dir = rd.run_dir_of(cfg)
+    ckpt_root = run_dir / "ckpt"
+    resume_from = ckpt.resolve_resume(cfg.resume, ckpt_root, cfg.ckpt.checksum)
+    if resume_from is None:
+        rd.refuse_foreign_checkpoints(cfg)
+
+    # data first: cheap to set up, and it fixes the run length, which the schedule checks before the model is built
+    with as_config_error("data"):
+        data = task.build_data(cfg.max_steps or 1)
+    steps_per_epoch = data.num_batches // cfg.accum_freq
+    if steps_per_epoch < 1:
+        raise ConfigError(f"config key 'accum_freq' ({cfg.accum_freq}) is larger than the {data.num_batches} "
+                          f"batches per epoch of each rank")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    if cfg.optim.schedule == "cosine" and cfg.optim.warmup_steps >= total_steps:
+        raise ConfigError(f"config key 'optim.warmup_steps' ({cfg.optim.warmup_steps}) must be smaller than the "
+                          f"run's {total_steps} steps")
+
+    seed_all(cfg.seed)  # identical initial weights on every rank
+    model = task.build_model()
+    seed_all(cfg.seed + env.rank)  # per-rank streams for token dropping / dropout / masks
+    model = wrap_model(model, cfg.dist, env.device, precision=cfg.precision, compile=cfg.model.compile)
+    task.setup(du.unwrap(model))
+    with as_config_error("optim"):
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    scaler = make_grad_scaler(cfg.precision, cfg.dist.strategy, env.device)  # FSDP2: inf check over all shards
+    ctx = step_context(autocast_for(cfg.precision, env.device), scaler, env.device)
+    global_batch = cfg.data.batch_size * cfg.accum_freq * env.world_size
+    state = TrainerState(steps_per_epoch, cfg.accum_freq, global_batch)
+
+    # every check passed: from here on the run writes to its folder
+    if env.is_main:
+        rd.clean_stale_tmp(ckpt_root)
+        rd.write_run_info(run_dir, cfg, env.world_size, env.device)
+    du.barrier()
+    if resume_from is not None:
+        saved = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler=scheduler, scaler=scaler,
+                                     rank=env.rank, world_size=env.world_size, strategy=cfg.dist.strategy)
+        state.load_state_dict(saved)
+        task.load_state_dict(saved.get("task", {}))
+        log.info("resumed from %s at step %d", resume_from, state.step)
+        if state.step >= total_steps:
+            log.info("run %s is finished (step %d of %d): nothing to do; train longer with resume=auto max_steps=N",
+                     run_dir, state.step, total_steps)
+            return TrainResult(run_dir=run_dir, step=state.step, status="finished", checkpoint=resume_from,
+                               bad_steps=state.bad_steps_total)
+    logger = MetricLogger(run_dir, cfg.log, rank=env.rank, total_steps=total_steps, run_name=cfg.name or "run",
+                          config=to_dict(cfg))
+    logger.event("resume" if resume_from else "start", step=state.step, world_size=env.world_size,
+                 checkpoint=str(resume_from) if resume_from else None, global_batch=global_batch,
+                 total_steps=total_steps, task=cfg.task)
+    log.info("run %s (%s): %d steps of %d samples (%d per rank x %d accum x %d ranks), %d steps per epoch, %s on %s",
+             run_dir, cfg.task, total_steps, global_batch, cfg.data.batch_size, cfg.accum_freq, env.world_size,
+             steps_per_epoch, cfg.precision, env.device)
+
+    def save(stop: StopSignal) -> Path:
+        with stop.critical():
+            path = ckpt.save_checkpoint(ckpt_root, state.step, model, optimizer, scheduler=scheduler, scaler=scaler,
+                                        trainer_state=dict(state.state_dict(), task=task.state_dict()),
+                                        config_yaml=to_yaml(cfg), rank=env.rank, world_size=env.world_size,
+                                        strategy=cfg.dist.strategy, keep_last=cfg.ckpt.keep_last,
+                                        checksum=cfg.ckpt.checksum)
+        logger.event("checkpoint", step=state.step, path=str(path))
+        log.info("checkpoint %s", path)
+        return path
+
+    def evaluate() -> dict:
+        with host_rng_untouched(), gathered(model):  # FSDP2: gather once, ranks may run different numbers of batches
+            results = task.evaluate(du.unwrap(model), state.step)
+        model.train()
+        numeric = {k: float(v) for k, v in results.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if numeric:
+            logger.log_metrics(state.step, numeric, prefix="eval")
+            log.info("eval at step %d: %s", state.step, ", ".join(f"{k} {v:.4g}" for k, v in numeric.items()))
+        return results
+
+    epoch = state.epoch
+    data.set_epoch(epoch, state.batch_in_epoch)
+    batches = fresh_iter(data.loader)
+    consecutive_bad, last_ckpt, status, eval_results = 0, resume_from, "finished", {}
+    loss_sum, loss_n = torch.zeros((), device=env.device), 0
+    meter = Throughput(state.step, total_steps)
+    model.train()
+    try:
+        with StopSignal() as stop:
+            while state.step < total_steps:
+                if state.epoch != epoch:
+                    epoch = state.epoch
+                    data.set_epoch(epoch, 0)
+                    batches = fresh_iter(data.loader)
+                task.before_step(model, state.step, logger)
+                micro = [task.to_device(next_batch(batches, epoch)) for _ in range(cfg.accum_freq)]
+                out = task.forward_backward(model, micro, ctx)
+                upd = apply_update(model, optimizer, scaler, cfg.optim.grad_clip_norm, out["loss"],
+                                   stop.requested is not None)
+                if upd.bad:
+                    consecutive_bad += 1
+                    state.bad_steps_total += 1
+                    logger.event("bad_step", step=state.step, loss_nonfinite=upd.bad_loss,
+                                 grad_nonfinite=upd.bad_grad, consecutive=consecutive_bad)
+                    log.warning("step %d: non-finite %s, update skipped (%d in a row, %d total)", state.step,
+                                "loss" if upd.bad_loss else "gradient norm", consecutive_bad, state.bad_steps_total)
+                    if consecutive_bad >= cfg.max_bad_steps:
+                        raise TrainingStopped(_diverged_message(consecutive_bad, state.step, cfg.max_bad_steps,
+                                                                last_ckpt))
+                else:
+                    consecutive_bad = 0
+                    task.after_update(model)
+                    loss_sum += out["loss"].float()
+                    loss_n += 1
+                scheduler.step()  # also on skipped steps: the schedule follows the data
+                state.step += 1
+                step = state.step
+
+                if step % cfg.log.every == 0 or step == total_steps:
+                    metrics = {"loss": (loss_sum / loss_n).item() if loss_n else float("nan"),
+                               **task.metrics(out), "grad_norm": float(upd.grad_norm),
+                               "epoch": step / steps_per_epoch, "samples_seen": step * global_batch,
+                               "skipped_samples": data.skipped(), "bad_steps": state.bad_steps_total,
+                               **{f"lr/{k}": v for k, v in lr_by_tower(optimizer).items()}}
+                    if scaler.is_enabled():
+                        metrics["loss_scale"] = scaler.get_scale()
+                    metrics.update(meter.update(step, global_batch))
+                    logger.log_metrics(step, metrics)
+                    logger.progress(step, metrics)
+                    loss_sum.zero_()
+                    loss_n = 0
+                if upd.stop:
+                    status = "preempted"
+                    last_ckpt = save(stop)
+                    break
+                if not upd.bad and cfg.ckpt.every and step % cfg.ckpt.every == 0 and step < total_steps:
+                    last_ckpt = save(stop)
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
+                    eval_results = evaluate()
+            if status == "finished":
+                if last_ckpt is None or last_ckpt.name != ckpt.step_dir_name(state.step):
+                    last_ckpt = save(stop)
+                eval_results = evaluate() or eval_results
+        logger.event("end", step=state.step, status=status)
+    finally:
+        logger.close()
+    return TrainResult(run_dir=run_dir, step=state.step, status=status, checkpoint=last_ckpt,
+                       bad_steps=state.bad_steps_total, eval=eval_results, signal=stop.requested)

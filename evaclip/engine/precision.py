@@ -1,0 +1,44 @@
+"""One table from the config's ``precision`` to dtypes, autocast and the loss scaler (shared by every strategy)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, Optional
+
+import torch
+
+from evaclip.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AMP_DTYPE: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(precision: str) -> Optional[torch.dtype]:
+    """The low-precision compute dtype of ``precision`` (None for fp32); ConfigError for an unknown name."""
+    if precision not in _AMP_DTYPE:
+        raise ConfigError(f"config key 'precision' must be one of {list(PRECISIONS)}, got {precision!r}")
+    return _AMP_DTYPE[precision]
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager]:
+    """Autocast context factory: fp32 -> none; bf16 / fp16 -> ``torch.autocast`` on the device type."""
+    dtype = amp_dtype(precision)
+    if dtype is None:
+        return contextlib.nullcontext
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ConfigError("config key 'precision': bf16 is not supported on this GPU; use fp16")
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(precision: str, strategy: str, device: torch.device):
+    """The loss scaler of a run: enabled for fp16 only; FSDP2 runs get ``ShardedGradScaler``.
+
+    With sharded gradients each rank sees only its shard, so an overflow may show on one rank alone; the sharded
+    scaler max-reduces the inf flag over the process group, so every rank skips the same steps (a plain GradScaler
+    would let the ranks' parameters diverge).
+    """
+    enabled = precision == "fp16"
+    if strategy == "fsdp" and enabled:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device=device.type)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
