@@ -10,7 +10,11 @@ Image-only shards (masked image modeling, ImageNet-21K style): ``--images-only``
 names = class ids), ``{key}.cls`` (the class id) plus ``classnames.txt`` (folder names, one per line, in id order);
 captions are not read. Such shards with classes are also a labelled set for the k-NN monitor.
 
-    python -m data_tools.make_shards /data/imagenet21k/train in21k/ --images-only --max-side 256
+    python -m data_tools.make_shards /data/imagenet21k/train in21k/ --images-only --max-side 256 --shuffle-seed 0
+
+Class folders are walked class by class, so without ``--shuffle-seed`` each shard holds one or two classes and a
+training batch (shards shuffled, then a sample buffer) sees few of them; ``--shuffle-seed`` writes the inputs in a
+seeded random order instead.
 
 Unreadable images, empty captions and exact duplicate images (same bytes) are skipped, never written, and reported
 in the summary (``summary.json`` in the output folder).
@@ -24,6 +28,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import random
 import sys
 import time
 from typing import Iterator, Optional
@@ -239,6 +244,8 @@ def main(argv=None) -> int:
     ap.add_argument("--classes", choices=("auto", "folders", "none"), default="auto",
                     help="with --images-only: read class sub-folders (folders), never (none), or when the folder "
                          "is ImageNet-style (auto)")
+    ap.add_argument("--shuffle-seed", type=int, default=None,
+                    help="write the inputs in a random order from this seed (default: input order)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     if a.samples_per_shard < 1:
@@ -260,6 +267,8 @@ def main(argv=None) -> int:
                                                                                      a.caption_col)
     if not items:
         ap.error(f"no images found in {a.input}")
+    if a.shuffle_seed is not None:
+        random.Random(a.shuffle_seed).shuffle(items)
     s = make_shards(items, a.output, a.samples_per_shard, a.max_side, a.format, a.quality, not a.no_dedup,
                     a.workers, a.prefix, show_progress=not a.quiet, images_only=a.images_only,
                     classnames=classnames)

@@ -80,9 +80,21 @@ def backend_for(dist_cfg, device: torch.device) -> str:
     return "nccl"
 
 
-def init_distributed(device: str, dist_cfg, timeout_s: float = 1800.0) -> DistEnv:
+@dataclass(frozen=True)
+class _DefaultDist:
+    """The ``dist`` section's defaults, for callers without a training config (evaluation)."""
+
+    strategy: str = "ddp"
+    backend: str = "auto"
+    cpu_offload: bool = False
+
+
+def init_distributed(device: str, dist_cfg=None, timeout_s: float = 1800.0) -> DistEnv:
     """Read the torchrun environment, pick the device (the config's ``device``: auto | cpu | cuda), and create the
-    process group (``dist_cfg`` = the config's ``dist`` section) when ``WORLD_SIZE > 1``."""
+    process group (``dist_cfg`` = the config's ``dist`` section; None: DDP with the automatic backend) when
+    ``WORLD_SIZE > 1``."""
+    if dist_cfg is None:
+        dist_cfg = _DefaultDist()
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)

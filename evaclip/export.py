@@ -2,13 +2,19 @@
 
 Shapes: B batch, C channels, H/W image height/width, L context length, E embedding dim.
 
-    evaclip export RUN/ckpt/step_000100 --out export/ --format safetensors open_clip onnx
+    evaclip export runs/demo_cpu --out export/ --format safetensors open_clip onnx   # a run: its newest checkpoint
+    evaclip export RUN/ckpt/step_000100 --out export/ --format open_clip
 
 Layout written under ``--out``::
 
     image/config.json  image/model.safetensors  image/model.onnx      (load_encoder(out, "image"))
     text/config.json   text/model.safetensors   text/model.onnx       (load_encoder(out, "text"))
     open_clip/open_clip_config.json  open_clip/open_clip_model.safetensors  open_clip/<NAME>.json  [timm_model.json]
+    open_clip/README.md   the exact lines that load this export in open_clip and in clip_benchmark
+
+open_clip builds the image tower with timm and passes timm no architecture arguments, so it only knows the released
+EVA-CLIP shapes (EVA02-B-16, L-14, ...). An export of any other shape loads after ``register_open_clip(dir)`` (in
+every process that loads it); the export's README.md, its log line and ``evaclip export --help`` say so.
 
 Every export is checked before it is reported done: safetensors round trip bit-exact, open_clip embeddings and
 ONNX (onnxruntime) outputs against the PyTorch model within tolerance. Export always builds the model with a portable
@@ -20,6 +26,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,6 +36,7 @@ import torch
 from evaclip.encoder import CLIP_BPE, ENCODER_FORMAT, ENCODER_FORMAT_VERSION, ImageEncoder, TextEncoder
 
 FORMATS = ("safetensors", "open_clip", "onnx", "eva_mim")  # eva_mim: a MIM student (masked image modeling runs)
+log = logging.getLogger(__name__)
 EXPORT_ATTN_BACKEND = "sdpa"  # portable: runs on CPU and GPU, traces to ONNX; flash_attn does neither
 ONNX_ATOL = 1e-4
 
@@ -221,13 +229,6 @@ def _json_to_timm(kwargs: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
-def _get(cfg: dict, *names, default=None):
-    for n in names:
-        if n in cfg and cfg[n] is not None:
-            return cfg[n]
-    return default
-
-
 def timm_eva_spec(model_cfg) -> tuple[str, Optional[dict]]:
     """The timm ``Eva`` open_clip should build as the image tower: ``(timm name, None)`` when open_clip ships a config
     of this exact architecture (``CLIPCfg.open_clip_name``), else ``(generated name, Eva kwargs)``."""
@@ -301,10 +302,79 @@ def export_open_clip(model, model_cfg, architecture: str, out_dir: Path, check: 
          "evaclip": {"architecture": architecture, "open_clip_name": name}}, indent=2))
     sd = {k: v.detach().contiguous().cpu() for k, v in to_open_clip_state_dict(model).items()}
     save_file(sd, str(d / "open_clip_model.safetensors"))
-    written += [d / "open_clip_model.safetensors", d / f"{name}.json", d / "open_clip_config.json"]
+    (d / "README.md").write_text(open_clip_readme(d, name, architecture, custom=timm_kwargs is not None))
+    written += [d / "open_clip_model.safetensors", d / f"{name}.json", d / "open_clip_config.json", d / "README.md"]
     if check:
         check_open_clip(model, d)
+    log.info("%s", open_clip_howto(d))
     return written
+
+
+def is_custom_open_clip(export_dir) -> bool:
+    """True when an open_clip export is of a shape open_clip does not ship (it then needs ``register_open_clip``)."""
+    return (Path(export_dir) / "timm_model.json").is_file()
+
+
+def open_clip_howto(export_dir) -> str:
+    """One line: how to load an open_clip export (printed by ``evaclip export`` and logged)."""
+    d = Path(export_dir).resolve()
+    load = f"open_clip.create_model_and_transforms('local-dir:{d}')"
+    if is_custom_open_clip(d):
+        return (f"open_clip export {d}: not a shape open_clip ships, so call evaclip.export.register_open_clip('{d}') "
+                f"first, then {load}; clip_benchmark lines in {d / 'README.md'}")
+    return f"open_clip export {d}: load with {load} (no extra step); clip_benchmark lines in {d / 'README.md'}"
+
+
+_CB_PLACEHOLDERS = ("DATASET, DATA_DIR: a clip_benchmark dataset, e.g. `wds/NAME` and its folder; TASK: "
+                    "zeroshot_classification or zeroshot_retrieval")
+
+
+def open_clip_readme(export_dir, name: str, architecture: str, custom: bool) -> str:
+    """README.md of an open_clip export: the exact lines that load it in open_clip and run clip_benchmark on it."""
+    d = Path(export_dir).resolve()
+    weights = d / "open_clip_model.safetensors"
+    lines = [f"# open_clip export of {architecture} (evaclip)", ""]
+    if custom:
+        timm_name = json.loads((d / "timm_model.json").read_text())["name"]
+        lines += [
+            f"This is not a shape open_clip ships: its image tower is a timm `Eva` described in `timm_model.json`, and "
+            "open_clip passes timm no architecture arguments. Register it first, in every process that loads it "
+            f"(without this, loading fails with `Unknown model ({timm_name})`):",
+            "", "## open_clip", "", "```python", "import open_clip", "import evaclip.export", "",
+            f"evaclip.export.register_open_clip(\"{d}\")  # returns the model name, \"{name}\"",
+            f"model, _, preprocess = open_clip.create_model_and_transforms(\"local-dir:{d}\")",
+            f"tokenizer = open_clip.get_tokenizer(\"local-dir:{d}\")", "```", "",
+            "By name instead: `open_clip.create_model_and_transforms(\"" + name + "\", pretrained=\"" + str(weights)
+            + "\")` after the same `register_open_clip` call. Without evaclip installed, copy `register_open_clip` "
+            "from evaclip/export.py: it uses only timm and open_clip.", "",
+            "## clip_benchmark", "",
+            "clip_benchmark's command line cannot register an architecture, so start it from Python with the "
+            f"registration first ({_CB_PLACEHOLDERS}):", "",
+            "```bash",
+            f"python -c \"import sys, evaclip.export; evaclip.export.register_open_clip('{d}'); "
+            "from clip_benchmark.cli import main; sys.exit(main())\" \\",
+            f"    eval --model_type open_clip --model {name} --pretrained {weights} \\",
+            "    --dataset DATASET --dataset_root DATA_DIR --task TASK --output results.json", "```",
+        ]
+    else:
+        lines += [
+            f"open_clip ships this architecture ({name}): it loads with no extra step.", "",
+            "## open_clip", "", "```python", "import open_clip", "",
+            f"model, _, preprocess = open_clip.create_model_and_transforms(\"local-dir:{d}\")",
+            f"tokenizer = open_clip.get_tokenizer(\"local-dir:{d}\")", "```", "",
+            f"By name instead: `open_clip.create_model_and_transforms(\"{name}\", pretrained=\"{weights}\")`.", "",
+            "## clip_benchmark", "",
+            f"({_CB_PLACEHOLDERS})", "",
+            "```bash",
+            f"clip_benchmark eval --model_type open_clip --model {name} --pretrained {weights} \\",
+            "    --dataset DATASET --dataset_root DATA_DIR --task TASK --output results.json", "```",
+        ]
+    lines += ["", "clip_benchmark 1.6.2's zeroshot_classification fails under recent NumPy 2 releases (seen with 2.4: "
+              "`only 0-dimensional arrays can be converted to Python scalars`, in its accuracy()); zeroshot_retrieval "
+              "is unaffected."]
+    lines += ["", "`evaclip eval` on the training checkpoint gives the same zero-shot figures (it is tested against "
+              "clip_benchmark).", ""]
+    return "\n".join(lines)
 
 
 def check_open_clip(model, export_dir: Path, atol: float = 1e-4) -> float:
@@ -392,29 +462,45 @@ def export(checkpoint: str, out_dir: str, fmt: Sequence[str] | str = "safetensor
 
 
 def main(argv: Optional[list] = None) -> int:
-    """``evaclip export CKPT --out DIR --format safetensors|open_clip|onnx [...]``."""
-    p = argparse.ArgumentParser(prog="evaclip export", description="Export the image and text encoders of a "
-                                "checkpoint: safetensors + config.json, open_clip checkpoint, ONNX.")
-    p.add_argument("checkpoint", help="training checkpoint folder (RUN/ckpt/step_N) or a .safetensors / .pt file")
+    """``evaclip export RUN_OR_CKPT --out DIR --format safetensors|open_clip|onnx [...]``."""
+    from evaclip.evals import CHECKPOINT_HELP, USER_ERRORS, one_line
+    from evaclip.evals.common import resolve_checkpoint
+
+    p = argparse.ArgumentParser(
+        prog="evaclip export", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export the image and text encoders of a run or checkpoint: safetensors + config.json per tower "
+        "(evaclip.load_encoder), an open_clip checkpoint, ONNX. Every export is checked against the PyTorch model.",
+        epilog="open_clip exports: released EVA-CLIP shapes (EVA02-B-16, L-14, ...) load in open_clip with no extra "
+        "step:\n  open_clip.create_model_and_transforms('local-dir:OUT/open_clip')\nany other shape (e.g. the demo's "
+        "tiny model) needs, first, in every process that loads it:\n"
+        "  evaclip.export.register_open_clip('OUT/open_clip')\n(open_clip passes timm no architecture arguments). "
+        "OUT/open_clip/README.md holds the exact open_clip and\nclip_benchmark lines for the export.\n\n"
+        "example: evaclip export runs/demo_cpu --out export/ --format safetensors open_clip onnx")
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--format", nargs="+", default=["safetensors"], choices=FORMATS, dest="formats")
+    p.add_argument("--format", nargs="+", default=["safetensors"], choices=FORMATS, dest="formats",
+                   help="one or more of %(choices)s (default: safetensors; eva_mim, a masked-image-modeling "
+                   "student, goes alone)")
     p.add_argument("--model", default=None, help="architecture name (needed for a bare state-dict file)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-check", action="store_true", help="skip comparing each export with the PyTorch model")
     args = p.parse_args(argv)
-    from evaclip.evals import USER_ERRORS
-
     try:
-        files = export(args.checkpoint, args.out, args.formats, model_name=args.model, check=not args.no_check,
+        used = resolve_checkpoint(args.checkpoint)
+        if str(used) != str(args.checkpoint):
+            print(f"checkpoint: {used} (newest complete checkpoint of run folder {args.checkpoint})")
+        files = export(str(used), args.out, args.formats, model_name=args.model, check=not args.no_check,
                        opset=args.opset)
     except USER_ERRORS as e:
-        print(f"evaclip export: error: {e}", file=sys.stderr)
+        print(f"evaclip export: error: {one_line(e)}", file=sys.stderr)
         return 2
     except ExportError as e:
         print(f"evaclip export: the export failed its check: {e}", file=sys.stderr)
         return 1
     for f in files:
         print(f)
+    if "open_clip" in args.formats:
+        print(open_clip_howto(Path(args.out) / "open_clip"))
     return 0
 
 

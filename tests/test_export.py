@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -97,6 +99,93 @@ def test_open_clip_export_same_embeddings(tiny_ckpt, exported):
     oc2 = open_clip.create_model(f"local-dir:{d}").eval()
     with torch.no_grad():
         torch.testing.assert_close(oc2.encode_image(images_BCHW), model.encode_image(images_BCHW), rtol=0, atol=1e-5)
+
+
+def _readme_block(readme: str, lang: str) -> str:
+    start = readme.index(f"```{lang}\n") + len(lang) + 4
+    return readme[start:readme.index("```", start)]
+
+
+# appended to the README's open_clip lines in a fresh interpreter: prints the embeddings of a fixed image and text
+_PROBE = """
+import json, torch
+model.eval()
+s = model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list)) else model.visual.image_size
+tokens = tokenizer(["a handwritten digit 7", "a cat"])
+with torch.no_grad():
+    img = model.encode_image(torch.linspace(-1, 1, 2 * 3 * s * s).view(2, 3, s, s))
+    txt = model.encode_text(tokens)
+print(json.dumps({"s": s, "tokens": tokens.tolist(), "img": img.tolist(), "txt": txt.tolist()}))
+"""
+
+
+def _fresh_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``code`` in a new interpreter: nothing registered by this test process (timm / open_clip) is there."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_same_embeddings(probe_stdout: str, model, atol: float) -> None:
+    got = json.loads(probe_stdout.strip().splitlines()[-1])
+    s = got["s"]
+    with torch.no_grad():
+        img = model.float().eval().encode_image(torch.linspace(-1, 1, 2 * 3 * s * s).view(2, 3, s, s))
+        txt = model.encode_text(torch.tensor(got["tokens"]))
+    torch.testing.assert_close(torch.tensor(got["img"]), img, rtol=0, atol=atol)
+    torch.testing.assert_close(torch.tensor(got["txt"]), txt, rtol=0, atol=atol)
+
+
+def test_open_clip_custom_shape_needs_register_and_the_export_says_so(tiny_ckpt, exported, tmp_path, capsys):
+    """A non-released shape: a fresh open_clip cannot load it ("Unknown model"), the export's README.md says to call
+    register_open_clip first, and its lines, run as written in a fresh interpreter, load the same model."""
+    from evaclip.export import main
+
+    _, model = tiny_ckpt
+    d = (exported / "open_clip").resolve()
+    bare = _fresh_python(f"import open_clip; open_clip.create_model_and_transforms('local-dir:{d}')")
+    assert bare.returncode != 0 and "Unknown model" in bare.stderr
+    readme = (d / "README.md").read_text()
+    code = _readme_block(readme, "python")
+    assert f'evaclip.export.register_open_clip("{d}")' in code and f"local-dir:{d}" in code
+    run = _fresh_python(code + _PROBE)
+    assert run.returncode == 0, run.stderr
+    _assert_same_embeddings(run.stdout, model, atol=1e-5)
+    # the command's own output says it too
+    assert main([str(tiny_ckpt[0]), "--model", MODEL, "--out", str(tmp_path), "--format", "open_clip",
+                 "--no-check"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "not a shape open_clip ships" in last and "register_open_clip(" in last and "README.md" in last
+
+
+@pytest.mark.slow
+def test_open_clip_custom_shape_readme_clip_benchmark_line_runs(exported, demo, tmp_path):
+    """The README's clip_benchmark command, as written (placeholders filled), on the demo retrieval split."""
+    readme = ((exported / "open_clip") / "README.md").read_text()
+    cmd = _readme_block(readme, "bash").replace("DATASET", "wds/demo").replace("DATA_DIR", demo["retrieval"])
+    cmd = cmd.replace("TASK", "zeroshot_retrieval").replace("results.json", str(tmp_path / "cb.json"))
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    r = subprocess.run(["bash", "-c", cmd + " --num_workers 0"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((tmp_path / "cb.json").read_text())["metrics"]
+    assert 0 <= metrics["image_retrieval_recall@5"] <= 1
+
+
+@pytest.mark.slow
+def test_open_clip_released_shape_loads_with_no_extra_step(tmp_path):
+    """EVA02-CLIP-B-16 has open_clip's own config (EVA02-B-16): the export loads with open_clip alone."""
+    from evaclip.export import export_open_clip, model_config_of
+
+    arch = "EVA02-CLIP-B-16"
+    model = evaclip.create_model(arch, attn_backend="sdpa").eval()
+    export_open_clip(model, model_config_of(model, arch), arch, tmp_path, check=False)
+    d = (tmp_path / "open_clip").resolve()
+    assert not (d / "timm_model.json").exists()
+    readme = (d / "README.md").read_text()
+    assert "register_open_clip" not in readme and "no extra step" in readme
+    assert "clip_benchmark eval --model_type open_clip --model EVA02-B-16" in _readme_block(readme, "bash")
+    run = _fresh_python(_readme_block(readme, "python") + _PROBE)
+    assert run.returncode == 0, run.stderr
+    _assert_same_embeddings(run.stdout, model, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

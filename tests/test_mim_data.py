@@ -170,6 +170,18 @@ def test_make_shards_images_only_from_class_folders(tmp_path):
     assert sorted(ys.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
 
 
+def test_make_shards_shuffle_seed_mixes_classes_deterministically(tmp_path):
+    src = _class_folder(tmp_path / "src", per_class=6)
+
+    def order(out, *extra):
+        assert make_shards.main([str(src), str(out), "--images-only", "--workers", "1", "--quiet", *extra]) == 0
+        return [int(s["cls"]) for s in wds.WebDataset(str(out / "00000.tar"), shardshuffle=False, empty_check=False)]
+
+    assert order(tmp_path / "plain") == sorted(order(tmp_path / "plain2"))  # class by class without the flag
+    a, b = order(tmp_path / "a", "--shuffle-seed", "3"), order(tmp_path / "b", "--shuffle-seed", "3")
+    assert a == b and a != sorted(a) and sorted(a) == [0] * 6 + [1] * 6 + [2] * 6
+
+
 def test_make_shards_images_only_flat_folder_has_no_classes(tmp_path):
     src = tmp_path / "flat"
     (src / "sub").mkdir(parents=True)

@@ -142,3 +142,32 @@ def test_exit_process_flushes_and_keeps_the_code(under_torchrun):
     assert out.returncode == 3
     assert out.stdout.startswith("done") and out.stderr == "err"
     assert ("atexit ran" in out.stdout) is not under_torchrun  # os._exit skips interpreter teardown
+
+
+def test_ctrl_c_saves_once_says_how_to_resume_and_exits_130(digits, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it, DataLoader workers included): one message, a
+    checkpoint, exit code 130, and the last line says how to continue."""
+    cmd = [sys.executable, "-m", "evaclip.train", *_overrides(digits, tmp_path, "ctrlc", "max_steps=100000")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    metrics = tmp_path / "ctrlc" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and '"step": 2,' not in (
+            metrics.read_text() if metrics.is_file() else ""):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, out[-3000:]
+    assert out.count("received SIGINT") == 1, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert "resume=auto" in last and "ctrlc/config.yaml" in last, last
+    from evaclip.checkpoint import list_checkpoints
+
+    assert list_checkpoints(tmp_path / "ctrlc" / "ckpt")
+    # the command it prints continues the run (here: finished at once with max_steps set to where it stopped)
+    step = _records(tmp_path / "ctrlc")[-1]["step"]
+    again = subprocess.run([sys.executable, "-m", "evaclip.train", str(tmp_path / "ctrlc" / "config.yaml"),
+                            "resume=auto", f"max_steps={step}"], cwd=tmp_path, env=_env(), capture_output=True,
+                           text=True, timeout=240)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "is finished" in again.stdout + again.stderr

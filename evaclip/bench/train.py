@@ -533,15 +533,21 @@ def bench_train(cfg: TrainBenchCfg) -> dict:
                 del runner
                 _free(device)
         else:
-            runners: list = []  # alive together: rounds alternate between them
+            runners: dict = {}  # alive together: rounds alternate between them
+            failed: dict = {}
+            for i, (impl, opt, b, build) in enumerate(stages):
+                try:
+                    _prime(cfg, d, token_drop, batch, device, amp_dtype)
+                    runners[i] = build()
+                except torch.cuda.OutOfMemoryError as e:
+                    failed[i] = _oom_row(impl, opt, b, e)
+                    _free(device)
             try:
-                _prime(cfg, d, token_drop, batch, device, amp_dtype)
-                for _, _, _, build in stages:
-                    runners.append(build())
-                syncs = _measure(runners, cfg, device)
-                new_rows = [_result(r, syncs, dtype, peak) for r in runners]
+                syncs = _measure(list(runners.values()), cfg, device)
+                done = {i: _result(r, syncs, dtype, peak) for i, r in runners.items()}
             except torch.cuda.OutOfMemoryError as e:
-                new_rows = [_oom_row(impl, opt, b, e) for impl, opt, b, _ in stages]
+                done = {i: _oom_row(stages[i][0], stages[i][1], stages[i][2], e) for i in runners}
+            new_rows = [done[i] if i in done else failed[i] for i in range(len(stages))]
             del runners
             _free(device)
         for r in new_rows:

@@ -122,11 +122,9 @@ def main(argv: Optional[list] = None) -> int:
         _parser().error("--batch-size must be >= 1")
     if args.workers < 0:
         _parser().error("--workers must be >= 0")
-    from evaclip.config import load_config
     from evaclip.distributed import cleanup, init_distributed
 
-    cfg = load_config(overrides={"device": args.device})
-    env = init_distributed(cfg.device, cfg.dist)
+    env = init_distributed(args.device)
     try:
         return _run(args, env)
     except USER_ERRORS as e:  # bad paths, layouts, names: one clear line, no traceback

@@ -258,7 +258,7 @@ class Attend(torch.nn.Module):
         except Exception:  # noqa: BLE001 - an _apply fn meant for parameters only: keep the last known device
             return out
         device = self._probe.device
-        if device != self._device and device.type != "meta":  # meta: a shape-only copy, nothing runs there
+        if device != self._device:
             self._device = device
             if self.requested == "auto":
                 self._set_backend(resolve_backend("auto", device, self.precision))

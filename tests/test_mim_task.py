@@ -1,0 +1,278 @@
+"""The ``mim`` task: its config section, checks, model / teacher building, the step (exact accumulation and data
+parallelism with uneven mask counts, the teacher on the unmasked image), the monitors, and a run through the engine.
+Tiny towers, CPU, fp32."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from evaclip.distributed import DistEnv
+from evaclip.errors import ConfigError
+from evaclip.models import create_model
+from evaclip.models.mim import MIMStudent, build_student
+from evaclip.tasks.mim import MIMCfg, MIMTask
+
+MODEL = "EVA02-CLIP-tiny"
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    clip = create_model(MODEL, attn_backend="sdpa")
+    with torch.no_grad():
+        for p in clip.parameters():
+            p.normal_(0, 0.2)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(clip.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory):
+    """An ImageNet-style folder: 2 classes x 4 images of 32 px, dark vs bright."""
+    root = tmp_path_factory.mktemp("digits")
+    rng = np.random.default_rng(0)
+    for c, (name, base) in enumerate((("dark", 40), ("bright", 200))):
+        (root / name).mkdir()
+        for i in range(4):
+            px = np.clip(base + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(px).save(root / name / f"{i}.png")
+    return str(root)
+
+
+def _cfg(tmp_path, teacher, *overrides, **mim):
+    """A validated TrainCfg for the tiny student with a ``mim`` section (set on the object until TrainCfg has it)."""
+    from evaclip.config import load_config
+
+    base = ["data.batch_size=4", "max_steps=4", "device=cpu", f"output_dir={tmp_path}", "name=mim",
+            "log.every=1", "log.tensorboard=false", "optim.name=adamw", "optim.lr=1e-3", "optim.warmup_steps=1",
+            "model.token_drop=0.0", "eval.zeroshot=null", "eval.batch_size=4", "eval.workers=0",
+            f"model.name={MODEL}", "model.attn_backend=sdpa", "data.synthetic=true", "precision=fp32"]
+    cfg = load_config(None, base + list(overrides))
+    section = MIMCfg(teacher=teacher, teacher_model=MODEL, **mim)
+    if any(f.name == "mim" for f in dataclasses.fields(cfg)):
+        cfg.mim = section
+    else:
+        object.__setattr__(cfg, "mim", section)
+    return cfg
+
+
+def _task(cfg, rank=0, world=1) -> MIMTask:
+    return MIMTask(cfg, DistEnv(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu")))
+
+
+def _ctx():
+    from evaclip.engine.step import step_context
+
+    return step_context(contextlib.nullcontext, None, torch.device("cpu"))
+
+
+def _batch(n, seed, ratios=(0.2, 0.6)):
+    """n images and masks whose per-image masked counts differ (ratios cycle)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 32, 32, generator=g)
+    masks = torch.zeros(n, 16, dtype=torch.bool)
+    for i in range(n):
+        k = max(1, round(16 * ratios[i % len(ratios)]))
+        masks[i, torch.randperm(16, generator=g)[:k]] = True
+    return images, masks
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------------------------------------
+def test_mim_cfg_is_an_omegaconf_structured_config():
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ValidationError
+
+    conf = OmegaConf.merge(OmegaConf.structured(MIMCfg), {"mask_ratio": 0.5, "block_aspect": [0.5, 2],
+                                                          "teacher": "t.pt", "target_resize": "area"})
+    obj = OmegaConf.to_object(conf)
+    assert isinstance(obj, MIMCfg) and obj.block_aspect == [0.5, 2.0] and obj.teacher == "t.pt"
+    assert MIMCfg().mask_ratio == 0.4 and MIMCfg().min_block_patches == 16 and MIMCfg().mask_tries == 10
+    assert MIMCfg().block_aspect == pytest.approx([0.3, 1 / 0.3]) and MIMCfg().crop_scale == [0.2, 1.0]
+    with pytest.raises(ValidationError):
+        OmegaConf.merge(OmegaConf.structured(MIMCfg), {"target_resize": "nearest"})
+    with pytest.raises(ValidationError):
+        OmegaConf.merge(OmegaConf.structured(MIMCfg), {"mask_ratio": "lots"})
+
+
+@pytest.mark.parametrize("change,key", [
+    (dict(teacher=None), "mim.teacher"), (dict(teacher="/nonexistent.pt"), "mim.teacher"),
+    (dict(teacher_model="nope"), "mim.teacher_model"), (dict(mask_ratio=1.0), "mim.mask_ratio"),
+    (dict(block_aspect=[2.0, 0.5]), "mim.block_aspect"), (dict(crop_scale=[0.2, 1.5]), "mim.crop_scale"),
+    (dict(mask_tries=0), "mim.mask_tries"), (dict(patch_embed_grad_scale=2.0), "mim.patch_embed_grad_scale"),
+    (dict(knn_train="x"), "mim.knn_train"), (dict(val="/nonexistent"), "mim.val"),
+    (dict(model_token_drop=0.5), "model.token_drop"), (dict(model_image_init="x"), "model.image_init"),
+])
+def test_check_names_the_key(tmp_path, teacher_file, change, key):
+    overrides = [f"model.{k[6:]}={v}" for k, v in change.items() if k.startswith("model_")]
+    mim = {k: v for k, v in change.items() if not k.startswith("model_")}
+    cfg = _cfg(tmp_path, teacher_file, *overrides)
+    for k, v in mim.items():
+        setattr(cfg.mim, k, v)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        MIMTask.check(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# building and the step
+# ----------------------------------------------------------------------------------------------------------------------
+def test_build_model_teacher_and_optimizer(tmp_path, teacher_file):
+    from evaclip.optim import build_optimizer
+
+    cfg = _cfg(tmp_path, teacher_file, "model.overrides.vision.drop_path=0.1", init="beit")
+    MIMTask.check(cfg)
+    task = _task(cfg)
+    torch.manual_seed(3)
+    student = task.build_model()
+    assert isinstance(student, MIMStudent) and student.target_dim == 32 and student.cfg.drop_path == 0.1
+    torch.manual_seed(3)  # loading the teacher did not move the RNG: the same init as a student built alone
+    alone = build_student(MODEL, 32, attn_backend="sdpa", init="beit", **{"vision.drop_path": 0.1})
+    for (n, a), b in zip(student.state_dict().items(), alone.state_dict().values()):
+        assert torch.equal(a, b), n
+    task.setup(student)
+    assert not task.teacher.training and not any(p.requires_grad for p in task.teacher.parameters())
+    opt = build_optimizer(student, cfg.optim)
+    assert {p for g in opt.param_groups for p in g["params"]} == set(student.parameters())
+
+
+def test_accumulation_is_exact_and_the_teacher_sees_the_unmasked_image(tmp_path, teacher_file):
+    """Two micro-batches with different mask counts == one batch of both: the mean over every masked patch."""
+    cfg = _cfg(tmp_path, teacher_file)
+    task = _task(cfg)
+    torch.manual_seed(0)
+    student = task.build_model().eval()  # no drop path: compare gradients exactly
+    task.setup(student)
+    seen = []
+    forward_features = task.teacher.tower.forward_features
+    task.teacher.tower.forward_features = lambda x, *a: seen.append(x) or forward_features(x, *a)
+    images, masks = _batch(4, 0, ratios=(0.1, 0.1, 0.7, 0.7))
+    micro = [task.to_device((images[:2], masks[:2])), task.to_device((images[2:], masks[2:]))]
+    out = task.forward_backward(student, micro, _ctx())
+    assert all(torch.equal(s, x) for s, (x, _) in zip(seen, micro))  # the full, unmasked view
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    one = task.forward_backward(student, [(images, masks)], _ctx())
+    torch.testing.assert_close(out["loss"], one["loss"])
+    for n, p in student.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
+    assert float(one["masked_frac"]) == pytest.approx(float(masks.float().mean()))
+    assert task.metrics(one) == {"masked_frac": pytest.approx(float(masks.float().mean()))}
+    # and the loss is the plain mean negative cosine over the masked patches
+    from evaclip.losses import mim_cosine_loss
+
+    with torch.no_grad():
+        ref = mim_cosine_loss(student(images, masks), task.teacher(images), masks)
+    torch.testing.assert_close(one["loss"], ref)
+
+
+def _two_rank_worker(rank, world, init_file, teacher, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        cfg = _cfg(out_dir, teacher)
+        task = _task(cfg, rank, world)
+        torch.manual_seed(0)
+        student = task.build_model().eval()
+        task.setup(student)
+        ddp = torch.nn.parallel.DistributedDataParallel(student)
+        images, masks = _batch(4, 0, ratios=(0.1, 0.1, 0.7, 0.7))  # rank 0 gets few masked patches, rank 1 many
+        out = task.forward_backward(ddp, [(images[2 * rank:2 * rank + 2], masks[2 * rank:2 * rank + 2])], _ctx())
+        loss = out["loss"].clone()
+        dist.all_reduce(loss)
+        if rank == 0:
+            torch.save({"loss": loss / world, "grads": {n: p.grad for n, p in student.named_parameters()}},
+                       f"{out_dir}/ranks.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path, teacher_file):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_two_rank_worker, args=(2, str(tmp_path / "init"), teacher_file, str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    got = torch.load(tmp_path / "ranks.pt", weights_only=True)
+    task = _task(_cfg(tmp_path, teacher_file))
+    torch.manual_seed(0)
+    student = task.build_model().eval()
+    task.setup(student)
+    one = task.forward_backward(student, [_batch(4, 0, ratios=(0.1, 0.1, 0.7, 0.7))], _ctx())
+    torch.testing.assert_close(got["loss"], one["loss"])
+    for n, p in student.named_parameters():
+        torch.testing.assert_close(got["grads"][n], p.grad, msg=n)
+
+
+def test_synthetic_data_resumes_and_masks_follow_the_settings(tmp_path, teacher_file):
+    cfg = _cfg(tmp_path, teacher_file, mask_ratio=0.5)
+    task = _task(cfg)
+    data = task.build_data(steps_hint=3)
+    assert data.num_batches == 3
+    batches = list(data.loader)
+    assert len(batches) == 3
+    images, masks = batches[0]
+    assert images.shape == (4, 3, 32, 32) and masks.shape == (4, 16) and masks.dtype == torch.bool
+    assert int(masks.sum(1).max()) <= 8 and int(masks.sum(1).min()) >= 1
+    data.set_epoch(0, 1)
+    again = list(data.loader)
+    assert len(again) == 2 and all(torch.equal(a, b) for x, y in zip(again, batches[1:]) for a, b in zip(x, y))
+    data.set_epoch(1)
+    assert not torch.equal(next(iter(data.loader))[0], images)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# monitors and the engine
+# ----------------------------------------------------------------------------------------------------------------------
+def test_evaluate_fixed_mask_val_loss_and_knn(tmp_path, teacher_file, labelled_folder):
+    from evaclip.data.transforms import get_transforms
+    from evaclip.evals.data import build_eval_loader
+    from evaclip.evals.knn import resolve_labelled
+    from evaclip.losses import mim_cosine_loss
+
+    cfg = _cfg(tmp_path, teacher_file, val=labelled_folder, knn_train=labelled_folder, knn_val=labelled_folder,
+               knn_k=3)
+    MIMTask.check(cfg)
+    task = _task(cfg)
+    student = task.build_model()
+    task.setup(student)
+    first, second = task.evaluate(student, 0), task.evaluate(student, 0)
+    assert first == second  # fixed masks: the same number every time
+    assert set(first) >= {"val_loss", "knn/top1"} and 0.0 <= first["knn/top1"] <= 1.0
+    assert first["knn/num_train"] == first["knn/num_val"] == 8
+    # by hand: all 8 images in one batch, sample i's fixed mask
+    loader = build_eval_loader(resolve_labelled(labelled_folder), get_transforms(MODEL, train=False), 8, 0)
+    idx, images, _ = next(iter(loader))
+    masks = task.mask_generator().fixed_masks(idx, cfg.mim.val_mask_seed)
+    with torch.no_grad():
+        ref = mim_cosine_loss(student.eval()(images, masks), task.teacher(images), masks)
+    assert first["val_loss"] == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_engine_runs_mim_and_its_checkpoint_initialises_a_clip(tmp_path, teacher_file, labelled_folder):
+    from evaclip.engine import train
+    from evaclip.models.convert import load_pretrained
+    from evaclip.models.mim import load_student
+
+    cfg = _cfg(tmp_path, teacher_file, "accum_freq=2", "eval.every=2", knn_train=labelled_folder,
+               knn_val=labelled_folder, knn_k=3, val=labelled_folder)
+    result = train(cfg, MIMTask)
+    assert result.status == "finished" and result.step == 4
+    recs = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in recs if "train/loss" in r]
+    assert len(losses) == 4 and all(-1.0 <= v <= 1.0 for v in losses)
+    assert any("eval/knn/top1" in r for r in recs) and any("eval/val_loss" in r for r in recs)
+    student = load_student(result.checkpoint, MODEL)
+    assert student.target_dim == 32
+    clip = create_model(MODEL, attn_backend="sdpa")
+    report = load_pretrained(clip, image_init=str(result.run_dir))
+    assert report.formats["image_init"] == "eva_mim"
+    assert sorted(report.ignored) == ["lm_head.bias", "lm_head.weight", "mask_token"]

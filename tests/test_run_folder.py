@@ -1,0 +1,131 @@
+"""A run folder protects its work: a new run never starts over another run's checkpoints, ``resume=auto`` keeps the
+run's stored config, a run that fails validation writes nothing, an interrupted checkpoint write is finished first
+and its leftovers are cleaned at the next start. Tiny model, synthetic data, one process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from evaclip import checkpoint as ckpt
+from evaclip.config import ConfigError, load_config
+from evaclip.engine.run_dir import reconcile_resume
+from evaclip.engine.signals import StopSignal
+from evaclip.train import cli
+
+MODEL = "EVA02-CLIP-tiny"
+
+
+def _args(tmp_path, *extra):
+    return ["demo_cpu", f"model.name={MODEL}", "data.synthetic=true", "data.batch_size=4", "device=cpu",
+            f"output_dir={tmp_path}", "name=run", "log.every=1", "log.tensorboard=false", "optim.warmup_steps=1",
+            "model.token_drop_until=null", "ckpt.every=2", *extra]
+
+
+def _steps(run):
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in line]
+
+
+def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path, capsys):
+    assert cli(_args(tmp_path, "max_steps=4")) == 0
+    run = tmp_path / "run"
+    config_before = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    assert cli(_args(tmp_path, "max_steps=2", "optim.lr=1e-3")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert str(run) in err and "resume=auto" in err and "name=" in err
+    # nothing was touched: the old run's checkpoints and config are as they were
+    assert [p.name for p in ckpt.list_checkpoints(run / "ckpt")] == ["step_00000004", "step_00000002"]
+    assert (run / "config.yaml").read_text() == config_before
+    assert cli(_args(tmp_path, "max_steps=2", "name=other")) == 0  # another name= is the way on
+
+
+def test_resume_auto_keeps_the_stored_config(tmp_path, capsys):
+    assert cli(_args(tmp_path, "max_steps=3", "optim.lr=1e-3")) == 0
+    # a bare resume=auto: the recipe says max_steps 300 and lr 3e-3, the run said 3 and 1e-3: the run wins
+    cfg = reconcile_resume(load_config(_args(tmp_path)[0], _args(tmp_path, "resume=auto")[1:]),
+                           {"resume": "auto"})
+    assert cfg.max_steps == 3 and cfg.optim.lr == 1e-3
+    capsys.readouterr()
+    assert cli(_args(tmp_path, "resume=auto")) == 0
+    out = capsys.readouterr()
+    assert "is finished (step 3 of 3)" in out.out + out.err
+    # a key that may change on resume: applied with a warning that names it
+    assert cli(_args(tmp_path, "resume=auto", "max_steps=5")) == 0
+    assert "max_steps 3 -> 5" in capsys.readouterr().out
+    assert _steps(tmp_path / "run")[-2:] == [4, 5]
+    # a key that makes another run: refused, naming it
+    assert cli(_args(tmp_path, "resume=auto", "max_steps=6", "optim.lr=2e-3")) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr (0.001 -> 0.002)" in err and "max_steps" not in err.split("different")[1]
+
+
+def test_reconcile_refuses_changed_keys_with_their_list(tmp_path):
+    assert cli(_args(tmp_path, "max_steps=2")) == 0
+    cfg = load_config("demo_cpu", _args(tmp_path, "resume=auto", "data.batch_size=8", "seed=3")[1:])
+    with pytest.raises(ConfigError, match=r"data\.batch_size \(4 -> 8\), seed \(0 -> 3\)"):
+        reconcile_resume(cfg, {"resume": "auto", "data.batch_size": "8", "seed": "3"})
+
+
+def test_a_run_that_fails_validation_writes_nothing(tmp_path, capsys):
+    assert cli(_args(tmp_path, "max_steps=20", "optim.warmup_steps=50")) == 2
+    assert "optim.warmup_steps" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    # the same in a folder of an earlier run: its files stay as they were
+    assert cli(_args(tmp_path, "max_steps=2")) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    assert cli(_args(tmp_path, "resume=auto", "max_steps=4", "optim.warmup_steps=50")) == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+
+
+def test_a_second_ctrl_c_waits_for_the_checkpoint_write(tmp_path, monkeypatch):
+    """Ctrl-C twice, the second during the checkpoint write: the write completes (a verified checkpoint), then the
+    run stops; the next start removes a leftover temporary folder with a log line."""
+    real_save = ckpt.save_checkpoint
+    calls = {"n": 0}
+
+    def save_with_interrupts(*args, **kwargs):
+        calls["n"] += 1
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C came earlier; this one lands mid-write
+        return real_save(*args, **kwargs)
+
+    from evaclip.engine import loop
+    real_before = loop.StopSignal.__enter__
+
+    def enter(self):
+        out = real_before(self)
+        self.requested = signal.SIGINT  # a first Ctrl-C already received
+        return out
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_with_interrupts)
+    monkeypatch.setattr(loop.StopSignal, "__enter__", enter)
+    with pytest.raises(KeyboardInterrupt):
+        from evaclip.train import main
+
+        main(load_config("demo_cpu", _args(tmp_path, "max_steps=50")[1:]))
+    (newest,) = ckpt.list_checkpoints(tmp_path / "run" / "ckpt")
+    ckpt.verify_checkpoint(newest)
+    assert calls["n"] == 1
+
+    monkeypatch.undo()
+    stale = tmp_path / "run" / "ckpt" / ".tmp_step_00000009"
+    stale.mkdir()
+    assert cli(_args(tmp_path, "resume=auto", "max_steps=2")) == 0
+    assert not stale.exists()
+
+
+def test_stop_signal_defers_a_second_interrupt_inside_critical():
+    with StopSignal() as stop:
+        stop._handle(signal.SIGINT, None)
+        assert stop.requested == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            with stop.critical():
+                stop._handle(signal.SIGINT, None)  # deferred, no exception here
+                done = True
+        assert done
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)  # outside a write: at once
