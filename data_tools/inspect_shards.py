@@ -72,6 +72,14 @@ def _stats(v) -> dict:
             "p95": float(p[2]), "max": float(a.max())}
 
 
+def word_bins(words) -> np.ndarray:
+    """Histogram bin edges with one bar per word count: edges at n - 0.5 for every n from the shortest caption to
+    the longest (neighbouring counts never share a bar, and no bar is empty by construction of the edges)."""
+    if len(words) == 0:
+        return np.array([-0.5, 0.5])
+    return np.arange(int(min(words)), int(max(words)) + 2) - 0.5
+
+
 def plot_histograms(words, chars, widths, heights, path: str) -> None:
     """Histograms of caption length (words, characters) and image size (width, height, shorter side) to a PNG."""
     import matplotlib
@@ -80,7 +88,7 @@ def plot_histograms(words, chars, widths, heights, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    ax[0].hist(words, bins=min(50, max(1, len(set(words)))), color="tab:blue")
+    ax[0].hist(words, bins=word_bins(words), color="tab:blue", edgecolor="white")
     ax[0].set(title="caption length", xlabel="words", ylabel="samples")
     ax[1].hist(chars, bins=50, color="tab:cyan")
     ax[1].set(title="caption length", xlabel="characters", ylabel="samples")

@@ -21,8 +21,9 @@ from omegaconf.errors import OmegaConfBaseException
 from evaclip.errors import ConfigError
 from evaclip.tasks.clip import ClipEvalCfg as EvalCfg
 from evaclip.tasks.clip import ClipLossCfg as LossCfg
+from evaclip.tasks.mim import MIMCfg
 
-__all__ = ["CkptCfg", "ConfigError", "DataCfg", "DistCfg", "EvalCfg", "LogCfg", "LossCfg", "ModelCfg", "OptimCfg",
+__all__ = ["CkptCfg", "ConfigError", "DataCfg", "DistCfg", "EvalCfg", "LogCfg", "LossCfg", "MIMCfg", "ModelCfg", "OptimCfg",
            "TrainCfg", "apply_overrides", "flat_diff", "from_dict", "from_yaml", "load_config", "to_dict", "to_yaml",
            "validate"]
 
@@ -112,7 +113,7 @@ class DistCfg:
 
 @dataclass
 class TrainCfg:
-    task: Literal["clip"] = "clip"  # the objective (evaclip/tasks/)
+    task: Literal["clip", "mim"] = "clip"  # the objective: contrastive CLIP, or EVA's masked image modeling
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
@@ -121,6 +122,7 @@ class TrainCfg:
     ckpt: CkptCfg = field(default_factory=CkptCfg)
     log: LogCfg = field(default_factory=LogCfg)
     dist: DistCfg = field(default_factory=DistCfg)
+    mim: MIMCfg = field(default_factory=MIMCfg)  # task: mim (evaclip/tasks/mim.py)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     epochs: int = 1

@@ -369,6 +369,8 @@ def open_clip_readme(export_dir, name: str, architecture: str, custom: bool) -> 
             f"clip_benchmark eval --model_type open_clip --model {name} --pretrained {weights} \\",
             "    --dataset DATASET --dataset_root DATA_DIR --task TASK --output results.json", "```",
         ]
+    lines += ["", "clip_benchmark reads webdataset sets with 4 workers by default and fails (`No samples found`) on a "
+              "set with fewer shards than workers, such as the demo's one-shard splits: add `--num_workers 1` there."]
     lines += ["", "clip_benchmark 1.6.2's zeroshot_classification fails under recent NumPy 2 releases (seen with 2.4: "
               "`only 0-dimensional arrays can be converted to Python scalars`, in its accuracy()); zeroshot_retrieval "
               "is unaffected."]

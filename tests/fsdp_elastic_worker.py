@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import evaclip.engine.loop as loop  # noqa: E402
+import evaclip.engine.step as step  # noqa: E402
 import evaclip.train as train  # noqa: E402
 
 
@@ -24,7 +24,7 @@ def main() -> int:
     kill_rank, kill_at = int(sys.argv[1]), int(sys.argv[2])
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     if first_attempt and int(os.environ.get("RANK", "0")) == kill_rank:
-        real_update = loop.apply_update
+        real_update = step.apply_update
         calls = {"n": 0}
 
         def dying_update(*args, **kwargs):
@@ -33,7 +33,7 @@ def main() -> int:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_update(*args, **kwargs)
 
-        loop.apply_update = dying_update
+        step.apply_update = dying_update
     return train.cli(sys.argv[3:])
 
 

@@ -163,7 +163,7 @@ def test_open_clip_custom_shape_readme_clip_benchmark_line_runs(exported, demo, 
     cmd = _readme_block(readme, "bash").replace("DATASET", "wds/demo").replace("DATA_DIR", demo["retrieval"])
     cmd = cmd.replace("TASK", "zeroshot_retrieval").replace("results.json", str(tmp_path / "cb.json"))
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    r = subprocess.run(["bash", "-c", cmd + " --num_workers 0"], capture_output=True, text=True, env=env,
+    r = subprocess.run(["bash", "-c", cmd.strip() + " --num_workers 1"], capture_output=True, text=True, env=env,
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((tmp_path / "cb.json").read_text())["metrics"]

@@ -22,8 +22,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from evaclip.models import attention as attn_mod
 from evaclip.models import create_model
-from evaclip.models.attention import (Attend, AttentionBackendError, FlashKernel, flash_attn_usable, flash_kernel,
-                                      resolve_backend)
+from evaclip.models.attention import (
+    Attend,
+    AttentionBackendError,
+    FlashKernel,
+    flash_attn_usable,
+    flash_kernel,
+    resolve_backend,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "EVA02-CLIP-tiny"
@@ -159,8 +165,8 @@ def test_cpu_training_and_eval_with_cuda_reported_and_flash_importable(fake_cuda
     from evaclip.train import main
 
     calls = fake_flash(fa2=True)
-    cfg = load_config("demo_cpu", [f"model.name={MODEL}", "data.synthetic=true", "data.batch_size=2",
-                                   "max_steps=1", "device=cpu", f"output_dir={tmp_path}", "name=run",
+    cfg = load_config("demo_cpu", [f"model.name={MODEL}", "data.synthetic=true", "data.batch_size=2", "max_steps=2",
+                                   "optim.warmup_steps=1", "device=cpu", f"output_dir={tmp_path}", "name=run",
                                    "log.tensorboard=false", "eval.zeroshot=null", "model.token_drop=0.0"])
     main(cfg)
     path = tmp_path / "weights.pt"
@@ -324,7 +330,7 @@ def _lamb_step(multi_tensor: bool, monkeypatch, mode=None):
     from evaclip.optim import lamb as lamb_mod
 
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(*s)) for s in ((16, 8), (8,), (3, 4, 5), ())]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((16, 8), (8,), (3, 4, 5), ())]
     for p in params:
         p.grad = torch.randn_like(p)
     monkeypatch.setattr(Lamb, "cpu_tensorwise", False)

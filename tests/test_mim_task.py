@@ -37,7 +37,7 @@ def labelled_folder(tmp_path_factory):
     """An ImageNet-style folder: 2 classes x 4 images of 32 px, dark vs bright."""
     root = tmp_path_factory.mktemp("digits")
     rng = np.random.default_rng(0)
-    for c, (name, base) in enumerate((("dark", 40), ("bright", 200))):
+    for name, base in (("dark", 40), ("bright", 200)):
         (root / name).mkdir()
         for i in range(4):
             px = np.clip(base + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
@@ -109,10 +109,11 @@ def test_mim_cfg_is_an_omegaconf_structured_config():
     (dict(mask_tries=0), "mim.mask_tries"), (dict(patch_embed_grad_scale=2.0), "mim.patch_embed_grad_scale"),
     (dict(knn_train="x"), "mim.knn_train"), (dict(val="/nonexistent"), "mim.val"),
     (dict(model_token_drop=0.5), "model.token_drop"), (dict(model_image_init="x"), "model.image_init"),
+    (dict(eval_zeroshot="x"), "eval.zeroshot"),
 ])
 def test_check_names_the_key(tmp_path, teacher_file, change, key):
-    overrides = [f"model.{k[6:]}={v}" for k, v in change.items() if k.startswith("model_")]
-    mim = {k: v for k, v in change.items() if not k.startswith("model_")}
+    overrides = [k.replace("_", ".", 1) + f"={v}" for k, v in change.items() if k.startswith(("model_", "eval_"))]
+    mim = {k: v for k, v in change.items() if not k.startswith(("model_", "eval_"))}
     cfg = _cfg(tmp_path, teacher_file, *overrides)
     for k, v in mim.items():
         setattr(cfg.mim, k, v)
@@ -172,13 +173,13 @@ def test_accumulation_is_exact_and_the_teacher_sees_the_unmasked_image(tmp_path,
     torch.testing.assert_close(one["loss"], ref)
 
 
-def _two_rank_worker(rank, world, init_file, teacher, out_dir):
+def _two_rank_worker(rank, world, init_file, teacher, out_dir, teacher_shard):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        cfg = _cfg(out_dir, teacher)
+        cfg = _cfg(out_dir, teacher, teacher_shard=teacher_shard)
         task = _task(cfg, rank, world)
         torch.manual_seed(0)
         student = task.build_model().eval()
@@ -196,11 +197,14 @@ def _two_rank_worker(rank, world, init_file, teacher, out_dir):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tmp_path, teacher_file):
+@pytest.mark.parametrize("teacher_shard", [False, True], ids=["teacher-replica", "teacher-fsdp"])
+def test_two_gloo_processes_match_one_process(tmp_path, teacher_file, teacher_shard):
+    """DDP student on 2 gloo ranks (uneven mask counts) == 1 process on the concatenated batch; the teacher replicated
+    or FSDP2-sharded."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_two_rank_worker, args=(2, str(tmp_path / "init"), teacher_file, str(tmp_path)), nprocs=2,
-                       start_method="fork")
+    mp.start_processes(_two_rank_worker, args=(2, str(tmp_path / "init"), teacher_file, str(tmp_path), teacher_shard),
+                       nprocs=2, start_method="fork")
     got = torch.load(tmp_path / "ranks.pt", weights_only=True)
     task = _task(_cfg(tmp_path, teacher_file))
     torch.manual_seed(0)
@@ -233,7 +237,6 @@ def test_synthetic_data_resumes_and_masks_follow_the_settings(tmp_path, teacher_
 # monitors and the engine
 # ----------------------------------------------------------------------------------------------------------------------
 def test_evaluate_fixed_mask_val_loss_and_knn(tmp_path, teacher_file, labelled_folder):
-    from evaclip.data.transforms import get_transforms
     from evaclip.evals.data import build_eval_loader
     from evaclip.evals.knn import resolve_labelled
     from evaclip.losses import mim_cosine_loss
@@ -249,7 +252,7 @@ def test_evaluate_fixed_mask_val_loss_and_knn(tmp_path, teacher_file, labelled_f
     assert set(first) >= {"val_loss", "knn/top1"} and 0.0 <= first["knn/top1"] <= 1.0
     assert first["knn/num_train"] == first["knn/num_val"] == 8
     # by hand: all 8 images in one batch, sample i's fixed mask
-    loader = build_eval_loader(resolve_labelled(labelled_folder), get_transforms(MODEL, train=False), 8, 0)
+    loader = build_eval_loader(resolve_labelled(labelled_folder), task._eval_preprocess(), 8, 0)
     idx, images, _ = next(iter(loader))
     masks = task.mask_generator().fixed_masks(idx, cfg.mim.val_mask_seed)
     with torch.no_grad():
@@ -270,8 +273,13 @@ def test_engine_runs_mim_and_its_checkpoint_initialises_a_clip(tmp_path, teacher
     losses = [r["train/loss"] for r in recs if "train/loss" in r]
     assert len(losses) == 4 and all(-1.0 <= v <= 1.0 for v in losses)
     assert any("eval/knn/top1" in r for r in recs) and any("eval/val_loss" in r for r in recs)
-    student = load_student(result.checkpoint, MODEL)
+    student = load_student(result.run_dir)  # the architecture from the checkpoint's config.yaml
     assert student.target_dim == 32
+    from evaclip.export import export
+
+    exported = export(str(result.run_dir), str(tmp_path / "export"), "eva_mim")
+    x, mask = _batch(2, 1)
+    torch.testing.assert_close(load_student(exported[0], MODEL)(x, mask), student.eval()(x, mask))
     clip = create_model(MODEL, attn_backend="sdpa")
     report = load_pretrained(clip, image_init=str(result.run_dir))
     assert report.formats["image_init"] == "eva_mim"

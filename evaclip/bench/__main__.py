@@ -1,4 +1,5 @@
-"""``python -m evaclip.bench {train,attention,optimizer,data,all} [options] --out DIR``: run, print, write JSON + MD.
+"""``python -m evaclip.bench {train,attention,optimizer,data,all,gpu-check} [options] --out DIR``: run, print, write
+JSON + MD.
 
 ``all`` is what ``make bench`` runs: defaults sized for this repository's 2-core CPU CI machine (a few minutes) and,
 on a CUDA machine, for one GPU (bf16, EVA02-CLIP-B-16, largest batch that fits). Each subcommand's ``--help`` lists
@@ -51,7 +52,7 @@ def _delegate(module: str, title: str, argv: list[str]) -> dict:
         mod = importlib.import_module(f"evaclip.bench.{module}")
     except ImportError as e:
         return section(title, [], [], [f"not run: evaclip.bench.{module} is not importable ({e})"])
-    result = mod.main(argv)
+    result = mod.main(argv, prog=f"evaclip bench {module}")
     return _generic_section(title, result, [f"python -m evaclip.bench.{module} {shlex.join(argv)}".strip()])
 
 
@@ -65,7 +66,7 @@ def _data_section(argv: list[str], out: Optional[str]) -> dict:
 
     out_dir = out or tempfile.mkdtemp(prefix="evaclip_bench_")
     argv = [*argv, "--out", out_dir]
-    data_bench.main(argv)
+    data_bench.main(argv, prog="evaclip bench data")
     rows = []
     for r in json.loads((Path(out_dir) / "data.json").read_text()).get("rows", []):
         row = {"source": r.get("source"), "samples": r.get("samples"), "ratio": r.get("ratio")}
@@ -81,13 +82,17 @@ def _data_section(argv: list[str], out: Optional[str]) -> dict:
 
 
 def _run_train(argv: list[str]) -> dict:
-    p = argparse.ArgumentParser(prog="evaclip bench train")
+    p = argparse.ArgumentParser(prog="evaclip bench train", description="Training-step time, throughput, peak memory "
+                                "and MFU of an evaclip model on synthetic batches (with --vs open_clip: open_clip's "
+                                "equivalent model in the same run, alternating rounds).")
     train_bench.add_args(p)
     return train_bench.bench_train(train_bench.cfg_from_args(p.parse_args(argv)))
 
 
 def _run_attention(argv: list[str]) -> dict:
-    p = argparse.ArgumentParser(prog="evaclip bench attention")
+    p = argparse.ArgumentParser(prog="evaclip bench attention", description="Forward + backward time of each "
+                                "attention backend (eager, sdpa, flash_attn where available) over sequence lengths and "
+                                "head dimensions, with the error against eager.")
     attn_bench.add_args(p)
     return attn_bench.run(p.parse_args(argv))
 
@@ -134,7 +139,31 @@ def _all(argv: list[str], device: torch.device, out: Optional[str]) -> list[dict
     return sections
 
 
+# `make gpu-check`: one report, B/16 in bf16 at token drop 0 and 0.5 vs open_clip, once per attention backend, plus
+# the attention kernels at B/16's sequence length; a few minutes on one H100 (train options after `gpu-check`).
+GPU_CHECK_TRAIN_ARGS = ["--model", "EVA02-CLIP-B-16", "--device", "cuda", "--batch", "128", "--precision", "bf16",
+                        "--token-drop", "0", "0.5", "--vs", "open_clip", "--steps", "5", "--rounds", "3", "--warmup",
+                        "2"]
+
+
+def _gpu_check(argv: list[str]) -> list[dict]:
+    from evaclip.models.attention import AttentionBackendError
+
+    sections = []
+    for backend in ("flash_attn", "sdpa"):
+        try:
+            sec = _run_train([*GPU_CHECK_TRAIN_ARGS, *argv, "--attn-backend", backend])
+        except AttentionBackendError as e:  # no flash kernel on this GPU: the report says why
+            sec = section("Training step: EVA02-CLIP-B-16", [], [], [f"not run: {e}"])
+        sec["title"] += f", attention {backend}"
+        sections.append(sec)
+    sections.append(_run_attention(["--device", "cuda", "--precision", "bf16", "--seq", "197", "--head-dim", "64",
+                                    "--iters", "10"]))
+    return sections
+
+
 SUBCOMMANDS: dict[str, Callable[[list[str], Optional[str]], list[dict]]] = {
+    "gpu-check": lambda a, out: _gpu_check(a),
     "train": lambda a, out: [_run_train(a)],
     "attention": lambda a, out: [_run_attention(a)],
     "optimizer": lambda a, out: [_delegate("optimizer", "LAMB step: foreach vs torch_optimizer.Lamb", a)],

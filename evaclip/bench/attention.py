@@ -109,9 +109,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--batch", type=int, default=None, help="default 32 on CUDA, 2 on CPU")
     p.add_argument("--heads", type=int, default=None, help="default 16 on CUDA, 4 on CPU")
-    p.add_argument("--seq", type=int, nargs="+", default=list(SEQ_LENS))
-    p.add_argument("--head-dim", type=int, nargs="+", default=list(HEAD_DIMS))
-    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--seq", type=int, nargs="+", default=list(SEQ_LENS),
+                   help=f"sequence lengths (tokens) to time (default: {' '.join(map(str, SEQ_LENS))})")
+    p.add_argument("--head-dim", type=int, nargs="+", default=list(HEAD_DIMS),
+                   help=f"head dimensions to time (default: {' '.join(map(str, HEAD_DIMS))})")
+    p.add_argument("--iters", type=int, default=None, help="calls per timing round (default: sized to the device)")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -107,16 +107,20 @@ def _measure(python: str, side: str, spec: str, num_samples: int, batch_size: in
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evaclip.bench.data", description=__doc__,
+def main(argv=None, prog: str = "python -m evaclip.bench.data") -> int:
+    """Measure both pipelines; ``prog`` names the command in ``--help`` (``evaclip bench data`` from there)."""
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.replace("``", "").replace("\\\n", "\n"),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="bench_results", help="folder for data.json and data.md")
-    ap.add_argument("--openclip-python", default=os.path.join(ROOT, ".venv-openclip", "bin", "python"))
+    ap.add_argument("--out", default="bench_results", help="folder for data.json and data.md (default: bench_results)")
+    ap.add_argument("--openclip-python", default=os.path.join(ROOT, ".venv-openclip", "bin", "python"),
+                    help="python of the venv with open_clip_train (default: .venv-openclip/bin/python; the open_clip "
+                    "side is skipped when it is missing)")
     ap.add_argument("--demo", default=None, help="demo dataset folder (default: build one in a temp folder)")
-    ap.add_argument("--small-samples", type=int, default=2048)
-    ap.add_argument("--large-samples", type=int, default=192)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--small-samples", type=int, default=2048, help="samples timed on the demo source (default: 2048)")
+    ap.add_argument("--large-samples", type=int, default=192,
+                    help="samples timed on the 1500x1000 JPEG source (default: 192)")
+    ap.add_argument("--batch-size", type=int, default=32, help="default: 32")
+    ap.add_argument("--image-size", type=int, default=224, help="train transform output side (default: 224)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per side; the best is reported (shared machines)")
     # internal: one side's measurement in its own process
     ap.add_argument("--side", choices=("evaclip", "open_clip"), help=argparse.SUPPRESS)

@@ -132,11 +132,15 @@ def run(model_name: str = "EVA02-CLIP-B-16", device: str = "cpu", steps: int = 5
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="EVA02-CLIP-B-16")
+def main(argv: list[str] | None = None, prog: str = "python -m evaclip.bench.optimizer") -> dict:
+    """Time one LAMB step both ways; ``prog`` names the command in ``--help`` (``evaclip bench optimizer``)."""
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].replace("``", ""),
+                                 epilog="parameters and gradients are random tensors with the model's shapes, grouped "
+                                 "as training groups them")
+    ap.add_argument("--model", default="EVA02-CLIP-B-16",
+                    help="a registered evaclip architecture whose parameter set is used (default: EVA02-CLIP-B-16)")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: both where CUDA is available)")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per implementation (default: 5)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)

@@ -2,8 +2,10 @@
 
 Shapes: B batch, C channels, H/W image side, L context length, D embedding dim.
 
-A step is what the training loop does per optimizer step on synthetic data: forward of both towers, contrastive loss,
-backward, optimizer step, zero_grad, logit-scale clamp (no gradient clipping on either side: open_clip's default).
+A step is what each trainer does per optimizer step on synthetic data. evaclip: the engine's own ``train_step``
+(``ClipTask.forward_backward``, then ``apply_update``: the finite check with its one host read, gradient clipping at
+the recipes' 5.0, the optimizer step; then the logit-scale clamp). open_clip: open_clip_train's step (autocast forward,
+``ClipLoss``, backward, ``clip_grad_norm_`` at the same 5.0, optimizer step, zero_grad, logit-scale clamp).
 ``--vs open_clip`` builds open_clip's equivalent model in the same process: its EVA02 path (a timm ``Eva`` trunk
 with the token-pool head as projection, registered under a name that encodes our shapes, so no weights are fetched),
 its text transformer, its ``ClipLoss``, the same precision and patch-dropout ratio. Runs alternate (ours, theirs,
@@ -37,28 +39,32 @@ TRAIN_COLUMNS = [("impl", "impl"), ("optimizer", "optimizer"), ("model", "model"
                  ("precision", "precision"), ("token_drop", "token drop"), ("batch", "B"),
                  ("samples_per_s", "samples/s"), ("step_ms", "step ms"), ("peak_mem_mb", "peak mem MB"),
                  ("gflops_per_sample", "GFLOP/sample"), ("mfu_pct", "MFU %"), ("host_syncs", "host syncs/step")]
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GRAD_CLIP_NORM = 5.0  # both sides clip at the recipes' norm (open_clip_train: --grad-clip-norm 5.0)
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available else cpu; asking for cuda without it is an error that says so."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but torch sees no CUDA device")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return device
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` through the trainer's own rule (``distributed.resolve_device``)."""
+    from evaclip.distributed import resolve_device as trainer_device
+    from evaclip.errors import ConfigError
+
+    kind, _, index = name.partition(":")
+    try:
+        return trainer_device(kind, int(index or 0))
+    except (ConfigError, ValueError) as e:
+        raise ValueError(f"--device {name!r}: {e}") from None
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bf16 on CUDA, fp32 on CPU; else fp32 | bf16 | fp16."""
+    """``auto`` -> bf16 on CUDA, fp32 on CPU; else fp32 | bf16 | fp16 (the trainer's dtype table)."""
+    from evaclip.engine.precision import amp_dtype
+    from evaclip.errors import ConfigError
+
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if precision not in _DTYPES:
-        raise ValueError(f"precision must be one of {sorted(_DTYPES)} or auto, got {precision!r}")
-    return _DTYPES[precision]
+    try:
+        return amp_dtype(precision) or torch.float32
+    except ConfigError:
+        raise ValueError(f"precision must be fp32, bf16, fp16 or auto, got {precision!r}") from None
 
 
 @dataclass
@@ -99,19 +105,25 @@ class Runner:
     peak_mem: Optional[int] = None
     flops: Optional[int] = None
     times: list = field(default_factory=list)
+    train_step: Optional[Callable[[], None]] = None  # evaclip: the engine's own step (replaces the open_clip step)
 
     @property
     def batch_size(self) -> int:
         return self.batch[0].shape[0]
 
     def step(self) -> None:
-        """forward, loss, backward, optimizer step, zero_grad, logit-scale clamp."""
+        """One optimizer step: the engine's ``train_step`` for evaclip; open_clip_train's step otherwise (forward,
+        loss, backward, gradient clipping, optimizer step, zero_grad, logit-scale clamp)."""
+        if self.train_step is not None:
+            self.train_step()
+            return
         images_BCHW, tokens_BL = self.batch
         device_type = images_BCHW.device.type
         amp = torch.autocast(device_type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         with amp:
             loss = self.forward_loss(images_BCHW, tokens_BL)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM, norm_type=2.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -145,6 +157,28 @@ def _evaclip_loss_fn(model: nn.Module) -> Callable:
         return loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)["loss"]
 
     return forward_loss
+
+
+def evaclip_runner(cfg: TrainBenchCfg, token_drop: float, batch: tuple[torch.Tensor, torch.Tensor],
+                   amp_dtype, impl: str = "evaclip") -> Runner:
+    """evaclip's model and LAMB with the engine's own ``train_step`` (``ClipTask`` + ``apply_update``) as the step."""
+    from evaclip.config import load_config
+    from evaclip.distributed import DistEnv
+    from evaclip.engine.precision import autocast_for, make_grad_scaler
+    from evaclip.engine.step import step_context, train_step
+    from evaclip.tasks.clip import ClipTask
+
+    device = batch[0].device
+    model = _evaclip_model(cfg, token_drop, device)
+    optimizer = _evaclip_lamb(model)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
+    task = ClipTask(load_config(None, {"model.name": cfg.model, "precision": precision,
+                                       "optim.grad_clip_norm": GRAD_CLIP_NORM}), DistEnv(device=device))
+    scaler = make_grad_scaler(precision, "ddp", device)
+    ctx = step_context(autocast_for(precision, device), scaler, device)
+    runner = Runner(impl, "lamb (foreach)", model, optimizer, _evaclip_loss_fn(model), batch, token_drop, amp_dtype)
+    runner.train_step = lambda: train_step(task, model, [batch], ctx, optimizer, scaler, GRAD_CLIP_NORM)
+    return runner
 
 
 def _evaclip_lamb(model: nn.Module) -> torch.optim.Optimizer:
@@ -293,9 +327,8 @@ def _stages(cfg: TrainBenchCfg, d: dict, token_drop: float, batch: dict, device:
 
     def evaclip() -> Runner:
         base = memory_in_use(device)
-        model = _evaclip_model(cfg, token_drop, device)
-        return first_step(Runner("evaclip", "lamb (foreach)", model, _evaclip_lamb(model), _evaclip_loss_fn(model),
-                                 _synthetic(batch["evaclip"], d, device, cfg.seed), token_drop, amp_dtype), base)
+        return first_step(evaclip_runner(cfg, token_drop, _synthetic(batch["evaclip"], d, device, cfg.seed),
+                                         amp_dtype), base)
 
     def open_clip_reference() -> Runner:
         base = memory_in_use(device)
@@ -323,10 +356,8 @@ def _prime(cfg: TrainBenchCfg, d: dict, token_drop: float, batch: dict, device: 
     if not _PRIMED.get(device.type):
         # One throw-away step first: the process's one-time allocations (thread pools, BLAS / oneDNN workspaces,
         # autograd engine) would otherwise be charged to whichever model is measured first.
-        model = _evaclip_model(cfg, token_drop, device)
-        Runner("prime", "", model, _evaclip_lamb(model), _evaclip_loss_fn(model),
-               _synthetic(batch["evaclip"], d, device, cfg.seed), token_drop, amp_dtype).step()
-        del model
+        evaclip_runner(cfg, token_drop, _synthetic(batch["evaclip"], d, device, cfg.seed), amp_dtype,
+                       impl="prime").step()
         _PRIMED[device.type] = True
     _free(device)
 
@@ -475,9 +506,7 @@ def _auto_batches(cfg: TrainBenchCfg, d: dict, token_drop: float, device: torch.
     def make(impl: str) -> Callable[[int], Runner]:
         def build(b: int) -> Runner:
             if impl == "evaclip":
-                m = _evaclip_model(cfg, token_drop, device)
-                return Runner(impl, "", m, _evaclip_lamb(m), _evaclip_loss_fn(m), _synthetic(b, d, device, 0),
-                              token_drop, amp_dtype)
+                return evaclip_runner(cfg, token_drop, _synthetic(b, d, device, 0), amp_dtype)
             m = open_clip_model(d, token_drop, device)
             return Runner(impl, "", m, _reference_lamb(open_clip_param_groups(m)), _open_clip_loss_fn(m),
                           _synthetic(b, d, device, 0), token_drop, amp_dtype)
@@ -647,13 +676,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--token-drop", type=float, nargs="+", default=[0.5], help="one or more ratios, e.g. 0 0.5")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--attn-backend", default="auto", choices=["auto", "flash_attn", "sdpa", "eager"])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto, CUDA when available)")
+    p.add_argument("--attn-backend", default="auto", choices=["auto", "flash_attn", "sdpa", "eager"],
+                   help="attention implementation of the evaclip model (default: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the evaclip towers")
     p.add_argument("--vs", default=None, choices=["open_clip"], help="also run open_clip's equivalent model")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each round (default: 2)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timed rounds, alternating evaclip and open_clip; the median is reported (default: 3)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="architecture overrides for create_model, e.g. depth=6 (see evaclip.models)")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting (and MFU)")
@@ -664,10 +695,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def cfg_from_args(args: argparse.Namespace) -> TrainBenchCfg:
     """Parsed ``bench train`` options -> TrainBenchCfg (overrides parsed as YAML scalars, like config overrides)."""
-    from evaclip.config import _parse_scalar, parse_overrides
+    from evaclip.config import load_config, parse_overrides
 
     batch = args.batch if args.batch == "auto" else int(args.batch)
-    overrides = {k: _parse_scalar(v) for k, v in parse_overrides(args.set).items()}
+    # checked against the model's CLIPCfg exactly as the trainer's model.overrides are
+    overrides = load_config(None, {"model.name": args.model, **{f"model.overrides.{k}": v for k, v in
+                                                                parse_overrides(args.set).items()}}).model.overrides
     return TrainBenchCfg(model=args.model, batch=batch, precision=args.precision, token_drop=list(args.token_drop),
                          device=args.device, attn_backend=args.attn_backend, compile=args.compile, vs=args.vs,
                          steps=args.steps, warmup=args.warmup, rounds=args.rounds, overrides=overrides,

@@ -25,10 +25,11 @@ grid a 16-patch block does not fit (or is most of the mask). The minimum block u
     min_block = max(1, min(min_block_patches, (H * W) // 10))
 
 i.e. at most a tenth of the grid: 16 on every grid of 160 patches or more (so 14 x 14 and 16 x 16 keep the published
-16), 6 on 8 x 8, 1 on 4 x 4. At 40 % masking a mask is then made of at least ~4 blocks on any grid.
+16), 6 on 8 x 8, 1 on 4 x 4. At 40 % masking the smallest block is then at most a quarter of the mask on any grid.
 
 Target count. ``num_masked`` (if given) or ``round(mask_ratio * N)``. EVA-02's released runs mask 105 of 256 patches
-(their scripts' comment reads "224*224/14/14 * 0.4"): ``mask_ratio=0.41`` gives round(104.96) = 105.
+(their scripts' comment reads "224*224/14/14 * 0.4"): the recipes set ``num_masked=105`` (``mask_ratio=0.41`` gives
+the same, round(104.96)).
 
 Randomness. Every draw comes from the generator passed in (a ``numpy.random.Generator``, a ``torch.Generator`` or an
 int seed): the same generator state gives the same mask, which is what exact resume needs. Nothing touches global RNG

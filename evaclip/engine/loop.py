@@ -24,7 +24,7 @@ from evaclip.engine.precision import autocast_for, make_grad_scaler
 from evaclip.engine.rng import fresh_iter, host_rng_untouched, next_batch, seed_all
 from evaclip.engine.signals import StopSignal
 from evaclip.engine.state import TrainerState
-from evaclip.engine.step import apply_update, lr_by_tower, step_context
+from evaclip.engine.step import lr_by_tower, step_context, train_step
 from evaclip.logging import MetricLogger, Throughput, get_logger, setup_console
 from evaclip.optim import build_optimizer, build_scheduler
 from evaclip.parallel import gathered, wrap_model
@@ -189,9 +189,8 @@ def _run(cfg: TrainCfg, task, env: du.DistEnv) -> TrainResult:
                     batches = fresh_iter(data.loader)
                 task.before_step(model, state.step, logger)
                 micro = [task.to_device(next_batch(batches, epoch)) for _ in range(cfg.accum_freq)]
-                out = task.forward_backward(model, micro, ctx)
-                upd = apply_update(model, optimizer, scaler, cfg.optim.grad_clip_norm, out["loss"],
-                                   stop.requested is not None)
+                out, upd = train_step(task, model, micro, ctx, optimizer, scaler, cfg.optim.grad_clip_norm,
+                                      stop.requested is not None)
                 if upd.bad:
                     consecutive_bad += 1
                     state.bad_steps_total += 1
@@ -204,7 +203,6 @@ def _run(cfg: TrainCfg, task, env: du.DistEnv) -> TrainResult:
                                                                 last_ckpt))
                 else:
                     consecutive_bad = 0
-                    task.after_update(model)
                     loss_sum += out["loss"].float()
                     loss_n += 1
                 scheduler.step()  # also on skipped steps: the schedule follows the data

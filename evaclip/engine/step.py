@@ -97,6 +97,17 @@ def apply_update(model: nn.Module, optimizer, scaler, grad_clip_norm, loss: torc
     return Update(bad_loss=bad_loss, bad_grad=bad_grad, stop=stop, bad=bad, grad_norm=grad_norm)
 
 
+def train_step(task, model: nn.Module, micro: list, ctx: StepContext, optimizer, scaler, grad_clip_norm,
+               stop_requested: bool = False) -> tuple[dict[str, torch.Tensor], Update]:
+    """One optimizer step of ``task``: its ``forward_backward`` over the K micro-batches, ``apply_update``, and its
+    ``after_update`` when the update was not skipped. The training loop and ``evaclip bench train`` both time this."""
+    out = task.forward_backward(model, micro, ctx)
+    upd = apply_update(model, optimizer, scaler, grad_clip_norm, out["loss"], stop_requested)
+    if not upd.bad:
+        task.after_update(model)
+    return out, upd
+
+
 def lr_by_tower(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """The highest lr of each tower's groups (the top layer's, with layer-wise decay)."""
     out: dict[str, float] = {}

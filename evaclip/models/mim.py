@@ -109,7 +109,7 @@ class MIMStudent(EVAVisionTransformer):
             raise ValueError("a MIM student sees every patch (masked ones as the mask token): token_drop must be 0")
         super().set_token_drop(ratio)
 
-    # --- forward -----------------------------------------------------------------------------------------------------
+    # --- forward -----------------------------------------------------------------------------------------------
     def _patch_fn(self, mask_BP: Optional[torch.Tensor]) -> Optional[Callable]:
         """The edit of the patch embeddings before the position embedding: gradient scaling, then the mask token."""
         scale = self.patch_embed_grad_scale
@@ -148,7 +148,7 @@ class MIMStudent(EVAVisionTransformer):
         about what the student has learnt; not L2-normalised (k-NN normalises)."""
         return self.patch_features(images_BCHW).mean(dim=1)
 
-    # --- hooks for the optimizer (see evaclip.optim.groups) ------------------------------------------------------------
+    # --- hooks for the optimizer (see evaclip.optim.groups) ----------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
         """1-D tensors (norms, biases), the position embedding and the CLS token (EVA-02's released settings; the
         mask token decays, as it does there)."""
@@ -245,6 +245,20 @@ def resize_target_map(target_BPT: torch.Tensor, grid: int, mode: Resize = "bilin
     return img_BTGG.flatten(2).transpose(1, 2)
 
 
+class _PatchTargets(nn.Module):
+    """A CLIP image tower's per-patch features: final norm, CLS dropped, CLIP ``head`` per token. Its own module, so
+    that FSDP2 (``mim.teacher_shard``) makes it the tower's unit and gathers the embeddings, norm and head when it is
+    called (calling the tower's ``forward_features`` directly would bypass the unit's hooks)."""
+
+    def __init__(self, tower: EVAVisionTransformer):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        tokens = self.tower.forward_features(images_BCHW)
+        return self.tower.head(tokens[:, self.tower.num_prefix:])
+
+
 class MIMTeacher(nn.Module):
     """A frozen CLIP image tower that gives the MIM targets (see the module docstring). Always in eval mode (``train()``
     leaves it there), no parameter requires a gradient, ``forward`` runs without autograd."""
@@ -254,12 +268,16 @@ class MIMTeacher(nn.Module):
         if resize not in ("bilinear", "area"):
             raise ValueError(f"target resize mode must be 'bilinear' or 'area', got {resize!r}")
         tower.set_token_drop(0.0)
-        self.tower = tower.requires_grad_(False)
+        self.targets = _PatchTargets(tower.requires_grad_(False))
         self.resize = resize
         self.eval()
 
     def train(self, mode: bool = True) -> "MIMTeacher":
         return super().train(False)
+
+    @property
+    def tower(self) -> EVAVisionTransformer:
+        return self.targets.tower
 
     @property
     def feature_dim(self) -> int:
@@ -282,8 +300,7 @@ class MIMTeacher(nn.Module):
         if tuple(images_BCHW.shape[-2:]) != (size, size):
             images_BCHW = F.interpolate(images_BCHW, size=(size, size), mode="bicubic", align_corners=False,
                                         antialias=True)
-        tokens = self.tower.forward_features(images_BCHW)
-        target_BPT = self.tower.head(tokens[:, self.tower.num_prefix:])
+        target_BPT = self.targets(images_BCHW)
         return target_BPT if grid is None else resize_target_map(target_BPT, grid, self.resize)
 
 
@@ -307,8 +324,8 @@ def load_teacher(path: Union[str, Path], model_name: Optional[str] = None, *, at
     except CheckpointError:
         if model_name is None:
             raise
-        from .factory import create_model
         from .convert import load_pretrained
+        from .factory import create_model
 
         clip = create_model(model_name, attn_backend=attn_backend)
         report = load_pretrained(clip, image_init=str(p))

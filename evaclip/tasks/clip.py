@@ -145,9 +145,11 @@ class ClipTask(Task):
         from evaclip.optim import lock_towers
 
         m = self.cfg.model
+        # built where it will run, in the run's precision: attn_backend=auto is resolved for that device and dtype
         model = create_model(m.name, pretrained=m.pretrained, image_init=m.image_init, text_init=m.text_init,
                              attn_backend=m.attn_backend, token_drop=m.token_drop,
-                             grad_checkpointing=m.grad_checkpointing, **m.overrides)
+                             grad_checkpointing=m.grad_checkpointing, device=self.env.device,
+                             precision=self.cfg.precision, **m.overrides)
         lock_towers(model, self.cfg.optim)  # before DDP, which registers only trainable parameters
         return model
 

@@ -85,6 +85,10 @@ def check_mim_cfg(cfg) -> None:
                               "init; resume=auto continues a run)")
     if model.token_drop:
         raise ConfigError("config key 'model.token_drop' must be 0 for task=mim: the student sees every patch")
+    for key in ("zeroshot", "retrieval"):
+        if getattr(cfg.eval, key, None) is not None:
+            raise ConfigError(f"config key 'eval.{key}' does not apply to task=mim (its monitors are mim.val and "
+                              "mim.knn_train / mim.knn_val); set it to null")
     if not cfg.data.synthetic and not cfg.data.train:
         raise ConfigError("config key 'data.train' is required (image shards), or set data.synthetic=true")
     if not 0.0 < m.mask_ratio < 1.0:
@@ -110,8 +114,8 @@ def check_mim_cfg(cfg) -> None:
 
 
 class _SyntheticMIMData:
-    """The DataInfo interface over synthetic ``(images_BCHW, masks_BP)`` batches (``data.synthetic=true``): standard-normal
-    images and block masks, both drawn from a generator seeded by (seed, epoch, batch index)."""
+    """The DataInfo interface over synthetic ``(images_BCHW, masks_BP)`` batches (``data.synthetic=true``):
+    standard-normal images and block masks, both drawn from a generator seeded by (seed, epoch, batch index)."""
 
     def __init__(self, batch_size: int, image_size: int, mask_generator, num_batches: int, seed: int = 0):
         self.batch_size, self.image_size, self.gen = batch_size, image_size, mask_generator
@@ -240,9 +244,15 @@ class MIMTask(Task):
 
     # -- evaluation ----------------------------------------------------------------------------------------------
     def _eval_preprocess(self):
-        from evaclip.data.transforms import get_transforms
+        """The monitors' view: shortest side resized (bicubic) to the student's image size, center crop, the
+        teacher's normalisation (open_clip's eval transform, from torchvision: a MIM run never imports open_clip)."""
+        from torchvision import transforms as T
 
-        return get_transforms(self.model_cfg(), train=False)
+        from evaclip.data.transforms import MEAN, STD
+
+        size = self.model_cfg().vision.image_size
+        return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
+                          T.Normalize(MEAN, STD)])
 
     @torch.no_grad()
     def val_loss(self, model: nn.Module) -> float:
