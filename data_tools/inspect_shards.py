@@ -74,7 +74,7 @@ def _stats(v) -> dict:
 
 def word_bins(words) -> np.ndarray:
     """Histogram bin edges with one bar per word count: edges at n - 0.5 for every n from the shortest caption to
-    the longest (neighbouring counts never share a bar, and no bar is empty by construction of the edges)."""
+    the longest + 1, so neighbouring counts never share a bar (a count no caption has shows as a gap)."""
     if len(words) == 0:
         return np.array([-0.5, 0.5])
     return np.arange(int(min(words)), int(max(words)) + 2) - 0.5

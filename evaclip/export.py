@@ -470,7 +470,7 @@ def main(argv: Optional[list] = None) -> int:
 
     p = argparse.ArgumentParser(
         prog="evaclip export", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Export the image and text encoders of a run or checkpoint: safetensors + config.json per tower "
+        description="Export the image and text encoders of a run or checkpoint: safetensors + config.json per tower\n"
         "(evaclip.load_encoder), an open_clip checkpoint, ONNX. Every export is checked against the PyTorch model.",
         epilog="open_clip exports: released EVA-CLIP shapes (EVA02-B-16, L-14, ...) load in open_clip with no extra "
         "step:\n  open_clip.create_model_and_transforms('local-dir:OUT/open_clip')\nany other shape (e.g. the demo's "

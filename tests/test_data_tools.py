@@ -148,6 +148,42 @@ def test_inspect_shards_reports_bad_samples_and_plots(tmp_path, capsys):
     assert inspect_shards.main([str(tmp_path / "sh" / "{00000..00003}.tar"), "--quiet"]) == 2  # missing shards
 
 
+def test_inspect_shards_plot_has_one_bar_per_word_count(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    words = [2, 3, 3, 4, 7, 7, 7, 12]  # 2..12: eleven counts, some absent; a 50-bin cap must not merge any
+    seen = []
+    real_hist = matplotlib.axes.Axes.hist
+
+    def spy(self, x, bins=None, **kw):
+        seen.append((x, bins))
+        return real_hist(self, x, bins=bins, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "hist", spy)
+    inspect_shards.plot_histograms(words, [10] * len(words), [32] * len(words), [32] * len(words),
+                                   str(tmp_path / "h.png"))
+    x, bins = seen[0]  # the caption-length (words) histogram
+    counts, edges = np.histogram(x, bins=bins)
+    assert np.allclose(np.diff(edges), 1) and np.allclose(edges[:-1] + 0.5, np.arange(2, 13))
+    assert counts.tolist() == [1, 2, 1, 0, 0, 3, 0, 0, 0, 0, 1]
+    # long captions too: one bar per count even past 50 distinct counts
+    assert len(inspect_shards.word_bins(list(range(1, 80)))) == 80
+
+
+def test_inspect_shards_glob_spec_is_one_line(tmp_path, capsys):
+    with ShardSink(str(tmp_path / "sh"), 2) as sink:
+        sink.write({"__key__": "a", "png": _png_bytes(), "txt": "x"})
+    assert inspect_shards.main([str(tmp_path / "sh" / "*.tar"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "glob" in err and "braces" in err
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), "blue").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_tools_run_as_modules_with_help():
     for tool in ("make_shards", "inspect_shards", "make_demo"):
         with pytest.raises(SystemExit) as e:
@@ -213,6 +249,21 @@ def test_make_demo_zeroshot_set_loads_with_labels(demo):
     assert len(labels) == info["zeroshot_num_samples"]
     held_out = make_demo.split_indices(len(y), seed=0, zeroshot_frac=0.2, retrieval_frac=0.1)["zeroshot"]
     assert labels == [int(y[i]) for i in held_out]  # the held-out digits, in order, with their true labels
+
+
+def test_make_demo_retrieval_split_carries_classes_for_class_aware_recall(demo):
+    """Retrieval captions name only the digit, so they repeat across images (instance i2t R@1 is about 0 for any
+    model); each sample also carries its class id, which evaclip eval turns into class-aware recall."""
+    from sklearn.datasets import load_digits
+
+    _, info, _ = demo
+    y = load_digits().target
+    samples = _read(info["retrieval_shards"])
+    assert all(int(s["cls"]) == int(y[int(s["__key__"][1:])]) for s in samples)
+    caps = [s["txt"].decode() for s in samples]
+    assert len(set(caps)) < len(caps) / 3  # shared captions: why instance recall cannot be the demo's figure
+    for s in samples[:50]:
+        assert make_demo.CLASSNAMES[int(s["cls"])] in s["txt"].decode()
 
 
 def test_make_demo_is_deterministic(tmp_path, demo):

@@ -271,8 +271,12 @@ def test_eval_cli_on_demo_heldout(tiny_ckpt, demo, tmp_path, capsys):
     assert "zeroshot/top1" in printed and "retrieval/i2t_R@1" in printed
     assert res["zeroshot/num_samples"] == demo["zeroshot_num_samples"]
     assert res["retrieval/num_images"] == demo["retrieval_num_samples"]
-    for k in ("zeroshot/top1", "zeroshot/top5", "zeroshot/mean_per_class_recall", "retrieval/t2i_R@10"):
+    for k in ("zeroshot/top1", "zeroshot/top5", "zeroshot/mean_per_class_recall", "retrieval/t2i_R@10",
+              "retrieval/class_i2t_R@1", "retrieval/class_t2i_R@1"):
         assert 0.0 <= res[k] <= 1.0
+    # the demo's retrieval captions repeat across images: the output says so and points at the class-aware figures
+    assert 0 < res["retrieval/captions_shared"] <= res["retrieval/num_texts"]
+    assert "class-aware recall" in printed and "read the class-aware figures" in printed
     assert res["zeroshot/top1"] <= res["zeroshot/top5"]
     # user errors: one line on stderr and exit code 2, no traceback
     rt_root = demo["retrieval"]  # the clip_benchmark-layout folder

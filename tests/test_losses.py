@@ -66,8 +66,12 @@ def test_bad_input_is_a_clear_error():
         SigLipLoss()(img, txt, torch.tensor(1.0))
     with pytest.raises(ValueError, match="gather_with_grad"):
         ClipLoss(local_loss=True, gather_with_grad=False)
-    with pytest.raises(ValueError, match="loss.name"):
-        build_loss(LossCfg(name="triplet"))
+    from evaclip.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="loss.name"):  # choices are checked once, by the config
+        load_config(None, {"loss.name": "triplet"})
+    with pytest.raises(ConfigError, match="loss.gather_with_grad"):
+        load_config(None, {"loss.gather_with_grad": "false"})
 
 
 def test_build_loss():

@@ -4,7 +4,6 @@ Tiny towers, CPU, fp32."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 
 import numpy as np
@@ -46,19 +45,17 @@ def labelled_folder(tmp_path_factory):
 
 
 def _cfg(tmp_path, teacher, *overrides, **mim):
-    """A validated TrainCfg for the tiny student with a ``mim`` section (set on the object until TrainCfg has it)."""
+    """A validated TrainCfg (task=mim) for the tiny student; ``mim`` sets fields of the ``mim`` section."""
     from evaclip.config import load_config
 
-    base = ["data.batch_size=4", "max_steps=4", "device=cpu", f"output_dir={tmp_path}", "name=mim",
-            "log.every=1", "log.tensorboard=false", "optim.name=adamw", "optim.lr=1e-3", "optim.warmup_steps=1",
-            "model.token_drop=0.0", "eval.zeroshot=null", "eval.batch_size=4", "eval.workers=0",
-            f"model.name={MODEL}", "model.attn_backend=sdpa", "data.synthetic=true", "precision=fp32"]
+    base = ["task=mim", f"mim.teacher={teacher}", f"mim.teacher_model={MODEL}", "data.batch_size=4", "max_steps=4",
+            "device=cpu", f"output_dir={tmp_path}", "name=mim", "log.every=1", "log.tensorboard=false",
+            "optim.name=adamw", "optim.lr=1e-3", "optim.warmup_steps=1", "model.token_drop=0.0", "eval.zeroshot=null",
+            "eval.batch_size=4", "eval.workers=0", f"model.name={MODEL}", "model.attn_backend=sdpa",
+            "data.synthetic=true", "precision=fp32"]
     cfg = load_config(None, base + list(overrides))
-    section = MIMCfg(teacher=teacher, teacher_model=MODEL, **mim)
-    if any(f.name == "mim" for f in dataclasses.fields(cfg)):
-        cfg.mim = section
-    else:
-        object.__setattr__(cfg, "mim", section)
+    for k, v in mim.items():
+        setattr(cfg.mim, k, v)
     return cfg
 
 
@@ -173,38 +170,49 @@ def test_accumulation_is_exact_and_the_teacher_sees_the_unmasked_image(tmp_path,
     torch.testing.assert_close(one["loss"], ref)
 
 
-def _two_rank_worker(rank, world, init_file, teacher, out_dir, teacher_shard):
+def _two_rank_worker(rank, world, init_file, teacher, out_dir, strategy, teacher_shard):
+    import gc
+
     import torch.distributed as dist
+
+    from evaclip.parallel import wrap_model
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        cfg = _cfg(out_dir, teacher, teacher_shard=teacher_shard)
+        cfg = _cfg(out_dir, teacher, f"dist.strategy={strategy}", teacher_shard=teacher_shard)
         task = _task(cfg, rank, world)
         torch.manual_seed(0)
         student = task.build_model().eval()
         task.setup(student)
-        ddp = torch.nn.parallel.DistributedDataParallel(student)
+        model = wrap_model(student, cfg.dist, torch.device("cpu"), precision=cfg.precision)  # DDP, or FSDP2 in place
+        assert hasattr(student.lm_head.weight, "full_tensor") == (strategy == "fsdp")  # sharded: DTensor parameters
         images, masks = _batch(4, 0, ratios=(0.1, 0.1, 0.7, 0.7))  # rank 0 gets few masked patches, rank 1 many
-        out = task.forward_backward(ddp, [(images[2 * rank:2 * rank + 2], masks[2 * rank:2 * rank + 2])], _ctx())
+        out = task.forward_backward(model, [(images[2 * rank:2 * rank + 2], masks[2 * rank:2 * rank + 2])], _ctx())
         loss = out["loss"].clone()
         dist.all_reduce(loss)
+        # FSDP2 gradients are DTensor shards: every rank takes part in gathering them
+        grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                 for n, p in student.named_parameters()}
         if rank == 0:
-            torch.save({"loss": loss / world, "grads": {n: p.grad for n, p in student.named_parameters()}},
-                       f"{out_dir}/ranks.pt")
+            torch.save({"loss": loss / world, "grads": grads}, f"{out_dir}/ranks.pt")
+        del model, student, task
+        gc.collect()  # free FSDP2 / DTensor cycles while the group lives
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("teacher_shard", [False, True], ids=["teacher-replica", "teacher-fsdp"])
-def test_two_gloo_processes_match_one_process(tmp_path, teacher_file, teacher_shard):
-    """DDP student on 2 gloo ranks (uneven mask counts) == 1 process on the concatenated batch; the teacher replicated
-    or FSDP2-sharded."""
+@pytest.mark.parametrize("strategy,teacher_shard", [("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True)],
+                         ids=["teacher-replica", "teacher-fsdp", "student-fsdp", "student-fsdp-teacher-fsdp"])
+def test_two_gloo_processes_match_one_process(tmp_path, teacher_file, strategy, teacher_shard):
+    """The student DDP-wrapped or FSDP2-sharded (dist.strategy) on 2 gloo ranks (uneven mask counts) == 1 process on
+    the concatenated batch, loss and every gradient; the teacher replicated or FSDP2-sharded."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_two_rank_worker, args=(2, str(tmp_path / "init"), teacher_file, str(tmp_path), teacher_shard),
-                       nprocs=2, start_method="fork")
+    mp.start_processes(_two_rank_worker, args=(2, str(tmp_path / "init"), teacher_file, str(tmp_path), strategy,
+                                               teacher_shard), nprocs=2, start_method="fork")
     got = torch.load(tmp_path / "ranks.pt", weights_only=True)
     task = _task(_cfg(tmp_path, teacher_file))
     torch.manual_seed(0)
@@ -212,6 +220,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, teacher_file, teacher_sh
     task.setup(student)
     one = task.forward_backward(student, [_batch(4, 0, ratios=(0.1, 0.1, 0.7, 0.7))], _ctx())
     torch.testing.assert_close(got["loss"], one["loss"])
+    assert set(got["grads"]) == {n for n, _ in student.named_parameters()}
     for n, p in student.named_parameters():
         torch.testing.assert_close(got["grads"][n], p.grad, msg=n)
 

@@ -8,48 +8,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from subprocess_runs import MODEL, TRAIN, assert_continues_like, digits, kill_after_checkpoint, torchrun
+from subprocess_runs import env as _env
+from subprocess_runs import overrides as _overrides
+from subprocess_runs import records as _records
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parent.parent
-MODEL = "EVA02-CLIP-tiny"
-# Same-process-layout runs are bitwise reproducible on the CPU; the tolerance only absorbs libm/BLAS differences.
-LOSS_RTOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from data_tools.make_demo import make_demo
-
-    out = tmp_path_factory.mktemp("digits")
-    return make_demo(str(out), seed=0, copies=1, samples_per_shard=160, show_progress=False)
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1",
-               WANDB_MODE="disabled")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _overrides(digits, out_dir, name, *extra):
-    return ["demo_cpu", f"model.name={MODEL}", f"data.train={digits['train']}", "data.batch_size=8",
-            "data.workers=1", "data.shuffle_buffer=64", "device=cpu", f"output_dir={out_dir}", f"name={name}",
-            "log.every=1", "log.tensorboard=false", "optim.warmup_steps=2", "model.token_drop_until=null",
-            *extra]
-
-
-def _records(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+__all__ = ["digits"]  # the shared fixture
 
 
 def test_torchrun_two_processes_gloo_finishes_and_writes_checkpoints(digits, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "evaclip.train",
-           *_overrides(digits, tmp_path, "ddp", "max_steps=4", "ckpt.every=2", "ckpt.keep_last=3",
-                       f"eval.zeroshot={digits['zeroshot']}", "eval.batch_size=128")]
+    cmd = torchrun(2) + _overrides(digits, tmp_path, "ddp", "max_steps=4", "ckpt.every=2", "ckpt.keep_last=3",
+                                   f"eval.zeroshot={digits['zeroshot']}", "eval.batch_size=128")
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "ddp"
@@ -71,39 +43,20 @@ def test_sigkill_then_resume_auto_continues_exactly(digits, tmp_path):
     """Kill a run after its step-8 checkpoint, corrupt that checkpoint, resume=auto: the run goes back to step 4 (and
     says why), then every later step's loss and lr equal an uninterrupted run's (token dropping on, so the RNG state
     and the data position must both be restored)."""
-    base = [sys.executable, "-m", "evaclip.train"]
     common = ["max_steps=14", "ckpt.every=4", "ckpt.keep_last=3", "model.token_drop=0.5"]
-    ref = subprocess.Popen(base + _overrides(digits, tmp_path, "ref", *common), cwd=tmp_path, env=_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    victim = subprocess.Popen(base + _overrides(digits, tmp_path, "victim", *common), cwd=tmp_path, env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = tmp_path / "victim" / "ckpt" / "step_00000008"
-    deadline = time.time() + 240
-    while not target.is_dir() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    assert victim.wait(timeout=30) == -signal.SIGKILL, "the run finished before it could be killed"
-    ref_out, _ = ref.communicate(timeout=300)
-    assert ref.returncode == 0, ref_out[-3000:]
+    kill_after_checkpoint(TRAIN + _overrides(digits, tmp_path, "ref", *common),
+                          TRAIN + _overrides(digits, tmp_path, "victim", *common), target, tmp_path)
 
     model_pt = target / "model.pt"
     data = model_pt.read_bytes()
     model_pt.write_bytes(data[: len(data) // 3])  # truncated, as by a crash during a copy
-    resumed = subprocess.run(base + _overrides(digits, tmp_path, "victim", *common, "resume=auto"), cwd=tmp_path,
+    resumed = subprocess.run(TRAIN + _overrides(digits, tmp_path, "victim", *common, "resume=auto"), cwd=tmp_path,
                              env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "skipping checkpoint step_00000008" in resumed.stdout and "truncated" in resumed.stdout
 
-    recs = _records(tmp_path / "victim")
-    last_resume = max(i for i, r in enumerate(recs) if r.get("event") == "resume")
-    assert recs[last_resume]["step"] == 4
-    after = {r["step"]: r for r in recs[last_resume:] if "train/loss" in r}
-    reference = {r["step"]: r for r in _records(tmp_path / "ref") if "train/loss" in r}
-    assert sorted(after) == list(range(5, 15))
-    for step, r in after.items():
-        assert r["train/lr/visual"] == pytest.approx(reference[step]["train/lr/visual"], rel=1e-12), step
-        assert r["train/loss"] == pytest.approx(reference[step]["train/loss"], rel=LOSS_RTOL), step
-        assert r["train/samples_seen"] == reference[step]["train/samples_seen"]
+    assert_continues_like(tmp_path / "victim", tmp_path / "ref", resumed_at=4, last_step=14)
 
 
 def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):

@@ -64,6 +64,8 @@ def _data_section(argv: list[str], out: Optional[str]) -> dict:
 
     from evaclip.bench import data as data_bench
 
+    if {"-h", "--help"} & set(argv):  # help only: no temporary folder
+        data_bench.main(argv, prog="evaclip bench data")
     out_dir = out or tempfile.mkdtemp(prefix="evaclip_bench_")
     argv = [*argv, "--out", out_dir]
     data_bench.main(argv, prog="evaclip bench data")

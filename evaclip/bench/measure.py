@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["PeakMemory", "memory_in_use", "release_host_memory", "rss_bytes", "median", "synchronize", "time_calls"]
+__all__ = ["PeakMemory", "cuda_launches", "memory_in_use", "release_host_memory", "rss_bytes", "median", "synchronize",
+           "time_calls"]
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -126,3 +127,53 @@ def median(xs: list[float]) -> float:
     if not xs:
         raise ValueError("median of no measurements")
     return statistics.median(xs)
+
+
+# Ops that launch no kernel (views, allocations, no-op conversions), for ``cuda_launches``.
+_NO_KERNEL = {"view", "_unsafe_view", "reshape", "_reshape_alias", "flatten", "split", "split_with_sizes", "unbind",
+              "select", "slice", "as_strided", "detach", "detach_", "alias", "t", "transpose", "expand", "unsqueeze",
+              "squeeze", "permute", "empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "lift_fresh",
+              "resolve_conj", "resolve_neg", "to", "_to_copy", "item", "_local_scalar_dense"}
+
+
+def _foreach_per_tensor(event) -> bool:
+    """A foreach call runs one kernel per tensor on CUDA when the leading tensor arguments of some per-tensor call
+    (one from each list) differ in shape: CUDA's multi-tensor route needs equal sizes at each index."""
+    for child in event.cpu_children:
+        shapes = []
+        for shape, value in zip(child.input_shapes, child.concrete_inputs):
+            if value not in (None, ""):  # a Python scalar: the tensor arguments are over
+                break
+            shapes.append(tuple(shape))
+        if len(set(shapes)) > 1:
+            return True
+    return False
+
+
+def cuda_launches(prof) -> tuple[int, dict]:
+    """Kernels a step would launch on CUDA, read from a ``torch.profiler`` CPU trace taken with ``record_shapes=True``
+    (tensors on the CPU or the meta device: every op is recorded, no GPU needed).
+
+    A foreach op counts 1 on CUDA's multi-tensor route and one per tensor off it (on the CPU every foreach op is a
+    per-tensor loop, so its per-tensor children are not launches); other ops count their leaf compute ops. Returns
+    (total, {foreach op: launches, for the calls off the multi-tensor route}).
+    """
+    def count(e) -> int:
+        kids = [c for c in e.cpu_children if c.name.startswith("aten::")]
+        if e.name.startswith("aten::_foreach_"):
+            return len(kids) if _foreach_per_tensor(e) else 1
+        if kids:
+            return sum(count(c) for c in kids)
+        name = e.name.removeprefix("aten::")
+        return int(name == "copy_" or name not in _NO_KERNEL)
+
+    total, per_tensor = 0, {}
+    for e in prof.events():
+        parent = e.cpu_parent
+        if not e.name.startswith("aten::") or (parent is not None and parent.name.startswith("aten::")):
+            continue
+        n = count(e)
+        total += n
+        if n > 1 and e.name.startswith("aten::_foreach_"):
+            per_tensor[e.name] = per_tensor.get(e.name, 0) + n
+    return total, per_tensor

@@ -82,6 +82,15 @@ def _diverged_message(consecutive: int, step: int, max_bad: int, last_ckpt: Opti
             "precision=bf16, or check the data.")
 
 
+def _log_epoch_skips(data, epoch: int, logger: MetricLogger, step: int) -> None:
+    """At an epoch's end: the samples skipped in it (corrupt / missing image, missing caption), by reason."""
+    by_reason = getattr(data, "skipped_by_reason", None)
+    skipped = by_reason(epoch) if by_reason is not None else {}
+    logger.event("epoch_end", step=step, epoch=epoch, skipped=skipped)
+    if any(skipped.values()):
+        log.warning("epoch %d: skipped %s", epoch, ", ".join(f"{n} ({r})" for r, n in skipped.items() if n))
+
+
 def train(cfg: TrainCfg, task_cls) -> TrainResult:
     """Train ``task_cls`` (a ``evaclip.tasks.base.Task`` subclass) according to ``cfg`` (validated)."""
     task_cls.check(cfg)
@@ -184,6 +193,7 @@ def _run(cfg: TrainCfg, task, env: du.DistEnv) -> TrainResult:
         with StopSignal() as stop:
             while state.step < total_steps:
                 if state.epoch != epoch:
+                    _log_epoch_skips(data, epoch, logger, state.step)
                     epoch = state.epoch
                     data.set_epoch(epoch, 0)
                     batches = fresh_iter(data.loader)
@@ -214,6 +224,7 @@ def _run(cfg: TrainCfg, task, env: du.DistEnv) -> TrainResult:
                                **task.metrics(out), "grad_norm": float(upd.grad_norm),
                                "epoch": step / steps_per_epoch, "samples_seen": step * global_batch,
                                "skipped_samples": data.skipped(), "bad_steps": state.bad_steps_total,
+                               **{f"skipped/{k}": v for k, v in getattr(data, "skipped_by_reason", dict)().items()},
                                **{f"lr/{k}": v for k, v in lr_by_tower(optimizer).items()}}
                     if scaler.is_enabled():
                         metrics["loss_scale"] = scaler.get_scale()

@@ -9,7 +9,8 @@ model: the rank of the answer is the number of *wrong* candidates scoring at lea
 Instance recall (``i2t_R@k``, ``t2i_R@k``) is the standard measure: the right answers are the image's own captions /
 the caption's own image. It needs captions that identify their image: when the same caption text belongs to several
 images, the copies score alike (up to float rounding) and, ties losing, an image cannot rank its own copy first, so
-i2t R@1 is about 0 by construction. ``captions_shared`` counts such captions, and ``retrieval_notes`` says so in the output.
+i2t R@1 is about 0 by construction. ``captions_shared`` counts such captions, and ``retrieval_notes`` says so in
+the output.
 
 Class-aware recall (``class_i2t_R@k``, ``class_t2i_R@k``), reported when every sample carries a ``cls`` class id:
 any candidate of the query's class is a right answer (a caption of another image of the same class, an image of the

@@ -148,7 +148,8 @@ class Lamb(Optimizer):
         variant: ``"torch_optimizer"`` or ``"deepspeed"`` (see the module docstring).
         min_trust, max_trust: trust-ratio clamp of the deepspeed variant (FusedLamb's min_coeff / max_coeff).
 
-    The step's temporary (the raw update) covers at most ``chunk_numel`` elements at a time, so peak memory is
+    The step's temporary (the raw update; on CUDA also the per-element trust-ratio factors, which keep the final
+    ``p += c * u`` on the multi-tensor route) covers at most ``chunk_numel`` elements at a time, so peak memory is
     bounded whatever the group size (class attributes; each chunk costs one batch of kernels and, for sharded
     parameters, its own batched all_reduce). Plain CPU tensors take a tensor-at-a-time path instead
     (``_update_tensorwise``: every pass over one tensor while it is in cache, norms read on the host, which costs
