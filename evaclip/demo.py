@@ -151,12 +151,29 @@ def export_encoders(checkpoint: str, out_dir: Path, fmt: str = "safetensors") ->
     return [str(p) for p in sorted(out_dir.rglob("*")) if p.is_file()]
 
 
+def init_report(recipe: str, overrides: list[str]) -> str:
+    """What the EVA-CLIP stage's tower inits load, drop and leave fresh (the load report of ``model.image_init`` /
+    ``model.text_init``, which training itself does not print)."""
+    from evaclip.models import create_model
+    from evaclip.models.convert import load_pretrained
+
+    m = stage_config(recipe, overrides).model
+    report = load_pretrained(create_model(m.name, attn_backend="sdpa", **m.overrides), image_init=m.image_init,
+                             text_init=m.text_init)
+    return (f"image tower <- {m.image_init} ({report.formats.get('image_init')}), text tower <- {m.text_init} "
+            f"({report.formats.get('text_init')}); dropped: {', '.join(report.ignored) or 'nothing'}; fresh: "
+            f"{', '.join(report.fresh) or 'nothing'}")
+
+
 def bootstrap(info: dict, runs: Path, common: list[str], per_stage: dict[str, list[str]]) -> list[dict]:
     """Stages 1-3 into ``runs``; returns their summaries."""
     summaries = []
     for stage in (TEACHER, MIM, EVA_CLIP):
+        overrides = stage_overrides(stage, info, runs) + common + per_stage[stage]
         print(f"\n[demo] stage {len(summaries) + 1}: {stage} -> {runs / stage}")
-        summaries.append(run_stage(stage, stage_overrides(stage, info, runs) + common + per_stage[stage]))
+        if stage == EVA_CLIP:
+            print(f"[demo] {init_report(stage, overrides)}")
+        summaries.append(run_stage(stage, overrides))
     return summaries
 
 

@@ -252,18 +252,21 @@ def test_import_errors_of_any_kind_fall_back_to_sdpa(fake_cuda, monkeypatch, cap
 
 
 # ------------------------------------------------------------------------------ 5. bench: one model at a time
-def _bench_cfg(**kw):
+def _bench_cfg(monkeypatch, **kw):
     from evaclip.bench import train as train_bench
+
+    monkeypatch.setattr(train_bench, "matmul_peak_flops", lambda *a, **k: 1e12)  # not what these tests are about
+    monkeypatch.setattr(train_bench, "_auto_batches", lambda *a, **k: {"evaclip": 2, "open_clip": 2})  # no CUDA
 
     base = dict(model=MODEL, batch="auto", token_drop=[0.0], device="cpu", precision="fp32", vs="open_clip",
                 steps=1, warmup=0, rounds=1, count_flops=False, peak_size=64, overrides={"text.vocab_size": 512})
     return train_bench.TrainBenchCfg(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_bench_auto_batch_frees_each_model_before_building_the_next(monkeypatch):
     from evaclip.bench import train as train_bench
 
-    monkeypatch.setattr(train_bench, "_auto_batches", lambda *a, **k: {"evaclip": 2, "open_clip": 2})
     ours, seen = [], []
     make_ours, make_theirs = train_bench._evaclip_model, train_bench.open_clip_model
 
@@ -278,24 +281,23 @@ def test_bench_auto_batch_frees_each_model_before_building_the_next(monkeypatch)
 
     monkeypatch.setattr(train_bench, "_evaclip_model", evaclip_model)
     monkeypatch.setattr(train_bench, "open_clip_model", open_clip_model)
-    sec = train_bench.bench_train(_bench_cfg())
+    sec = train_bench.bench_train(_bench_cfg(monkeypatch))
     assert seen == [0]  # before: the evaclip runner (weights + LAMB state) was still alive
     assert [(r["impl"], r["optimizer"]) for r in sec["rows"]] == [
         ("evaclip", "lamb (foreach)"), ("open_clip", "torch_optimizer.Lamb"), ("open_clip", "lamb (foreach)")]
     assert all(r["samples_per_s"] > 0 for r in sec["rows"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", ["auto", 2])
 def test_bench_out_of_memory_is_a_reported_row(monkeypatch, batch):
     from evaclip.bench import train as train_bench
-
-    monkeypatch.setattr(train_bench, "_auto_batches", lambda *a, **k: {"evaclip": 2, "open_clip": 2})
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train_bench, "open_clip_model", oom)
-    sec = train_bench.bench_train(_bench_cfg(batch=batch))  # before: the error ended the run, no report
+    sec = train_bench.bench_train(_bench_cfg(monkeypatch, batch=batch))  # before: the error ended the run, no report
     rows = sec["rows"]
     assert rows[0]["impl"] == "evaclip" and rows[0]["samples_per_s"] > 0
     assert [r["impl"] for r in rows[1:]] == ["open_clip", "open_clip"]

@@ -516,7 +516,7 @@ def build_train_loader(cfg, preprocess: Callable, tokenizer: Optional[Callable] 
     """Train loader for one rank from ``cfg`` (a ``DataCfg``); yields ``(images_BCHW, tokens_BL)``.
 
     With ``mask_generator`` (a ``evaclip.data.masking.BlockMaskGenerator``; masked image modeling) it yields
-    ``(images_BCHW, masks_BN)`` instead: captions are neither read nor required (image-only shards such as
+    ``(images_BCHW, masks_BP)`` instead: captions are neither read nor required (image-only shards such as
     ImageNet-21K's, or image-text shards with the text ignored) and ``tokenizer`` is unused. Batch ``i``'s masks are
     drawn in the worker from a generator seeded by (seed, epoch, rank, i), like its augmentations.
 

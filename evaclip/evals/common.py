@@ -82,7 +82,7 @@ def progress(iterable, desc: str, enabled: bool = True, total=None):
 _WEIGHT_FILES = ("model.pt", "model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin")
 
 
-def _find_run_config(path: Path) -> Optional[dict]:
+def find_run_config(path: Path) -> Optional[dict]:
     """The resolved training config (``config.yaml``) saved in a checkpoint folder, or beside a weights file."""
     import yaml
 
@@ -144,7 +144,7 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", 
     else:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     overrides = {}
-    run_cfg = _find_run_config(path)
+    run_cfg = find_run_config(path)
     if run_cfg is not None:
         overrides = dict(run_cfg["model"].get("overrides") or {})
         if model_name is None:

@@ -188,9 +188,9 @@ def build_student(model: Union[str, CLIPCfg], target_dim: int, *, attn_backend: 
 
 def _run_model_cfg(path: Path) -> tuple[Optional[str], dict]:
     """(model name, architecture overrides) from the ``config.yaml`` of a training checkpoint, if there is one."""
-    from evaclip.evals.common import _find_run_config
+    from evaclip.evals.common import find_run_config
 
-    run_cfg = _find_run_config(path)
+    run_cfg = find_run_config(path)
     if run_cfg is None:
         return None, {}
     return run_cfg["model"].get("name"), dict(run_cfg["model"].get("overrides") or {})

@@ -79,6 +79,13 @@ def check_mim_cfg(cfg) -> None:
         raise ConfigError(f"config key 'mim.teacher': not found: {m.teacher}")
     if m.teacher_model is not None and m.teacher_model not in list_models():
         raise ConfigError(f"config key 'mim.teacher_model': unknown model {m.teacher_model!r}; known: {list_models()}")
+    if m.teacher_model is not None and Path(m.teacher).is_dir():
+        from evaclip.evals.common import find_run_config
+
+        own = (find_run_config(Path(m.teacher)) or {}).get("model", {}).get("name")
+        if own is not None and own != m.teacher_model:
+            raise ConfigError(f"config key 'mim.teacher_model' is {m.teacher_model!r} but the teacher {m.teacher} is "
+                              f"a {own!r} run; set mim.teacher_model=null (the run's own config names it)")
     for key in ("pretrained", "image_init", "text_init"):
         if getattr(model, key) is not None:
             raise ConfigError(f"config key 'model.{key}' does not apply to task=mim (the student starts from its "
