@@ -16,7 +16,10 @@ import torch
 from evaclip.bench.measure import median, time_calls
 from evaclip.bench.report import section
 
-__all__ = ["ATTN_COLUMNS", "available_backends", "bench_attention", "main"]
+__all__ = ["ATTN_COLUMNS", "DESCRIPTION", "add_args", "available_backends", "bench_attention", "run"]
+
+DESCRIPTION = ("Forward + backward time of each attention backend (eager, sdpa, flash_attn where available) over "
+               "sequence lengths and head dimensions, with the error against eager.")
 
 SEQ_LENS = (197, 257, 577)  # ViT-B/16 @224, ViT-L/14 @224, ViT-L/14 @336 (with class token)
 HEAD_DIMS = (64, 80, 88, 128)  # ViT-B/L (768/12, 1024/16), ViT-H (1280/16), EVA01-g (1408/16), wide heads
@@ -124,14 +127,3 @@ def run(args: argparse.Namespace) -> dict:
     dtype = resolve_dtype(args.precision, device)
     return bench_attention(device, dtype, batch=args.batch, heads=args.heads, seq_lens=args.seq,
                            head_dims=args.head_dim, iters=args.iters)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """``python -m evaclip.bench.attention``: same as ``python -m evaclip.bench attention``."""
-    from evaclip.bench.__main__ import main as bench_main
-
-    return bench_main(["attention", *(argv or [])])
-
-
-if __name__ == "__main__":
-    main()

@@ -3,20 +3,28 @@
 Parameters and gradients are random tensors with the model's shapes, grouped exactly as training groups them
 (per-tower layer decay 0.75, weight-decay exclusions), so the number of tensors per group is realistic.
 
-    python -m evaclip.bench.optimizer --model EVA02-CLIP-B-16 [--device cpu|cuda] [--steps 5]
+    evaclip bench optimizer --model EVA02-CLIP-B-16 [--device cpu|cuda] [--steps 5]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import re
 
 import torch
 from torch import nn
 
 from evaclip.bench.measure import median, release_host_memory, time_calls
+from evaclip.bench.report import section
 from evaclip.config import OptimCfg
 from evaclip.optim import Lamb, build_param_groups
+
+__all__ = ["COLUMNS", "DESCRIPTION", "add_args", "bench_lamb", "run"]
+
+DESCRIPTION = ("One LAMB step on a real CLIP parameter set, evaclip's foreach Lamb vs torch_optimizer.Lamb (random "
+               "parameters and gradients with the model's shapes, grouped as training groups them).")
+COLUMNS = [("model", "model"), ("source", "architecture from"), ("device_name", "device"), ("threads", "threads"),
+           ("num_params", "params"), ("num_tensors", "tensors"), ("num_groups", "groups"),
+           ("foreach_ms", "foreach ms"), ("reference_ms", "torch_optimizer ms"), ("speedup", "speedup")]
 
 # The recipe-like settings the groups are built with (EVA02-CLIP-B-16: layer decay 0.75 in both towers).
 BENCH_CFG = dict(lr=5e-4, weight_decay=0.05, visual_ld=0.75, text_ld=0.75, betas=[0.9, 0.98], eps=1e-6)
@@ -106,8 +114,8 @@ def time_interleaved(makers: dict, groups: list[dict], device: torch.device, ste
     return {name: median(ts) for name, ts in times.items()}
 
 
-def run(model_name: str = "EVA02-CLIP-B-16", device: str = "cpu", steps: int = 5) -> dict:
-    """Time one LAMB step, foreach vs torch_optimizer.Lamb; prints and returns the figures and their ratio."""
+def bench_lamb(model_name: str = "EVA02-CLIP-B-16", device: str = "cpu", steps: int = 5) -> dict:
+    """One row: median seconds of one LAMB step on ``device``, foreach vs torch_optimizer.Lamb, and their ratio."""
     import torch_optimizer
 
     dev = torch.device(device)
@@ -119,40 +127,30 @@ def run(model_name: str = "EVA02-CLIP-B-16", device: str = "cpu", steps: int = 5
     secs = time_interleaved({"reference": lambda g: torch_optimizer.Lamb(g, **kw), "foreach": lambda g: Lamb(g, **kw)},
                             groups, dev, steps)
     ref_s, ours_s = secs["reference"], secs["foreach"]
-    result = dict(
+    return dict(
         model=model_name, source=source, device=str(dev),
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         threads=torch.get_num_threads(), num_params=sum(p.numel() for g in groups for p in g["params"]),
         num_tensors=sum(len(g["params"]) for g in groups), num_groups=len(groups), steps=steps,
         foreach_ms=round(ours_s * 1e3, 2), reference_ms=round(ref_s * 1e3, 2), speedup=round(ref_s / ours_s, 3),
     )
-    print(f"LAMB step, {model_name} ({result['num_params'] / 1e6:.1f}M params, {result['num_tensors']} tensors, "
-          f"{result['num_groups']} groups) on {result['device_name']}: foreach {result['foreach_ms']} ms, "
-          f"torch_optimizer {result['reference_ms']} ms, speedup x{result['speedup']}")
-    return result
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m evaclip.bench.optimizer") -> dict:
-    """Time one LAMB step both ways; ``prog`` names the command in ``--help`` (``evaclip bench optimizer``)."""
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].replace("``", ""),
-                                 epilog="parameters and gradients are random tensors with the model's shapes, grouped "
-                                 "as training groups them")
-    ap.add_argument("--model", default="EVA02-CLIP-B-16",
-                    help="a registered evaclip architecture whose parameter set is used (default: EVA02-CLIP-B-16)")
-    ap.add_argument("--device", default=None, help="cpu | cuda (default: both where CUDA is available)")
-    ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per implementation (default: 5)")
-    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = ap.parse_args(argv)
+def add_args(p: argparse.ArgumentParser) -> None:
+    """The ``bench optimizer`` command-line options."""
+    p.add_argument("--model", default="EVA02-CLIP-B-16",
+                   help="a registered evaclip architecture whose parameter set is used (default: EVA02-CLIP-B-16)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: both where CUDA is available)")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per implementation (default: 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run from parsed ``bench optimizer`` options; returns the report section (one row per device)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    results = {d: run(args.model, d, args.steps) for d in devices}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return results
-
-
-if __name__ == "__main__":
-    main()
+    rows = [bench_lamb(args.model, d, args.steps) for d in devices]
+    notes = [f"median of {args.steps} steps per implementation, steps alternating, one untimed step first; groups "
+             f"as training builds them ({', '.join(f'{k} {v}' for k, v in BENCH_CFG.items())})"]
+    return section("LAMB step: foreach vs torch_optimizer.Lamb", COLUMNS, rows, notes)

@@ -31,12 +31,9 @@ def _cpu_model() -> str:
 
 
 def _git_revision() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    from evaclip.engine.run_dir import git_revision
+
+    return git_revision(short=True)["commit"]
 
 
 def _version(module: str) -> str | None:

@@ -33,12 +33,14 @@ from evaclip.bench.measure import PeakMemory, median, memory_in_use, release_hos
 from evaclip.bench.report import section
 
 __all__ = ["TRAIN_COLUMNS", "Runner", "TrainBenchCfg", "bench_train", "find_max_batch", "flops_per_sample",
-           "open_clip_model", "resolve_device", "resolve_dtype"]
+           "open_clip_model", "resolve_device", "resolve_dtype", "run"]
 
 TRAIN_COLUMNS = [("impl", "impl"), ("optimizer", "optimizer"), ("model", "model"), ("params_m", "params (M)"),
                  ("precision", "precision"), ("token_drop", "token drop"), ("batch", "B"),
                  ("samples_per_s", "samples/s"), ("step_ms", "step ms"), ("peak_mem_mb", "peak mem MB"),
                  ("gflops_per_sample", "GFLOP/sample"), ("mfu_pct", "MFU %"), ("host_syncs", "host syncs/step")]
+DESCRIPTION = ("Training-step time, throughput, peak memory and MFU of an evaclip model on synthetic batches "
+               "(with --vs open_clip: open_clip's equivalent model in the same run, alternating rounds).")
 GRAD_CLIP_NORM = 5.0  # both sides clip at the recipes' norm (open_clip_train: --grad-clip-norm 5.0)
 
 
@@ -706,3 +708,8 @@ def cfg_from_args(args: argparse.Namespace) -> TrainBenchCfg:
                          steps=args.steps, warmup=args.warmup, rounds=args.rounds, overrides=overrides,
                          count_flops=not args.no_flops, profile=args.profile, peak_size=args.peak_size,
                          threads=args.threads)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run from parsed ``bench train`` options; returns the report section."""
+    return bench_train(cfg_from_args(args))

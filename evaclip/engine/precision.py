@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Optional, Union
 
 import torch
 
@@ -10,13 +10,24 @@ from evaclip.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _AMP_DTYPE: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
+          torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def amp_dtype(precision: str) -> Optional[torch.dtype]:
+def precision_name(precision: Union[str, torch.dtype, None]) -> str:
+    """``fp32`` | ``bf16`` | ``fp16`` from a name (``bfloat16`` too) or a torch dtype; None is fp32."""
+    if precision is None:
+        return "fp32"
+    key = precision.lower() if isinstance(precision, str) else precision
+    if key not in _NAMES:
+        raise ConfigError(f"config key 'precision' must be one of {list(PRECISIONS)} (or a torch dtype), got "
+                          f"{precision!r}")
+    return _NAMES[key]
+
+
+def amp_dtype(precision: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
     """The low-precision compute dtype of ``precision`` (None for fp32); ConfigError for an unknown name."""
-    if precision not in _AMP_DTYPE:
-        raise ConfigError(f"config key 'precision' must be one of {list(PRECISIONS)}, got {precision!r}")
-    return _AMP_DTYPE[precision]
+    return _AMP_DTYPE[precision_name(precision)]
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager]:

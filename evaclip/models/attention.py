@@ -1,8 +1,10 @@
 """Attention kernels behind one interface; the backend is chosen when the model is built, for the device it will
 run on and the run's precision, and chosen again when an ``auto`` model moves to another device.
 
-Shapes: B batch, N tokens, H heads, D head dim. sdpa/eager take q/k/v as B H N D; flash_attn takes B N H D.
-Each backend declares its ``layout`` so the caller arranges q/k/v once, without transposes around the kernel.
+Shapes: see the legend in docs/ARCHITECTURE.md (B batch, N tokens, H heads, F per-head feature dim). sdpa/eager take
+q/k/v as B H N F; flash_attn takes B N H F. Each backend declares its ``layout`` (the value strings ``"BHND"`` /
+``"BNHD"`` are a public attribute and keep their historical spelling: read D there as F) so the caller arranges
+q/k/v once, without transposes around the kernel.
 Masks are boolean, True where a query may attend a key, broadcastable to B H Nq Nk (SDPA's convention).
 """
 from __future__ import annotations
@@ -18,10 +20,9 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from evaclip.engine.precision import PRECISIONS, precision_name  # noqa: F401  (PRECISIONS re-exported)
+
 BACKENDS = ("auto", "flash_attn", "sdpa", "eager")
-PRECISIONS = ("fp32", "bf16", "fp16")
-_PRECISION_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
-                    "float16": "fp16", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _HALF = (torch.float16, torch.bfloat16)
 
 log = logging.getLogger(__name__)
@@ -36,18 +37,14 @@ class FlashPrecisionError(AttentionBackendError, ValueError):
 
 
 def normalize_precision(precision: Union[str, torch.dtype, None]) -> str:
-    """``fp32`` | ``bf16`` | ``fp16`` from a name (``bfloat16`` too) or a torch dtype; None is fp32."""
-    if precision is None:
-        return "fp32"
-    key = precision.lower() if isinstance(precision, str) else precision
-    if key not in _PRECISION_NAMES:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)} or a torch dtype, got {precision!r}")
-    return _PRECISION_NAMES[key]
+    """``fp32`` | ``bf16`` | ``fp16`` from a name or a torch dtype (the engine's one precision table); a ValueError
+    (``ConfigError``) for anything else."""
+    return precision_name(precision)
 
 
 @dataclass(frozen=True)
 class FlashKernel:
-    """A flash-attn ``flash_attn_func`` (B N H D in and out) and whether torch's dispatcher sees it as an op."""
+    """A flash-attn ``flash_attn_func`` (B N H F in and out) and whether torch's dispatcher sees it as an op."""
 
     func: Callable
     name: str  # "FA4" (flash-attn-4, flash_attn.cute) or "FA2" (flash-attn 2.x)
@@ -174,10 +171,10 @@ def untraced_attention_flops():
         _FLOP_TALLIES.remove(tally)
 
 
-def _tally_flops(q_BNHD: torch.Tensor, k_BNHD: torch.Tensor, v_BNHD: torch.Tensor, out: torch.Tensor) -> None:
+def _tally_flops(q_BNHF: torch.Tensor, k_BNHF: torch.Tensor, v_BNHF: torch.Tensor, out: torch.Tensor) -> None:
     from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
-    q, k, v = ((t.shape[0], t.shape[2], t.shape[1], t.shape[3]) for t in (q_BNHD, k_BNHD, v_BNHD))
+    q, k, v = ((t.shape[0], t.shape[2], t.shape[1], t.shape[3]) for t in (q_BNHF, k_BNHF, v_BNHF))
     tallies = list(_FLOP_TALLIES)
     for t in tallies:
         t[0] += sdpa_flop_count(q, k, v)
@@ -200,29 +197,30 @@ def _check_mask(mask: Optional[torch.Tensor], causal: bool) -> None:
         raise TypeError(f"attention mask must be boolean (True = attend), got {mask.dtype}")
 
 
-def eager_attention(q_BHND, k_BHND, v_BHND, causal: bool = False, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The reference: softmax(q k^T / sqrt(D)) v, with an explicit causal mask or a boolean ``mask``."""
+def eager_attention(q_BHNF, k_BHNF, v_BHNF, causal: bool = False, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The reference: softmax(q k^T / sqrt(F)) v, with an explicit causal mask or a boolean ``mask``."""
     _check_mask(mask, causal)
-    scale = 1.0 / math.sqrt(q_BHND.shape[-1])
-    attn_BHNN = (q_BHND * scale) @ k_BHND.transpose(-2, -1)
+    scale = 1.0 / math.sqrt(q_BHNF.shape[-1])
+    attn_BHNN = (q_BHNF * scale) @ k_BHNF.transpose(-2, -1)
     if causal:
-        n = q_BHND.shape[-2]
-        mask = ~torch.ones(n, n, dtype=torch.bool, device=q_BHND.device).triu_(1)
+        n = q_BHNF.shape[-2]
+        mask = ~torch.ones(n, n, dtype=torch.bool, device=q_BHNF.device).triu_(1)
     if mask is not None:
         attn_BHNN = attn_BHNN.masked_fill(~mask, float("-inf"))
-    attn_BHNN = attn_BHNN.float().softmax(dim=-1).to(v_BHND.dtype)
-    return attn_BHNN @ v_BHND
+    attn_BHNN = attn_BHNN.float().softmax(dim=-1).to(v_BHNF.dtype)
+    return attn_BHNN @ v_BHNF
 
 
-def sdpa_attention(q_BHND, k_BHND, v_BHND, causal: bool = False, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sdpa_attention(q_BHNF, k_BHNF, v_BHNF, causal: bool = False, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """torch's fused kernels (flash / cuDNN / memory-efficient on CUDA). Without ``mask`` flash stays eligible; with one
     SDPA picks the memory-efficient or math kernel."""
     _check_mask(mask, causal)
-    return F.scaled_dot_product_attention(q_BHND, k_BHND, v_BHND, attn_mask=mask, is_causal=causal)
+    return F.scaled_dot_product_attention(q_BHNF, k_BHNF, v_BHNF, attn_mask=mask, is_causal=causal)
 
 
 class Attend(torch.nn.Module):
-    """``attend(q, k, v, causal, mask)`` in the backend's layout; ``layout`` is ``"BHND"`` or ``"BNHD"``.
+    """``attend(q, k, v, causal, mask)`` in the backend's layout; ``layout`` is ``"BHND"`` (B H N F)
+    or ``"BNHD"`` (B N H F).
 
     ``mask`` (boolean, B H Nq Nk-broadcastable, True = attend) always runs through SDPA (eager for the eager backend):
     flash_attn has no arbitrary mask, and its causal mode with Nq != Nk aligns the mask bottom-right.
@@ -281,7 +279,7 @@ class Attend(torch.nn.Module):
             if q.dtype not in _HALF and mask is None:
                 _warn_once("flash_attn got fp32 inputs (no bf16/fp16 autocast): computed by SDPA in fp32 instead "
                            "of rounding them to bf16")
-            if mask is not None or q.dtype not in _HALF:  # BNHD views in and out; SDPA reads the strides
+            if mask is not None or q.dtype not in _HALF:  # B N H F views in and out; SDPA reads the strides
                 out = sdpa_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, mask)
                 return out.transpose(1, 2)
             kernel = self._flash_kernel(q.device)

@@ -1,6 +1,7 @@
 """2D rotary position embedding of EVA-02 (interleaved pairs, one half of each head for rows, one for columns).
 
-Shapes: N patch tokens (grid*grid), D head dim, B batch, K kept tokens.
+Shapes: see the legend in docs/ARCHITECTURE.md (P patch tokens = S x S, S the grid side, F per-head feature dim,
+B batch, K kept patch tokens, N rows of whatever ``x`` is rotated).
 Positions are rescaled to the pretraining grid (``pt_hw_seq_len`` in the config), so a 336 px tower keeps the 224 px
 frequencies.
 """
@@ -12,17 +13,18 @@ import torch
 
 
 def rope_tables(head_dim: int, grid: int, pt_grid: Optional[int] = None, theta: float = 10000.0):
-    """cos and sin tables, each N x D, for a ``grid`` x ``grid`` patch layout (row-major, as the patch embedding)."""
+    """cos and sin tables, each P x F, for a ``grid`` x ``grid`` (S x S) patch layout (row-major, as the patch
+    embedding)."""
     if head_dim % 4:
         raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
     half = head_dim // 2  # rotary dims per axis
     inv_freq = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float64) / half)
     pos = torch.arange(grid, dtype=torch.float64) / grid * (pt_grid or grid)
-    freqs_G = torch.outer(pos, inv_freq).repeat_interleave(2, dim=-1)  # grid x half, each freq for a pair
-    rows = freqs_G[:, None, :].expand(grid, grid, half)
-    cols = freqs_G[None, :, :].expand(grid, grid, half)
-    freqs_ND = torch.cat([rows, cols], dim=-1).reshape(grid * grid, head_dim)
-    return freqs_ND.cos().float(), freqs_ND.sin().float()
+    freqs = torch.outer(pos, inv_freq).repeat_interleave(2, dim=-1)  # S x F/2, each freq for a pair
+    rows = freqs[:, None, :].expand(grid, grid, half)
+    cols = freqs[None, :, :].expand(grid, grid, half)
+    freqs_PF = torch.cat([rows, cols], dim=-1).reshape(grid * grid, head_dim)
+    return freqs_PF.cos().float(), freqs_PF.sin().float()
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
@@ -39,7 +41,7 @@ def _complex_ok(x: torch.Tensor) -> bool:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x0, x1) -> (x0 c - x1 s, x1 c + x0 s); tables broadcastable to ``x`` (..., N, D).
+    """Rotate each pair (x0, x1) -> (x0 c - x1 s, x1 c + x0 s); tables broadcastable to ``x`` (..., N, F).
 
     fp32 (CPU training, export checks): the pairs are viewed in place as complex numbers and multiplied by
     e^{i angle}, one pass forward and one backward (fwd + bwd 2.2 -> 0.7-1.0 ms for a 16 x 6 x 99 x 64 query on 2
@@ -55,5 +57,5 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (..., N, D) by the plain tables of ``rope_tables`` (broadcastable: N x D, or B x 1 x K x D)."""
+    """Rotate ``x`` (..., N, F) by the plain tables of ``rope_tables`` (broadcastable: P x F, or B x 1 x K x F)."""
     return rotate(x, cos, signed_sin(sin))

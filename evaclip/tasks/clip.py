@@ -64,8 +64,9 @@ def contrastive_forward_backward(model: nn.Module, loss_fn: nn.Module, micro: li
         images_BCHW, tokens_BL = micro[0]
         with ctx.autocast():
             out = model(images_BCHW, tokens_BL)
+            # output_dict=False: the loss alone (the per-row accuracies are for users who ask for them)
             loss = loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias,
-                           output_dict=True)["loss"]
+                           output_dict=False)
         ctx.backward(loss)
         return {"loss": loss.detach(), "logit_scale": out.logit_scale.detach()}
 
@@ -87,7 +88,7 @@ def contrastive_forward_backward(model: nn.Module, loss_fn: nn.Module, micro: li
                 img_ND = torch.cat(img_cache[:j] + [out.image_features] + img_cache[j + 1:])  # N = K * B
                 txt_ND = torch.cat(txt_cache[:j] + [out.text_features] + txt_cache[j + 1:])
                 loss = loss_fn(img_ND, txt_ND, _scale_grad(out.logit_scale, 1.0 / k),
-                               _scale_grad(out.logit_bias, 1.0 / k), output_dict=True)["loss"]
+                               _scale_grad(out.logit_bias, 1.0 / k), output_dict=False)
             ctx.backward(loss)
     rng.set(end_state)
     return {"loss": loss.detach(), "logit_scale": out.logit_scale.detach()}
