@@ -23,9 +23,9 @@ from evaclip.tasks.clip import ClipEvalCfg as EvalCfg
 from evaclip.tasks.clip import ClipLossCfg as LossCfg
 from evaclip.tasks.mim import MIMCfg
 
-__all__ = ["CkptCfg", "ConfigError", "DataCfg", "DistCfg", "EvalCfg", "LogCfg", "LossCfg", "MIMCfg", "ModelCfg", "OptimCfg",
-           "TrainCfg", "apply_overrides", "flat_diff", "from_dict", "from_yaml", "load_config", "to_dict", "to_yaml",
-           "validate"]
+__all__ = ["CkptCfg", "ConfigError", "DataCfg", "DistCfg", "EvalCfg", "LogCfg", "LossCfg", "MIMCfg", "ModelCfg",
+           "OptimCfg", "TrainCfg", "apply_overrides", "flat_diff", "from_dict", "from_yaml", "load_config", "to_dict",
+           "to_yaml", "validate"]
 
 
 @dataclass

@@ -19,8 +19,6 @@ from torch import nn
 from evaclip.distributed import rank_world
 
 
-
-
 def _all_gather_with_grad(x_BD: torch.Tensor, group=None) -> torch.Tensor:
     """x_GD with a backward that sums every rank's gradient into each slice (reduce-scatter)."""
     group = dist.group.WORLD if group is None else group

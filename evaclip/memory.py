@@ -83,7 +83,8 @@ def _main(argv=None) -> int:
 
     from evaclip.config import load_config
 
-    p = argparse.ArgumentParser(prog="python -m evaclip.memory", description="Computed GPU memory per rank of a recipe.")
+    p = argparse.ArgumentParser(prog="python -m evaclip.memory",
+                                description="Computed GPU memory per rank of a recipe.")
     p.add_argument("recipe")
     p.add_argument("--world", required=True, help="number of ranks; several comma-separated give one row each")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")

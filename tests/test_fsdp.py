@@ -33,9 +33,8 @@ LOSS_RTOL = 1e-4  # DDP vs FSDP2, and resumed with another world size vs uninter
 # config, policies, unit discovery (no process group)
 # ----------------------------------------------------------------------------------------------------------------------
 def test_config_checks_name_the_key():
-    from evaclip.fsdp import check_fsdp_config
-
     from evaclip.config import DistCfg
+    from evaclip.fsdp import check_fsdp_config
 
     # the config rejects both at load time, naming the key; the FSDP module's own check says the same
     with pytest.raises(ConfigError, match="dist.cpu_offload"):

@@ -11,10 +11,10 @@ import torch
 from evaclip import checkpoint as ckpt
 from evaclip.config import load_config
 from evaclip.data.synthetic import SyntheticDataInfo
-from evaclip.losses import ClipLoss
-from evaclip.models import create_model, get_model_config
 from evaclip.engine import TrainingStopped
 from evaclip.engine.step import step_context
+from evaclip.losses import ClipLoss
+from evaclip.models import create_model, get_model_config
 from evaclip.tasks.clip import ClipTask, contrastive_forward_backward
 from evaclip.train import main
 

@@ -1,18 +1,14 @@
 """Data pipeline benchmark (not a test): images/s per worker, evaclip vs open_clip_train's webdataset pipeline.
 
-    python -m evaclip.bench.data --out bench_results
+    evaclip bench data --out bench_results
 
 Both pipelines read the same shards with the same transforms (``open_clip.image_transform(224, is_train=True)``) and
 the same tokenizer, one DataLoader worker, resampled mode, in separate processes. Sources: the demo dataset (32x32
 PNG) and generated 1500x1000 JPEGs. open_clip_train 3.x needs webdataset<=0.2.86, so its side runs from a separate
-venv (default ``.venv-openclip``):
+venv (default ``.venv-openclip``; ``OPEN_CLIP_VENV`` is how to create it).
 
-    python3 -m venv .venv-openclip && .venv-openclip/bin/pip install torch==2.14.1 torchvision==0.29.1 \\
-        open_clip_torch 'webdataset<=0.2.86' pandas braceexpand
-
-(the open_clip_torch 3.3 wheel ships the ``open_clip_train`` package; add ``open_clip_train`` where the index has it).
-
-Top-level imports are stdlib only: the open_clip venv runs this same file as a script (``--side open_clip``).
+Top-level imports are stdlib only: each side runs this same file as a script (``_measure``), the open_clip side with
+the open_clip venv's python.
 """
 from __future__ import annotations
 
@@ -25,6 +21,14 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DESCRIPTION = ("Images/s per DataLoader worker (one core), evaclip vs open_clip_train's webdataset pipeline: the same "
+               "shards, train transform (open_clip.image_transform(224, is_train=True)) and tokenizer, resampled, each "
+               "side in its own process; sources: the demo dataset (32x32 PNG) and generated 1500x1000 JPEGs.")
+OPEN_CLIP_VENV = ("python3 -m venv .venv-openclip && .venv-openclip/bin/pip install torch==2.14.1 torchvision==0.29.1 "
+                  "open_clip_torch 'webdataset<=0.2.86' pandas braceexpand (the open_clip_torch 3.3 wheel ships the "
+                  "open_clip_train package; add open_clip_train where the index has it)")
+COLUMNS = [("source", "source"), ("samples", "samples"), ("evaclip", "evaclip img/s per worker"),
+           ("open_clip", "open_clip img/s per worker"), ("ratio", "ratio")]
 
 
 def _time_loader(loader, batch_size: int, warmup: int = 2) -> dict:
@@ -90,16 +94,9 @@ def make_large_source(out: str, n: int = 96, per_shard: int = 24, seed: int = 0)
     return sink.shard_spec
 
 
-def _side(args) -> int:
-    fn = run_evaclip if args.side == "evaclip" else run_open_clip
-    print(json.dumps(fn(args.spec, args.num_samples, args.batch_size, args.image_size, args.workers)))
-    return 0
-
-
-def _measure(python: str, side: str, spec: str, num_samples: int, batch_size: int, image_size: int,
-             workers: int) -> dict:
-    cmd = [python, os.path.abspath(__file__), "--side", side, "--spec", spec, "--num-samples", str(num_samples),
-           "--batch-size", str(batch_size), "--image-size", str(image_size), "--workers", str(workers)]
+def _measure(python: str, side: str, **kw) -> dict:
+    """``run_<side>(**kw)`` in a fresh process of ``python`` (this file as a script, one thread); its figures."""
+    cmd = [python, os.path.abspath(__file__), side, json.dumps(kw)]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if r.returncode != 0:
@@ -107,66 +104,56 @@ def _measure(python: str, side: str, spec: str, num_samples: int, batch_size: in
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None, prog: str = "python -m evaclip.bench.data") -> int:
-    """Measure both pipelines; ``prog`` names the command in ``--help`` (``evaclip bench data`` from there)."""
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.replace("``", "").replace("\\\n", "\n"),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="bench_results", help="folder for data.json and data.md (default: bench_results)")
-    ap.add_argument("--openclip-python", default=os.path.join(ROOT, ".venv-openclip", "bin", "python"),
-                    help="python of the venv with open_clip_train (default: .venv-openclip/bin/python; the open_clip "
-                    "side is skipped when it is missing)")
-    ap.add_argument("--demo", default=None, help="demo dataset folder (default: build one in a temp folder)")
-    ap.add_argument("--small-samples", type=int, default=2048, help="samples timed on the demo source (default: 2048)")
-    ap.add_argument("--large-samples", type=int, default=192,
-                    help="samples timed on the 1500x1000 JPEG source (default: 192)")
-    ap.add_argument("--batch-size", type=int, default=32, help="default: 32")
-    ap.add_argument("--image-size", type=int, default=224, help="train transform output side (default: 224)")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per side; the best is reported (shared machines)")
-    # internal: one side's measurement in its own process
-    ap.add_argument("--side", choices=("evaclip", "open_clip"), help=argparse.SUPPRESS)
-    ap.add_argument("--spec", help=argparse.SUPPRESS)
-    ap.add_argument("--num-samples", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
-    if a.side:
-        return _side(a)
-    if not os.path.isfile(a.openclip_python):
-        print(f"warning: {a.openclip_python} not found: open_clip side skipped (see --help to create it)")
-    tmp = tempfile.mkdtemp(prefix="evaclip_bench_data_")
-    if a.demo is None:
-        sys.path.insert(0, ROOT)
-        from data_tools.make_demo import make_demo
+def add_args(p: argparse.ArgumentParser) -> None:
+    """The ``bench data`` command-line options."""
+    p.add_argument("--openclip-python", default=os.path.join(ROOT, ".venv-openclip", "bin", "python"),
+                   help="python of the venv with open_clip_train (default: .venv-openclip/bin/python; the open_clip "
+                   f"side is skipped when it is missing). open_clip_train 3.x needs webdataset<=0.2.86: {OPEN_CLIP_VENV}")
+    p.add_argument("--demo", default=None, help="demo dataset folder (default: build one in a temp folder)")
+    p.add_argument("--small-samples", type=int, default=2048, help="samples timed on the demo source (default: 2048)")
+    p.add_argument("--large-samples", type=int, default=192,
+                   help="samples timed on the 1500x1000 JPEG source (default: 192)")
+    p.add_argument("--batch-size", type=int, default=32, help="default: 32")
+    p.add_argument("--image-size", type=int, default=224, help="train transform output side (default: 224)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per side; the best is reported (shared machines)")
 
-        small = make_demo(os.path.join(tmp, "demo"), show_progress=False)["train"]
-    else:
-        with open(os.path.join(a.demo, "demo.json")) as f:
-            small = json.load(f)["train"]
-    large = make_large_source(os.path.join(tmp, "large"))
+
+def run(args: argparse.Namespace) -> dict:
+    """Measure both pipelines on both sources; returns the report section (images/s per worker, or the error)."""
+    from evaclip.bench.report import section
+
+    sides = {"evaclip": sys.executable, "open_clip": args.openclip_python}
+    notes = [f"one DataLoader worker (one core) per side, best of {args.repeats} runs, batch {args.batch_size}, "
+             f"open_clip's train transform at {args.image_size} px and its tokenizer, resampled webdataset shards"]
+    if not os.path.isfile(args.openclip_python):
+        notes.append(f"open_clip side not run: {args.openclip_python} not found (see --openclip-python in --help)")
     rows = []
-    for name, spec, n in (("demo 32x32 PNG", small, a.small_samples), ("1500x1000 JPEG", large, a.large_samples)):
-        row = {"source": name, "samples": n}
-        for side, py in (("evaclip", sys.executable), ("open_clip", a.openclip_python)):
-            if not os.path.isfile(py):
-                continue
-            runs = [_measure(py, side, spec, n, a.batch_size, a.image_size, 1) for _ in range(a.repeats)]
-            good = [r for r in runs if "images_per_s" in r]
-            row[side] = max(good, key=lambda r: r["images_per_s"]) if good else runs[0]
-        if "images_per_s" in row.get("evaclip", {}) and "images_per_s" in row.get("open_clip", {}):
-            row["ratio"] = round(row["evaclip"]["images_per_s"] / row["open_clip"]["images_per_s"], 2)
-        rows.append(row)
-        print(json.dumps(row))
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "data.json"), "w") as f:
-        json.dump({"batch_size": a.batch_size, "image_size": a.image_size, "workers": 1, "rows": rows}, f, indent=1)
-    fmt = lambda r, s: (f"{r[s]['images_per_s']:.0f}" if "images_per_s" in r.get(s, {})
-                        else r.get(s, {}).get("error", "-"))
-    lines = ["| source | evaclip img/s/worker | open_clip img/s/worker | ratio |", "|---|---|---|---|"]
-    lines += [f"| {r['source']} | {fmt(r, 'evaclip')} | {fmt(r, 'open_clip')} | {r.get('ratio', '-')} |" for r in rows]
-    with open(os.path.join(a.out, "data.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    with tempfile.TemporaryDirectory(prefix="evaclip_bench_data_") as tmp:
+        if args.demo is None:
+            sys.path.insert(0, ROOT)
+            from data_tools.make_demo import make_demo
+
+            small = make_demo(os.path.join(tmp, "demo"), show_progress=False)["train"]
+        else:
+            with open(os.path.join(args.demo, "demo.json")) as f:
+                small = json.load(f)["train"]
+        large = make_large_source(os.path.join(tmp, "large"))
+        for name, spec, n in (("demo 32x32 PNG", small, args.small_samples),
+                              ("1500x1000 JPEG", large, args.large_samples)):
+            row = {"source": name, "samples": n}
+            for side, python in sides.items():
+                if not os.path.isfile(python):
+                    continue
+                runs = [_measure(python, side, spec=spec, num_samples=n, batch_size=args.batch_size,
+                                 image_size=args.image_size, workers=1) for _ in range(args.repeats)]
+                good = [r["images_per_s"] for r in runs if "images_per_s" in r]
+                row[side] = max(good) if good else runs[0]["error"]
+            if all(isinstance(row.get(side), float) for side in sides):
+                row["ratio"] = round(row["evaclip"] / row["open_clip"], 2)
+            rows.append(row)
+    return section("Data pipeline (decode + augment + tokenize)", COLUMNS, rows, notes)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # one side's measurement (see _measure): its figures as JSON on stdout
+    side, kw = sys.argv[1:]
+    print(json.dumps({"evaclip": run_evaclip, "open_clip": run_open_clip}[side](**json.loads(kw))))

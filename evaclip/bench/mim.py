@@ -17,21 +17,27 @@ from evaclip.bench.flops import count_flops, matmul_peak_flops, mfu
 from evaclip.bench.measure import median, time_calls
 from evaclip.bench.report import section
 
+__all__ = ["COLUMNS", "DESCRIPTION", "add_args", "run"]
+
+DESCRIPTION = ("MIM training-step time of the engine's own train_step on task=mim: images/s, step time, MFU and the "
+               "frozen teacher's share of the step (a randomly initialised teacher, synthetic images and block masks).")
 COLUMNS = [("student", "student"), ("teacher", "teacher"), ("precision", "precision"), ("batch", "B"),
            ("images_per_s", "images/s"), ("step_ms", "step ms"), ("teacher_ms", "teacher ms"),
            ("teacher_share_pct", "teacher % of step"), ("gflops_per_image", "GFLOP/image"), ("mfu_pct", "MFU %")]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    """The ``bench mim`` command-line options."""
     p.add_argument("--student", default=None, help="registered CLIP whose image tower is the student (default: "
                    "EVA02-CLIP-S-16 on CPU, EVA02-CLIP-B-16 with vision.patch_size=14 on CUDA)")
     p.add_argument("--teacher", default=None, help="registered CLIP used as teacher (default: EVA02-CLIP-B-16 on CPU, "
                    "EVA01-CLIP-g-14 on CUDA)")
     p.add_argument("--batch", type=int, default=None, help="images per step (default 8 on CPU, 128 on CUDA)")
-    p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds (the median is reported)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per round (default: 2)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds; the median is reported (default: 3)")
 
 
 def _build(args, device: torch.device, precision: str, tmp: Path):
@@ -46,7 +52,8 @@ def _build(args, device: torch.device, precision: str, tmp: Path):
     torch.save(create_model(teacher_name, attn_backend="sdpa").state_dict(), tmp / "teacher.pt")
     overrides = {"model.overrides.vision.patch_size": 14} if cuda and args.student is None else {}
     cfg = load_config(None, {"task": "mim", "model.name": student, "data.synthetic": True, "precision": precision,
-                             "data.batch_size": args.batch or (128 if cuda else 8), "mim.teacher": str(tmp / "teacher.pt"),
+                             "data.batch_size": args.batch or (128 if cuda else 8),
+                             "mim.teacher": str(tmp / "teacher.pt"),
                              "mim.teacher_model": teacher_name, "optim.name": "adamw", "optim.grad_clip_norm": 3.0,
                              "eval.zeroshot": None, **overrides})
     task = MIMTask(cfg, DistEnv(device=device))

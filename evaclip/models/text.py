@@ -1,6 +1,7 @@
 """CLIP text tower: causal transformer, EOT pooling, projection; OpenAI / open_clip weight layout.
 
-Architecture only. Shapes: B batch, L context length, D width, H heads, Dh head dim, E embed dim.
+Architecture only. Shapes: see the legend in docs/ARCHITECTURE.md (B batch, L context length, D width, H heads,
+F per-head feature dim (the local ``Dh``), E embed dim).
 
 Fast path (exact): the tower pools at the EOT token, so the last block runs its query, out_proj, residual, ln_2 and
 MLP on the EOT row of each sample only (keys/values still come from every token), and ln_final + projection on B x D.

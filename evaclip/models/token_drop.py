@@ -1,6 +1,7 @@
 """Random token dropping (FLIP / EVA-CLIP "patch dropout"): keep a random subset of patch tokens per sample.
 
-Shapes: B batch, N tokens (prefix + patches), P patch tokens, K kept patch tokens, D width.
+Shapes: see the legend in docs/ARCHITECTURE.md (B batch, N tokens = prefix + patches, P patch tokens, K kept patch
+tokens, D width).
 """
 from __future__ import annotations
 

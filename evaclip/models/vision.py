@@ -1,7 +1,8 @@
 """EVA image towers: EVA-02 (SwiGLU, sub-LN, 2D RoPE) and EVA-01 (GELU MLP, optional post-norm, LayerScale).
 
-Architecture only. Shapes: B batch, N tokens (CLS + patches), P patches, K kept patches, D width, H heads, Dh head
-dim, C channels, p patch side, E embed dim.
+Architecture only. Shapes: see the legend in docs/ARCHITECTURE.md (B batch, N tokens = CLS + kept patches, P patch
+tokens, K kept patch tokens, D width, H heads, F per-head feature dim (the local ``Dh``), C channels, Z patch side in
+pixels (the local ``p``), E embed dim).
 Parameter names follow the EVA-CLIP release (q_bias/v_bias, inner_attn_ln, mlp.ffn_ln/w3) except that q, k and v share
 one fused ``qkv`` projection and the SwiGLU's w1/w2 one fused ``w12`` (one GEMM each instead of three / two).
 """
@@ -68,8 +69,8 @@ class VisionAttention(nn.Module):
         if rope is not None:
             k = rotate(k, *rope)
         out = self.attend(q, k, v)
-        out_BND = (out.transpose(1, 2) if self.attend.layout == "BHND" else out).reshape(B, N, D)
-        return self.proj(self.inner_attn_ln(out_BND))
+        out = (out.transpose(1, 2) if self.attend.layout == "BHND" else out).reshape(B, N, D)  # N = 1 with cls_only
+        return self.proj(self.inner_attn_ln(out))
 
 
 class _GatedSilu(torch.autograd.Function):
@@ -150,12 +151,12 @@ class VisionBlock(nn.Module):
     def forward(self, x_BND, rope=None, cls_only: bool = False):
         """``cls_only``: compute only the CLS token's output (B x 1 x D); the other tokens still serve as keys and
         values. Exact for the last block of a CLS-pooled tower, where no later layer reads the patch tokens."""
-        res_BND = x_BND[:, :1] if cls_only else x_BND
+        res = x_BND[:, :1] if cls_only else x_BND  # B x 1 x D with cls_only, else B x N x D (so is y)
         if self.postnorm:
-            x_BND = res_BND + self._branch(self.norm1(self.attn(x_BND, rope, cls_only)), self.gamma_1)
-            return x_BND + self._branch(self.norm2(self.mlp(x_BND)), self.gamma_2)
-        x_BND = res_BND + self._branch(self.attn(self.norm1(x_BND), rope, cls_only), self.gamma_1)
-        return x_BND + self._branch(self.mlp(self.norm2(x_BND)), self.gamma_2)
+            y = res + self._branch(self.norm1(self.attn(x_BND, rope, cls_only)), self.gamma_1)
+            return y + self._branch(self.norm2(self.mlp(y)), self.gamma_2)
+        y = res + self._branch(self.attn(self.norm1(x_BND), rope, cls_only), self.gamma_1)
+        return y + self._branch(self.mlp(self.norm2(y)), self.gamma_2)
 
 
 class PatchEmbed(nn.Module):
@@ -175,9 +176,9 @@ class PatchEmbed(nn.Module):
             return self.proj(img_BCHW).flatten(2).transpose(1, 2)
         B, C, H, W = img_BCHW.shape
         p = self.patch_size
-        patches_BPCpp = img_BCHW.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).flatten(1, 2)
-        kept_BKCpp = patches_BPCpp[torch.arange(B, device=img_BCHW.device)[:, None], keep_idx_BK]
-        return F.linear(kept_BKCpp.flatten(2), self.proj.weight.flatten(1), self.proj.bias)
+        patches_BPCZZ = img_BCHW.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).flatten(1, 2)
+        kept_BKCZZ = patches_BPCZZ[torch.arange(B, device=img_BCHW.device)[:, None], keep_idx_BK]
+        return F.linear(kept_BKCZZ.flatten(2), self.proj.weight.flatten(1), self.proj.bias)
 
 
 class EVAVisionTransformer(nn.Module):
@@ -246,8 +247,8 @@ class EVAVisionTransformer(nn.Module):
         """RoPE tables shaped for the attention layout; gathered by the kept token indices when dropping."""
         if self.rope_cos is None:
             return None
-        cos, sin = self.rope_cos, self.rope_sin  # N x Dh, row 0 is the CLS identity
-        if keep_idx_BK is not None:  # B x (1+K) x Dh, shared by all heads
+        cos, sin = self.rope_cos, self.rope_sin  # (1 + P) x F, row 0 is the CLS identity
+        if keep_idx_BK is not None:  # B x (1+K) x F, shared by all heads
             idx_BN = torch.cat([keep_idx_BK.new_zeros(keep_idx_BK.shape[0], 1), keep_idx_BK + 1], dim=1)
             cos, sin = cos[idx_BN], sin[idx_BN]
         head_axis = -3 if self.layout == "BHND" else -2  # a size-1 head axis broadcasts over heads, no copies
@@ -267,21 +268,23 @@ class EVAVisionTransformer(nn.Module):
             pos_BKD = gather_tokens(self.pos_embed[:, 1:].expand(B, -1, -1), keep_idx_BK)
             patches_BKD = self.patch_embed(img_BCHW, keep_idx_BK) + pos_BKD
         else:
-            patches_BKD = self.patch_embed(img_BCHW)
+            patches_BPD = self.patch_embed(img_BCHW)
             if patch_fn is not None:
-                patches_BKD = patch_fn(patches_BKD)
-            patches_BKD = patches_BKD + self.pos_embed[:, 1:]
+                patches_BPD = patch_fn(patches_BPD)
+            patches_BKD = patches_BPD + self.pos_embed[:, 1:]  # K = P: every patch kept
         return torch.cat([cls_B1D, patches_BKD], dim=1), keep_idx_BK
 
     def _blocks(self, x_BND: torch.Tensor, rope, cls_only_last: bool) -> torch.Tensor:
+        """B x N x D -> B x N x D, or B x 1 x D (the CLS token only) with ``cls_only_last``."""
         last = len(self.blocks) - 1
+        x = x_BND
         for i, blk in enumerate(self.blocks):
             cls_only = cls_only_last and i == last
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x_BND = checkpoint(blk, x_BND, rope, cls_only, use_reentrant=False)
+                x = checkpoint(blk, x, rope, cls_only, use_reentrant=False)
             else:
-                x_BND = blk(x_BND, rope, cls_only)
-        return x_BND
+                x = blk(x, rope, cls_only)
+        return x
 
     def forward_features(self, img_BCHW: torch.Tensor, patch_fn=None) -> torch.Tensor:
         """Every token's final features, B x (1 + K) x D (K = kept patches in training with token dropping);
