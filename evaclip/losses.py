@@ -1,6 +1,7 @@
 """Contrastive losses over the global batch: ClipLoss (softmax InfoNCE) and SigLipLoss (pairwise sigmoid).
 
-Shapes: B local batch, G global batch (world_size * B), D embedding dim, R rows scored on this rank (B or G).
+Shapes: see the legend in docs/ARCHITECTURE.md (B this rank's batch, G global batch = world_size * B, E embedding
+dim; MIM: P patch tokens, S grid side, T teacher feature dim, M masked patches).
 
 Both losses work with or without a process group. Across processes, features are all-gathered with gradient
 (``torch.distributed.nn``), whose backward sums the gradients of every rank's loss; with DDP's gradient averaging the
@@ -19,39 +20,39 @@ from torch import nn
 from evaclip.distributed import rank_world
 
 
-def _all_gather_with_grad(x_BD: torch.Tensor, group=None) -> torch.Tensor:
-    """x_GD with a backward that sums every rank's gradient into each slice (reduce-scatter)."""
+def _all_gather_with_grad(x_BE: torch.Tensor, group=None) -> torch.Tensor:
+    """x_GE with a backward that sums every rank's gradient into each slice (reduce-scatter)."""
     group = dist.group.WORLD if group is None else group
     import torch.distributed._functional_collectives as fc  # lazy: only distributed runs need it
 
     if hasattr(fc, "all_gather_single"):  # torch >= 2.10: the autograd-aware functional collective
-        return fc.all_gather_single(x_BD.contiguous(), 0, group)
+        return fc.all_gather_single(x_BE.contiguous(), 0, group)
     import torch.distributed.nn.functional as dist_fn
 
-    return torch.cat(dist_fn.all_gather(x_BD, group=group), dim=0)
+    return torch.cat(dist_fn.all_gather(x_BE, group=group), dim=0)
 
 
-def gather_features(x_BD: torch.Tensor, rank: int, world_size: int, with_grad: bool, group=None) -> torch.Tensor:
-    """All ranks' ``x_BD`` concatenated in rank order -> x_GD.
+def gather_features(x_BE: torch.Tensor, rank: int, world_size: int, with_grad: bool, group=None) -> torch.Tensor:
+    """All ranks' ``x_BE`` concatenated in rank order -> x_GE.
 
     ``with_grad``: gradients flow back to every rank's features (summed over the ranks' losses). Without it, only
     this rank's slice keeps its autograd history (the others are constants): cheaper, and with the full (non-local)
     loss on every rank, the DDP-averaged gradient is the 1-process gradient divided by world_size.
     """
     if world_size == 1:
-        return x_BD
+        return x_BE
     if with_grad:
-        return _all_gather_with_grad(x_BD, group)
-    parts = [torch.empty_like(x_BD) for _ in range(world_size)]
-    dist.all_gather(parts, x_BD.detach().contiguous(), group=group)
-    parts[rank] = x_BD
+        return _all_gather_with_grad(x_BE, group)
+    parts = [torch.empty_like(x_BE) for _ in range(world_size)]
+    dist.all_gather(parts, x_BE.detach().contiguous(), group=group)
+    parts[rank] = x_BE
     return torch.cat(parts, dim=0)
 
 
-def _check_inputs(image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale: torch.Tensor) -> None:
-    if image_BD.ndim != 2 or text_BD.ndim != 2 or image_BD.shape != text_BD.shape:
-        raise ValueError(f"expected image and text features of the same shape (B, D), got {tuple(image_BD.shape)} "
-                         f"and {tuple(text_BD.shape)}")
+def _check_inputs(image_BE: torch.Tensor, text_BE: torch.Tensor, logit_scale: torch.Tensor) -> None:
+    if image_BE.ndim != 2 or text_BE.ndim != 2 or image_BE.shape != text_BE.shape:
+        raise ValueError(f"expected image and text features of the same shape (B, E), got {tuple(image_BE.shape)} "
+                         f"and {tuple(text_BE.shape)}")
     if torch.as_tensor(logit_scale).numel() != 1:
         raise ValueError(f"logit_scale must be a scalar, got shape {tuple(torch.as_tensor(logit_scale).shape)}")
 
@@ -64,13 +65,13 @@ class _GlobalBatchLoss(nn.Module):
         self.group = group
         self._checked_world = 0
 
-    def _setup(self, image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale) -> tuple[int, int]:
-        _check_inputs(image_BD, text_BD, logit_scale)
+    def _setup(self, image_BE: torch.Tensor, text_BE: torch.Tensor, logit_scale) -> tuple[int, int]:
+        _check_inputs(image_BE, text_BE, logit_scale)
         rank, world_size = rank_world(self.group)
         if world_size > 1 and self._checked_world != world_size:
             # One host sync, once: uneven batches would otherwise fail inside all_gather with an opaque message.
             sizes = [None] * world_size
-            dist.all_gather_object(sizes, tuple(image_BD.shape), group=self.group)
+            dist.all_gather_object(sizes, tuple(image_BE.shape), group=self.group)
             if len(set(sizes)) != 1:
                 raise ValueError(f"all ranks must pass features of the same shape to the loss, got {sizes} "
                                  "(drop the last partial batch)")
@@ -78,8 +79,9 @@ class _GlobalBatchLoss(nn.Module):
         return rank, world_size
 
 
-def _accuracy(logits_BG: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
-    return (logits_BG.argmax(dim=1) == labels_B).float().mean().detach()
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy of ``logits`` (rows x candidates: B x G, G x G or B x B) against ``labels`` (one per row)."""
+    return (logits.argmax(dim=1) == labels).float().mean().detach()
 
 
 class ClipLoss(_GlobalBatchLoss):
@@ -101,29 +103,30 @@ class ClipLoss(_GlobalBatchLoss):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: Optional[torch.Tensor] = None, output_dict: bool = True):
-        """image/text features (B, D), L2-normalised; logit_scale already exponentiated; logit_bias is ignored.
+        """image/text features (B, E), L2-normalised; logit_scale already exponentiated; logit_bias is ignored.
 
         Returns {"loss", "i2t_acc", "t2i_acc"} (accuracies over this rank's rows), or the loss if not output_dict.
         """
         rank, world_size = self._setup(image_features, text_features, logit_scale)
-        img_BD, txt_BD = image_features, text_features
-        B = img_BD.shape[0]
-        img_GD = gather_features(img_BD, rank, world_size, self.gather_with_grad, self.group)
-        txt_GD = gather_features(txt_BD, rank, world_size, self.gather_with_grad, self.group)
-        # rows R: this rank's B rows (local loss) or all G rows; columns: the G gathered candidates
+        img_BE, txt_BE = image_features, text_features
+        B = img_BE.shape[0]
+        img_GE = gather_features(img_BE, rank, world_size, self.gather_with_grad, self.group)
+        txt_GE = gather_features(txt_BE, rank, world_size, self.gather_with_grad, self.group)
+        # rows: this rank's B rows (local loss: logits B x G, labels B) or all G rows (G x G, G); columns: the G
+        # gathered candidates. No suffix: the row count depends on local_loss.
         if self.local_loss:
-            logits_i2t_RG = logit_scale * img_BD @ txt_GD.T
-            logits_t2i_RG = logit_scale * txt_BD @ img_GD.T
-            labels_R = torch.arange(B, device=img_BD.device) + rank * B
+            logits_i2t = logit_scale * img_BE @ txt_GE.T
+            logits_t2i = logit_scale * txt_BE @ img_GE.T
+            labels = torch.arange(B, device=img_BE.device) + rank * B
         else:
-            logits_i2t_RG = logit_scale * img_GD @ txt_GD.T
-            logits_t2i_RG = logits_i2t_RG.T
-            labels_R = torch.arange(img_GD.shape[0], device=img_BD.device)
-        loss = 0.5 * (F.cross_entropy(logits_i2t_RG, labels_R) + F.cross_entropy(logits_t2i_RG, labels_R))
+            logits_i2t = logit_scale * img_GE @ txt_GE.T
+            logits_t2i = logits_i2t.T
+            labels = torch.arange(img_GE.shape[0], device=img_BE.device)
+        loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
         if not output_dict:
             return loss
-        return {"loss": loss, "i2t_acc": _accuracy(logits_i2t_RG, labels_R),
-                "t2i_acc": _accuracy(logits_t2i_RG, labels_R)}
+        return {"loss": loss, "i2t_acc": _accuracy(logits_i2t, labels),
+                "t2i_acc": _accuracy(logits_t2i, labels)}
 
 
 class SigLipLoss(_GlobalBatchLoss):
@@ -136,24 +139,24 @@ class SigLipLoss(_GlobalBatchLoss):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: Optional[torch.Tensor] = None, output_dict: bool = True):
-        """image/text features (B, D), L2-normalised; logit_scale exponentiated; logit_bias a scalar (required)."""
+        """image/text features (B, E), L2-normalised; logit_scale exponentiated; logit_bias a scalar (required)."""
         if logit_bias is None:
             raise ValueError("SigLipLoss needs logit_bias: build the model with init_logit_bias (e.g. -10) "
                              "so it has a learnable logit_bias")
         rank, world_size = self._setup(image_features, text_features, logit_scale)
-        img_BD, txt_BD = image_features, text_features
-        B = img_BD.shape[0]
-        txt_GD = gather_features(txt_BD, rank, world_size, True, self.group)
-        logits_BG = logit_scale * img_BD @ txt_GD.T + logit_bias
-        labels_B = torch.arange(B, device=img_BD.device) + rank * B
+        img_BE, txt_BE = image_features, text_features
+        B = img_BE.shape[0]
+        txt_GE = gather_features(txt_BE, rank, world_size, True, self.group)
+        logits_BG = logit_scale * img_BE @ txt_GE.T + logit_bias
+        labels_B = torch.arange(B, device=img_BE.device) + rank * B
         signs_BG = -torch.ones_like(logits_BG)
-        signs_BG[torch.arange(B, device=img_BD.device), labels_B] = 1.0
+        signs_BG[torch.arange(B, device=img_BE.device), labels_B] = 1.0
         loss = -F.logsigmoid(signs_BG * logits_BG).sum() / B
         if not output_dict:
             return loss
         # t2i over the local block only: texts of other ranks have their images elsewhere.
         logits_local_BB = logits_BG[:, rank * B:(rank + 1) * B]
-        local_labels = torch.arange(B, device=img_BD.device)
+        local_labels = torch.arange(B, device=img_BE.device)
         return {"loss": loss, "i2t_acc": _accuracy(logits_BG, labels_B),
                 "t2i_acc": _accuracy(logits_local_BB.T, local_labels)}
 
@@ -164,7 +167,7 @@ def mim_cosine_loss(pred: torch.Tensor, target_BPT: torch.Tensor, mask_BP: torch
     feature at each masked patch, averaged over the masked patches (computed in fp32).
 
     ``pred``: B x P x T (every patch; the unmasked ones get no gradient) or M x T (the M masked patches in mask order,
-    as ``MIMStudent`` returns them); ``target_BPT``: the teacher's features; ``mask_BP``: bool, True = masked (B x G x G
+    as ``MIMStudent`` returns them); ``target_BPT``: the teacher's features; ``mask_BP``: bool, True = masked (B x S x S
     is flattened). ``denom``: divide the summed loss by this count instead of M, e.g. the masked patches of a whole
     step over every micro-batch and rank, so that accumulation and data parallelism give the exact global mean.
     """

@@ -1,24 +1,26 @@
-"""``python -m evaclip.bench {train,attention,optimizer,data,all,gpu-check} [options] --out DIR``: run, print, write
-JSON + MD.
+"""``evaclip bench NAME [options] [--out DIR]`` (or ``python -m evaclip.bench``): run, print, write JSON + MD.
 
-``all`` is what ``make bench`` runs: defaults sized for this repository's 2-core CPU CI machine (a few minutes) and,
-on a CUDA machine, for one GPU (bf16, EVA02-CLIP-B-16, largest batch that fits). Each subcommand's ``--help`` lists
-its options; ``train`` options may also be given to ``all`` after ``--train``.
+Every benchmark in ``BENCHMARKS`` is a module with a one-line ``DESCRIPTION``, ``add_args(parser)`` (its options) and
+``run(args) -> section`` (a ``report.section`` table); ``evaclip bench NAME`` parses NAME's options with the parser
+built from them and calls ``run``. ``all`` (what ``make bench`` runs) and ``gpu-check`` (``make gpu-check``) call
+the same ``run`` functions with fixed command lines parsed by the same parsers: ``all`` sized for this repository's
+2-core CPU CI machine (a few minutes) or, on a CUDA machine, for one GPU; ``gpu-check`` for one H100-class GPU.
 """
 from __future__ import annotations
 
 import argparse
 import shlex
 import sys
-from typing import Any, Callable, Optional
 
 import torch
 
-from evaclip.bench import attention as attn_bench
+from evaclip.bench import attention, data, mim, optimizer
 from evaclip.bench import train as train_bench
 from evaclip.bench.report import machine_info, markdown, section, write_report
 
-__all__ = ["main"]
+__all__ = ["BENCHMARKS", "main", "parser"]
+
+BENCHMARKS = {"train": train_bench, "attention": attention, "optimizer": optimizer, "data": data, "mim": mim}
 
 # `make bench` on a CPU: a small EVA-02 CLIP at 224 px, image-dominated (a 2-layer narrow text tower), so the
 # token-drop ratio is visible in the step time; alternating with open_clip's equivalent.
@@ -26,81 +28,58 @@ CPU_TRAIN_ARGS = ["--model", "EVA02-CLIP-S-16", "--batch", "8", "--token-drop", 
                   "--steps", "1", "--rounds", "3", "--warmup", "1"]
 GPU_TRAIN_ARGS = ["--model", "EVA02-CLIP-B-16", "--batch", "auto", "--precision", "bf16", "--token-drop", "0", "0.5",
                   "--vs", "open_clip", "--steps", "10", "--rounds", "3", "--warmup", "3"]
-
-
-def _generic_section(title: str, result: Any, notes: Optional[list[str]] = None) -> dict:
-    """A section from another benchmark's return value (a dict of rows, a list of rows, or one row)."""
-    if isinstance(result, dict) and all(isinstance(v, dict) for v in result.values()) and result:
-        rows = list(result.values())
-    elif isinstance(result, list):
-        rows = [r for r in result if isinstance(r, dict)]
-    elif isinstance(result, dict):
-        rows = [result]
-    else:
-        rows = []
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k, v in r.items() if k not in keys and not isinstance(v, (dict, list))]
-    return section(title, [(k, k) for k in keys], rows, notes)
-
-
-def _delegate(module: str, title: str, argv: list[str]) -> dict:
-    """Run another engineer's benchmark module (``main(argv)``) and turn what it returns into a section."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(f"evaclip.bench.{module}")
-    except ImportError as e:
-        return section(title, [], [], [f"not run: evaclip.bench.{module} is not importable ({e})"])
-    result = mod.main(argv, prog=f"evaclip bench {module}")
-    return _generic_section(title, result, [f"python -m evaclip.bench.{module} {shlex.join(argv)}".strip()])
-
-
-def _data_section(argv: list[str], out: Optional[str]) -> dict:
-    """``evaclip.bench.data`` writes ``<out>/data.json``; its rows become a section (images/s per worker)."""
-    import json
-    import tempfile
-    from pathlib import Path
-
-    from evaclip.bench import data as data_bench
-
-    if {"-h", "--help"} & set(argv):  # help only: no temporary folder
-        data_bench.main(argv, prog="evaclip bench data")
-    out_dir = out or tempfile.mkdtemp(prefix="evaclip_bench_")
-    argv = [*argv, "--out", out_dir]
-    data_bench.main(argv, prog="evaclip bench data")
-    rows = []
-    for r in json.loads((Path(out_dir) / "data.json").read_text()).get("rows", []):
-        row = {"source": r.get("source"), "samples": r.get("samples"), "ratio": r.get("ratio")}
-        for side in ("evaclip", "open_clip"):
-            got = r.get(side, {})
-            row[side] = got.get("images_per_s", got.get("error"))
-        rows.append(row)
-    cols = [("source", "source"), ("samples", "samples"), ("evaclip", "evaclip img/s per worker"),
-            ("open_clip", "open_clip img/s per worker"), ("ratio", "ratio")]
-    notes = [f"python -m evaclip.bench.data {shlex.join(argv)}", "one DataLoader worker (one core) per side, "
-             "open_clip's train transform at 224 px and its tokenizer, resampled webdataset shards"]
-    return section("Data pipeline (decode + augment + tokenize)", cols, rows, notes)
-
-
-def _run_train(argv: list[str]) -> dict:
-    p = argparse.ArgumentParser(prog="evaclip bench train", description="Training-step time, throughput, peak memory "
-                                "and MFU of an evaclip model on synthetic batches (with --vs open_clip: open_clip's "
-                                "equivalent model in the same run, alternating rounds).")
-    train_bench.add_args(p)
-    return train_bench.bench_train(train_bench.cfg_from_args(p.parse_args(argv)))
-
-
-def _run_attention(argv: list[str]) -> dict:
-    p = argparse.ArgumentParser(prog="evaclip bench attention", description="Forward + backward time of each "
-                                "attention backend (eager, sdpa, flash_attn where available) over sequence lengths and "
-                                "head dimensions, with the error against eager.")
-    attn_bench.add_args(p)
-    return attn_bench.run(p.parse_args(argv))
-
+# `all`: each benchmark's command line on a CPU and on a CUDA machine, in report order. The optimizer runs on a real
+# model's parameter set (the small CPU model on a CPU); MIM on a CPU: the small model as both student and teacher.
+ALL_ARGS = {
+    "train": (CPU_TRAIN_ARGS, GPU_TRAIN_ARGS),
+    "attention": (["--device", "cpu"], ["--device", "cuda"]),
+    "optimizer": (["--model", "EVA02-CLIP-S-16", "--device", "cpu"],
+                  ["--model", "EVA02-CLIP-B-16", "--device", "cuda"]),
+    "mim": (["--student", "EVA02-CLIP-S-16", "--teacher", "EVA02-CLIP-S-16", "--batch", "4", "--steps", "1",
+             "--rounds", "2", "--device", "cpu"], ["--device", "cuda"]),
+    "data": ([], []),
+}
+# `make gpu-check`: B/16 in bf16 at token drop 0 and 0.5 vs open_clip, once per attention backend (train options
+# given to `gpu-check` apply over these), the attention kernels at B/16's sequence length, and the MIM step of the
+# default GPU pair; a few minutes on one H100.
+GPU_CHECK_TRAIN_ARGS = ["--model", "EVA02-CLIP-B-16", "--device", "cuda", "--batch", "128", "--precision", "bf16",
+                        "--token-drop", "0", "0.5", "--vs", "open_clip", "--steps", "5", "--rounds", "3", "--warmup",
+                        "2"]
+GPU_CHECK_ARGS = {"attention": ["--device", "cuda", "--precision", "bf16", "--seq", "197", "--head-dim", "64",
+                                "--iters", "10"],
+                  "mim": ["--device", "cuda", "--precision", "bf16"]}
 
 H100_BF16_DENSE_PEAK = 989e12  # published: H100 SXM dense bf16 tensor-core peak, FLOP/s
 H100_ASSUMED_MFU = 0.45  # the issue's GPU target; an estimate, not a measurement
+
+
+def parser() -> argparse.ArgumentParser:
+    """``evaclip bench``'s parser: one subcommand per benchmark (its ``add_args``), plus ``all`` and ``gpu-check``."""
+    p = argparse.ArgumentParser(prog="evaclip bench", description=__doc__.splitlines()[0].replace("``", ""),
+                                epilog="`evaclip bench NAME --help` lists NAME's options")
+    sub = p.add_subparsers(dest="what", required=True, metavar="NAME")
+    for name, mod in BENCHMARKS.items():
+        mod.add_args(sub.add_parser(name, help=mod.DESCRIPTION, description=mod.DESCRIPTION))
+    every = sub.add_parser("all", help="every benchmark, sized for this machine (make bench)",
+                           description="Every benchmark in one report, sized for this machine (CPU or one GPU), and "
+                           "the data loading budget of a 16-core host against one H100.")
+    every.add_argument("--train", default="", metavar="OPTIONS", help="train options as one string, applied over the "
+                       "defaults, e.g. --train '--model EVA02-CLIP-L-14 --batch 64'")
+    check = sub.add_parser("gpu-check", help="the GPU report of make gpu-check",
+                           description="One GPU report: the training step once per attention backend, the attention "
+                           "kernels at B/16's sequence length, the MIM step. The options are bench train's, applied "
+                           f"over: {shlex.join(GPU_CHECK_TRAIN_ARGS)}.")
+    train_bench.add_args(check)
+    check.set_defaults(**vars(check.parse_args(GPU_CHECK_TRAIN_ARGS)))
+    for s in sub.choices.values():
+        s.add_argument("--out", default=None, metavar="DIR", help="write DIR/NAME.json and .md (default: print only)")
+    return p
+
+
+def _run(argv: list[str]) -> dict:
+    """The section of one benchmark's command line (``[NAME, *options]``), parsed as ``evaclip bench`` parses it."""
+    args = parser().parse_args(argv)
+    return BENCHMARKS[args.what].run(args)
 
 
 def data_budget(data_sec: dict, model: str = "EVA02-CLIP-B-16", token_drop: float = 0.5, cores: int = 16) -> dict:
@@ -128,49 +107,25 @@ def data_budget(data_sec: dict, model: str = "EVA02-CLIP-B-16", token_drop: floa
                     ("keeps_up", "keeps up")], rows, notes)
 
 
-def _all(argv: list[str], device: torch.device, out: Optional[str]) -> list[dict]:
+def _all(args: argparse.Namespace, device: torch.device) -> list[dict]:
     on_gpu = device.type == "cuda"
-    train_args = argv or (GPU_TRAIN_ARGS if on_gpu else CPU_TRAIN_ARGS)
-    sections = [_run_train(train_args), _run_attention(["--device", str(device.type)])]
-    # The optimizer benchmark runs on a real model's parameter set: B/16 on a GPU, the small CPU model on a CPU.
-    sections.append(_delegate("optimizer", "LAMB step: foreach vs torch_optimizer.Lamb",
-                              ["--model", "EVA02-CLIP-B-16" if on_gpu else "EVA02-CLIP-S-16", "--device",
-                               device.type]))
-    sections.append(_data_section([], out))
-    sections.append(data_budget(sections[-1]))
-    return sections
+    extra = {"train": shlex.split(args.train)}
+    sections = [_run([name, *argvs[on_gpu], *extra.get(name, [])]) for name, argvs in ALL_ARGS.items()]
+    return [*sections, data_budget(sections[list(ALL_ARGS).index("data")])]
 
 
-# `make gpu-check`: one report, B/16 in bf16 at token drop 0 and 0.5 vs open_clip, once per attention backend, plus
-# the attention kernels at B/16's sequence length; a few minutes on one H100 (train options after `gpu-check`).
-GPU_CHECK_TRAIN_ARGS = ["--model", "EVA02-CLIP-B-16", "--device", "cuda", "--batch", "128", "--precision", "bf16",
-                        "--token-drop", "0", "0.5", "--vs", "open_clip", "--steps", "5", "--rounds", "3", "--warmup",
-                        "2"]
-
-
-def _gpu_check(argv: list[str]) -> list[dict]:
+def _gpu_check(args: argparse.Namespace) -> list[dict]:
     from evaclip.models.attention import AttentionBackendError
 
     sections = []
     for backend in ("flash_attn", "sdpa"):
         try:
-            sec = _run_train([*GPU_CHECK_TRAIN_ARGS, *argv, "--attn-backend", backend])
+            sec = train_bench.run(argparse.Namespace(**{**vars(args), "attn_backend": backend}))
         except AttentionBackendError as e:  # no flash kernel on this GPU: the report says why
-            sec = section("Training step: EVA02-CLIP-B-16", [], [], [f"not run: {e}"])
+            sec = section(f"Training step: {args.model}", [], [], [f"not run: {e}"])
         sec["title"] += f", attention {backend}"
         sections.append(sec)
-    sections.append(_run_attention(["--device", "cuda", "--precision", "bf16", "--seq", "197", "--head-dim", "64",
-                                    "--iters", "10"]))
-    return sections
-
-
-SUBCOMMANDS: dict[str, Callable[[list[str], Optional[str]], list[dict]]] = {
-    "gpu-check": lambda a, out: _gpu_check(a),
-    "train": lambda a, out: [_run_train(a)],
-    "attention": lambda a, out: [_run_attention(a)],
-    "optimizer": lambda a, out: [_delegate("optimizer", "LAMB step: foreach vs torch_optimizer.Lamb", a)],
-    "data": lambda a, out: [_data_section(a, out)],
-}
+    return sections + [_run([name, *argv]) for name, argv in GPU_CHECK_ARGS.items()]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -179,21 +134,14 @@ def main(argv: list[str] | None = None) -> dict:
     Returns the report dict (``machine``, ``command``, ``sections``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    # No -h of its own once a subcommand is named: `bench train --help` must reach train's parser.
-    top_help = not argv or argv[0] in ("-h", "--help") or (argv[0] == "all" and {"-h", "--help"} & set(argv))
-    p = argparse.ArgumentParser(prog="evaclip bench", description=__doc__.splitlines()[0], add_help=top_help,
-                                epilog="options after the subcommand go to it (see `evaclip bench train --help`)")
-    p.add_argument("what", choices=[*SUBCOMMANDS, "all"])
-    p.add_argument("--out", default=None, help="write <out>/<what>.json and .md (default: print only)")
-    p.add_argument("--train", default=None, help="for `all`: the train options as one string")
-    args, rest = p.parse_known_args(argv)
-    device = train_bench.resolve_device("auto")
+    args = parser().parse_args(argv)
+    device = train_bench.resolve_device(getattr(args, "device", None) or "auto")
     if args.what == "all":
-        if rest:
-            p.error(f"`all` takes only --out and --train; got {rest}")
-        sections = _all(shlex.split(args.train) if args.train else [], device, args.out)
+        sections = _all(args, device)
+    elif args.what == "gpu-check":
+        sections = _gpu_check(args)
     else:
-        sections = SUBCOMMANDS[args.what](rest, args.out)
+        sections = [BENCHMARKS[args.what].run(args)]
     report = {"title": f"evaclip bench {args.what}", "command": "python -m evaclip.bench " + shlex.join(argv),
               "machine": machine_info(device), "sections": sections}
     print(markdown(report))

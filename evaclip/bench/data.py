@@ -108,7 +108,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """The ``bench data`` command-line options."""
     p.add_argument("--openclip-python", default=os.path.join(ROOT, ".venv-openclip", "bin", "python"),
                    help="python of the venv with open_clip_train (default: .venv-openclip/bin/python; the open_clip "
-                   f"side is skipped when it is missing). open_clip_train 3.x needs webdataset<=0.2.86: {OPEN_CLIP_VENV}")
+                   "side is skipped when it is missing). open_clip_train 3.x needs webdataset<=0.2.86: "
+                   + OPEN_CLIP_VENV)
     p.add_argument("--demo", default=None, help="demo dataset folder (default: build one in a temp folder)")
     p.add_argument("--small-samples", type=int, default=2048, help="samples timed on the demo source (default: 2048)")
     p.add_argument("--large-samples", type=int, default=192,

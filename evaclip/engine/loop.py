@@ -102,10 +102,73 @@ def train(cfg: TrainCfg, task_cls) -> TrainResult:
         du.cleanup()
 
 
-def _run(cfg: TrainCfg, task, env: du.DistEnv) -> TrainResult:
+@dataclass
+class _Run:
+    """Everything a run holds once it is set up: what the loop drives and what a checkpoint saves."""
+
+    cfg: TrainCfg
+    task: object
+    env: du.DistEnv
+    data: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    ctx: object
+    state: TrainerState
+    total_steps: int
+    resume_from: Optional[Path]
+    logger: Optional[MetricLogger] = None
+
+    @property
+    def run_dir(self) -> Path:
+        return rd.run_dir_of(self.cfg)
+
+    def save(self, stop: StopSignal) -> Path:
+        """A checkpoint of the current step (collective; an interrupt waits until it is complete)."""
+        cfg, env = self.cfg, self.env
+        with stop.critical():
+            path = ckpt.save_checkpoint(self.run_dir / "ckpt", self.state.step, self.model, self.optimizer,
+                                        scheduler=self.scheduler, scaler=self.scaler,
+                                        trainer_state=dict(self.state.state_dict(), task=self.task.state_dict()),
+                                        config_yaml=to_yaml(cfg), rank=env.rank, world_size=env.world_size,
+                                        strategy=cfg.dist.strategy, keep_last=cfg.ckpt.keep_last,
+                                        checksum=cfg.ckpt.checksum)
+        self.logger.event("checkpoint", step=self.state.step, path=str(path))
+        log.info("checkpoint %s", path)
+        return path
+
+    def evaluate(self) -> dict:
+        """The task's evaluation, logged under ``eval/``; the training RNG streams are left where they were."""
+        with host_rng_untouched(), gathered(self.model):  # FSDP2: gathered once, ranks may run different batches
+            results = self.task.evaluate(du.unwrap(self.model), self.state.step)
+        self.model.train()
+        numeric = {k: float(v) for k, v in results.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if numeric:
+            self.logger.log_metrics(self.state.step, numeric, prefix="eval")
+            log.info("eval at step %d: %s", self.state.step, ", ".join(f"{k} {v:.4g}" for k, v in numeric.items()))
+        return results
+
+    def log_step(self, out: dict, upd, mean_loss: float, meter: Throughput) -> None:
+        """The train metrics of a log step (the only host reads of the loss / logit scale / grad norm)."""
+        step, state = self.state.step, self.state
+        metrics = {"loss": mean_loss, **self.task.metrics(out), "grad_norm": float(upd.grad_norm),
+                   "epoch": step / state.steps_per_epoch, "samples_seen": step * state.global_batch,
+                   "skipped_samples": self.data.skipped(), "bad_steps": state.bad_steps_total,
+                   **{f"skipped/{k}": v for k, v in getattr(self.data, "skipped_by_reason", dict)().items()},
+                   **{f"lr/{k}": v for k, v in lr_by_tower(self.optimizer).items()}}
+        if self.scaler.is_enabled():
+            metrics["loss_scale"] = self.scaler.get_scale()
+        metrics.update(meter.update(step, state.global_batch))
+        self.logger.log_metrics(step, metrics)
+        self.logger.progress(step, metrics)
+
+
+def _setup(cfg: TrainCfg, task, env: du.DistEnv) -> _Run:
+    """Build data, model, optimizer and schedule, checking everything; only then write the run folder and resume."""
     check_global_batch(cfg, env.world_size)
-    run_dir = rd.run_dir_of(cfg)
-    ckpt_root = run_dir / "ckpt"
+    ckpt_root = rd.run_dir_of(cfg) / "ckpt"
     resume_from = ckpt.resolve_resume(cfg.resume, ckpt_root, cfg.ckpt.checksum)
     if resume_from is None:
         rd.refuse_foreign_checkpoints(cfg)
@@ -132,13 +195,13 @@ def _run(cfg: TrainCfg, task, env: du.DistEnv) -> TrainResult:
         scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     scaler = make_grad_scaler(cfg.precision, cfg.dist.strategy, env.device)  # FSDP2: inf check over all shards
     ctx = step_context(autocast_for(cfg.precision, env.device), scaler, env.device)
-    global_batch = cfg.data.batch_size * cfg.accum_freq * env.world_size
-    state = TrainerState(steps_per_epoch, cfg.accum_freq, global_batch)
+    state = TrainerState(steps_per_epoch, cfg.accum_freq, cfg.data.batch_size * cfg.accum_freq * env.world_size)
+    run = _Run(cfg, task, env, data, model, optimizer, scheduler, scaler, ctx, state, total_steps, resume_from)
 
     # every check passed: from here on the run writes to its folder
     if env.is_main:
         rd.clean_stale_tmp(ckpt_root)
-        rd.write_run_info(run_dir, cfg, env.world_size, env.device)
+        rd.write_run_info(run.run_dir, cfg, env.world_size, env.device)
     du.barrier()
     if resume_from is not None:
         saved = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler=scheduler, scaler=scaler,
@@ -146,107 +209,85 @@ def _run(cfg: TrainCfg, task, env: du.DistEnv) -> TrainResult:
         state.load_state_dict(saved)
         task.load_state_dict(saved.get("task", {}))
         log.info("resumed from %s at step %d", resume_from, state.step)
-        if state.step >= total_steps:
-            log.info("run %s is finished (step %d of %d): nothing to do; train longer with resume=auto max_steps=N",
-                     run_dir, state.step, total_steps)
-            return TrainResult(run_dir=run_dir, step=state.step, status="finished", checkpoint=resume_from,
-                               bad_steps=state.bad_steps_total)
-    logger = MetricLogger(run_dir, cfg.log, rank=env.rank, total_steps=total_steps, run_name=cfg.name or "run",
-                          config=to_dict(cfg))
-    logger.event("resume" if resume_from else "start", step=state.step, world_size=env.world_size,
-                 checkpoint=str(resume_from) if resume_from else None, global_batch=global_batch,
+    return run
+
+
+def _run(cfg: TrainCfg, task, env: du.DistEnv) -> TrainResult:
+    run = _setup(cfg, task, env)
+    state, total_steps = run.state, run.total_steps
+    if state.step >= total_steps:
+        log.info("run %s is finished (step %d of %d): nothing to do; train longer with resume=auto max_steps=N",
+                 run.run_dir, state.step, total_steps)
+        return TrainResult(run_dir=run.run_dir, step=state.step, status="finished", checkpoint=run.resume_from,
+                           bad_steps=state.bad_steps_total)
+    run.logger = logger = MetricLogger(run.run_dir, cfg.log, rank=env.rank, total_steps=total_steps,
+                                       run_name=cfg.name or "run", config=to_dict(cfg))
+    logger.event("resume" if run.resume_from else "start", step=state.step, world_size=env.world_size,
+                 checkpoint=str(run.resume_from) if run.resume_from else None, global_batch=state.global_batch,
                  total_steps=total_steps, task=cfg.task)
     log.info("run %s (%s): %d steps of %d samples (%d per rank x %d accum x %d ranks), %d steps per epoch, %s on %s",
-             run_dir, cfg.task, total_steps, global_batch, cfg.data.batch_size, cfg.accum_freq, env.world_size,
-             steps_per_epoch, cfg.precision, env.device)
+             run.run_dir, cfg.task, total_steps, state.global_batch, cfg.data.batch_size, cfg.accum_freq,
+             env.world_size, state.steps_per_epoch, cfg.precision, env.device)
+    try:
+        return _loop(run)
+    finally:
+        logger.close()
 
-    def save(stop: StopSignal) -> Path:
-        with stop.critical():
-            path = ckpt.save_checkpoint(ckpt_root, state.step, model, optimizer, scheduler=scheduler, scaler=scaler,
-                                        trainer_state=dict(state.state_dict(), task=task.state_dict()),
-                                        config_yaml=to_yaml(cfg), rank=env.rank, world_size=env.world_size,
-                                        strategy=cfg.dist.strategy, keep_last=cfg.ckpt.keep_last,
-                                        checksum=cfg.ckpt.checksum)
-        logger.event("checkpoint", step=state.step, path=str(path))
-        log.info("checkpoint %s", path)
-        return path
 
-    def evaluate() -> dict:
-        with host_rng_untouched(), gathered(model):  # FSDP2: gather once, ranks may run different numbers of batches
-            results = task.evaluate(du.unwrap(model), state.step)
-        model.train()
-        numeric = {k: float(v) for k, v in results.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        if numeric:
-            logger.log_metrics(state.step, numeric, prefix="eval")
-            log.info("eval at step %d: %s", state.step, ", ".join(f"{k} {v:.4g}" for k, v in numeric.items()))
-        return results
-
+def _loop(run: _Run) -> TrainResult:
+    """The step loop: steps until the end (or a stop request), logging, checkpointing, then evaluating."""
+    cfg, task, data, model, state, logger = run.cfg, run.task, run.data, run.model, run.state, run.logger
     epoch = state.epoch
     data.set_epoch(epoch, state.batch_in_epoch)
     batches = fresh_iter(data.loader)
-    consecutive_bad, last_ckpt, status, eval_results = 0, resume_from, "finished", {}
-    loss_sum, loss_n = torch.zeros((), device=env.device), 0
-    meter = Throughput(state.step, total_steps)
+    consecutive_bad, last_ckpt, status, eval_results = 0, run.resume_from, "finished", {}
+    loss_sum, loss_n = torch.zeros((), device=run.env.device), 0
+    meter = Throughput(state.step, run.total_steps)
     model.train()
-    try:
-        with StopSignal() as stop:
-            while state.step < total_steps:
-                if state.epoch != epoch:
-                    _log_epoch_skips(data, epoch, logger, state.step)
-                    epoch = state.epoch
-                    data.set_epoch(epoch, 0)
-                    batches = fresh_iter(data.loader)
-                task.before_step(model, state.step, logger)
-                micro = [task.to_device(next_batch(batches, epoch)) for _ in range(cfg.accum_freq)]
-                out, upd = train_step(task, model, micro, ctx, optimizer, scaler, cfg.optim.grad_clip_norm,
-                                      stop.requested is not None)
-                if upd.bad:
-                    consecutive_bad += 1
-                    state.bad_steps_total += 1
-                    logger.event("bad_step", step=state.step, loss_nonfinite=upd.bad_loss,
-                                 grad_nonfinite=upd.bad_grad, consecutive=consecutive_bad)
-                    log.warning("step %d: non-finite %s, update skipped (%d in a row, %d total)", state.step,
-                                "loss" if upd.bad_loss else "gradient norm", consecutive_bad, state.bad_steps_total)
-                    if consecutive_bad >= cfg.max_bad_steps:
-                        raise TrainingStopped(_diverged_message(consecutive_bad, state.step, cfg.max_bad_steps,
-                                                                last_ckpt))
-                else:
-                    consecutive_bad = 0
-                    loss_sum += out["loss"].float()
-                    loss_n += 1
-                scheduler.step()  # also on skipped steps: the schedule follows the data
-                state.step += 1
-                step = state.step
+    with StopSignal() as stop:
+        while state.step < run.total_steps:
+            if state.epoch != epoch:
+                _log_epoch_skips(data, epoch, logger, state.step)
+                epoch = state.epoch
+                data.set_epoch(epoch, 0)
+                batches = fresh_iter(data.loader)
+            task.before_step(model, state.step, logger)
+            micro = [task.to_device(next_batch(batches, epoch)) for _ in range(cfg.accum_freq)]
+            out, upd = train_step(task, model, micro, run.ctx, run.optimizer, run.scaler, cfg.optim.grad_clip_norm,
+                                  stop.requested is not None)
+            if upd.bad:
+                consecutive_bad += 1
+                state.bad_steps_total += 1
+                logger.event("bad_step", step=state.step, loss_nonfinite=upd.bad_loss, grad_nonfinite=upd.bad_grad,
+                             consecutive=consecutive_bad)
+                log.warning("step %d: non-finite %s, update skipped (%d in a row, %d total)", state.step,
+                            "loss" if upd.bad_loss else "gradient norm", consecutive_bad, state.bad_steps_total)
+                if consecutive_bad >= cfg.max_bad_steps:
+                    raise TrainingStopped(_diverged_message(consecutive_bad, state.step, cfg.max_bad_steps, last_ckpt))
+            else:
+                consecutive_bad = 0
+                loss_sum += out["loss"].float()
+                loss_n += 1
+            run.scheduler.step()  # also on skipped steps: the schedule follows the data
+            state.step += 1
+            step, last = state.step, state.step == run.total_steps
 
-                if step % cfg.log.every == 0 or step == total_steps:
-                    metrics = {"loss": (loss_sum / loss_n).item() if loss_n else float("nan"),
-                               **task.metrics(out), "grad_norm": float(upd.grad_norm),
-                               "epoch": step / steps_per_epoch, "samples_seen": step * global_batch,
-                               "skipped_samples": data.skipped(), "bad_steps": state.bad_steps_total,
-                               **{f"skipped/{k}": v for k, v in getattr(data, "skipped_by_reason", dict)().items()},
-                               **{f"lr/{k}": v for k, v in lr_by_tower(optimizer).items()}}
-                    if scaler.is_enabled():
-                        metrics["loss_scale"] = scaler.get_scale()
-                    metrics.update(meter.update(step, global_batch))
-                    logger.log_metrics(step, metrics)
-                    logger.progress(step, metrics)
-                    loss_sum.zero_()
-                    loss_n = 0
-                if upd.stop:
-                    status = "preempted"
-                    last_ckpt = save(stop)
-                    break
-                if not upd.bad and cfg.ckpt.every and step % cfg.ckpt.every == 0 and step < total_steps:
-                    last_ckpt = save(stop)
-                if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
-                    eval_results = evaluate()
-            if status == "finished":
-                if last_ckpt is None or last_ckpt.name != ckpt.step_dir_name(state.step):
-                    last_ckpt = save(stop)
-                eval_results = evaluate() or eval_results
-        logger.event("end", step=state.step, status=status)
-    finally:
-        logger.close()
-    return TrainResult(run_dir=run_dir, step=state.step, status=status, checkpoint=last_ckpt,
+            if step % cfg.log.every == 0 or last:
+                run.log_step(out, upd, (loss_sum / loss_n).item() if loss_n else float("nan"), meter)
+                loss_sum.zero_()
+                loss_n = 0
+            if upd.stop:
+                status = "preempted"
+                last_ckpt = run.save(stop)
+                break
+            if not upd.bad and cfg.ckpt.every and step % cfg.ckpt.every == 0 and not last:
+                last_ckpt = run.save(stop)
+            if cfg.eval.every and step % cfg.eval.every == 0 and not last:
+                eval_results = run.evaluate()
+        if status == "finished":
+            if last_ckpt is None or last_ckpt.name != ckpt.step_dir_name(state.step):
+                last_ckpt = run.save(stop)
+            eval_results = run.evaluate() or eval_results
+    logger.event("end", step=state.step, status=status)
+    return TrainResult(run_dir=run.run_dir, step=state.step, status=status, checkpoint=last_ckpt,
                        bad_steps=state.bad_steps_total, eval=eval_results, signal=stop.requested)

@@ -11,7 +11,8 @@ Every load accounts for every key: known-ignorable ones (RoPE tables, ``mask_tok
 dropped, anything else missing or unexpected raises ``CheckpointError`` naming the keys. Shapes that legitimately differ
 are adapted: the position embedding is interpolated to the model's grid (224 -> 336) and the patch-embedding kernel
 resized (14 -> 16, as EVA's ``psz14to16`` weights).
-Shapes: G grid side, D width, P patch size.
+Shapes: see the legend in docs/ARCHITECTURE.md (S patch-grid side, D width, C channels, Z patch side in pixels, N
+tokens).
 """
 from __future__ import annotations
 
@@ -237,7 +238,7 @@ def _text_part(sd: dict, fmt: str) -> tuple[dict, list]:
 # shape adaptation
 # ----------------------------------------------------------------------------------------------------------------------
 def interpolate_pos_embed(pos_1ND: torch.Tensor, grid: int, num_prefix: int = 1) -> torch.Tensor:
-    """Resize an absolute position embedding (prefix tokens + G_src^2 patches) to ``grid`` x ``grid`` patches, bicubic
+    """Resize an absolute position embedding (prefix tokens + S_src^2 patches) to ``grid`` x ``grid`` patches, bicubic
     (as EVA-CLIP and timm do); prefix (CLS) rows are kept as they are."""
     prefix, patches = pos_1ND[:, :num_prefix], pos_1ND[:, num_prefix:]
     src = math.isqrt(patches.shape[1])
@@ -246,25 +247,25 @@ def interpolate_pos_embed(pos_1ND: torch.Tensor, grid: int, num_prefix: int = 1)
     if src == grid:
         return pos_1ND
     D = patches.shape[-1]
-    img_1DGG = patches.reshape(1, src, src, D).permute(0, 3, 1, 2).float()
-    img_1DGG = F.interpolate(img_1DGG, size=(grid, grid), mode="bicubic", align_corners=False)
-    patches = img_1DGG.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_1ND.dtype)
+    img_1DSS = patches.reshape(1, src, src, D).permute(0, 3, 1, 2).float()
+    img_1DSS = F.interpolate(img_1DSS, size=(grid, grid), mode="bicubic", align_corners=False)
+    patches = img_1DSS.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_1ND.dtype)
     return torch.cat([prefix, patches], dim=1)
 
 
-def resize_patch_embed(w_DCPP: torch.Tensor, size: int, method: str = "interpolate") -> torch.Tensor:
+def resize_patch_embed(w_DCZZ: torch.Tensor, size: int, method: str = "interpolate") -> torch.Tensor:
     """Resize a patch-embedding kernel to ``size`` x ``size``. ``interpolate``: bicubic, as EVA's ``psz14to16``
     weights were made; ``pinv``: FlexiViT's pseudo-inverse resize (timm), which keeps the response to resized
     patches."""
-    if w_DCPP.shape[-1] == size and w_DCPP.shape[-2] == size:
-        return w_DCPP
+    if w_DCZZ.shape[-1] == size and w_DCZZ.shape[-2] == size:
+        return w_DCZZ
     if method == "pinv":
         from timm.layers import resample_patch_embed
 
-        return resample_patch_embed(w_DCPP, [size, size], verbose=False)
+        return resample_patch_embed(w_DCZZ, [size, size], verbose=False)
     if method != "interpolate":
         raise ValueError(f"patch resize method must be 'interpolate' or 'pinv', got {method!r}")
-    return F.interpolate(w_DCPP.float(), size=(size, size), mode="bicubic", align_corners=False).to(w_DCPP.dtype)
+    return F.interpolate(w_DCZZ.float(), size=(size, size), mode="bicubic", align_corners=False).to(w_DCZZ.dtype)
 
 
 def _adapt(src: dict, target: dict, prefix: str, report: LoadReport, num_prefix: int = 1) -> dict:

@@ -1,7 +1,8 @@
 """Masked image modeling (EVA / EVA-02): the student that predicts a frozen CLIP's patch features, and that teacher.
 
-Shapes: B batch, C channels, H/W image side, G patch-grid side, P = G * G patches, D width, T teacher feature dim,
-M masked patches in a batch. Masks are bool, row-major over the grid (the tower's patch order), True = masked.
+Shapes: see the legend in docs/ARCHITECTURE.md (B batch, C channels, H/W image side, S patch-grid side, P = S * S
+patches, D width, T teacher feature dim, M masked patches in a batch). Masks are bool, row-major over the grid (the
+tower's patch order), True = masked.
 
 Student (``MIMStudent``): an EVA-02 (or EVA-01) image tower of any registered size whose masked patch embeddings are
 replaced, in place, by one learned ``mask_token`` (nothing is removed, no decoder); CLS + absolute positions (+ 2D RoPE
@@ -126,7 +127,7 @@ class MIMStudent(EVAVisionTransformer):
         return edit
 
     def patch_features(self, images_BCHW: torch.Tensor, mask_BP: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """B x P x D: every patch token after the final norm (CLS dropped); ``mask_BP`` (B x P or B x G x G) puts the
+        """B x P x D: every patch token after the final norm (CLS dropped); ``mask_BP`` (B x P or B x S x S) puts the
         mask token at the masked patches."""
         if mask_BP is not None:
             mask_BP = mask_BP.reshape(images_BCHW.shape[0], -1).bool()
@@ -226,7 +227,7 @@ def load_student(checkpoint: Union[str, Path], model_name: Optional[str] = None,
 # teacher
 # ----------------------------------------------------------------------------------------------------------------------
 def resize_target_map(target_BPT: torch.Tensor, grid: int, mode: Resize = "bilinear") -> torch.Tensor:
-    """A B x P x T patch-feature map on a G x G grid -> B x grid^2 x T (fp32). ``bilinear``: antialiased, so when
+    """A B x P x T patch-feature map on an S x S grid -> B x grid^2 x T (fp32). ``bilinear``: antialiased, so when
     shrinking each target averages the teacher patches under it, when enlarging it interpolates between neighbours;
     ``area``: plain averaging (nearest neighbour when enlarging)."""
     B, P, T = target_BPT.shape
@@ -235,14 +236,14 @@ def resize_target_map(target_BPT: torch.Tensor, grid: int, mode: Resize = "bilin
         raise ValueError(f"{P} teacher patch tokens are not a square grid")
     if src == grid:
         return target_BPT
-    img_BTGG = target_BPT.float().transpose(1, 2).reshape(B, T, src, src)
+    img_BTSS = target_BPT.float().transpose(1, 2).reshape(B, T, src, src)
     if mode == "bilinear":
-        img_BTGG = F.interpolate(img_BTGG, size=(grid, grid), mode="bilinear", align_corners=False, antialias=True)
+        img_BTSS = F.interpolate(img_BTSS, size=(grid, grid), mode="bilinear", align_corners=False, antialias=True)
     elif mode == "area":
-        img_BTGG = F.interpolate(img_BTGG, size=(grid, grid), mode="area")
+        img_BTSS = F.interpolate(img_BTSS, size=(grid, grid), mode="area")
     else:
         raise ValueError(f"target resize mode must be 'bilinear' or 'area', got {mode!r}")
-    return img_BTGG.flatten(2).transpose(1, 2)
+    return img_BTSS.flatten(2).transpose(1, 2)
 
 
 class _PatchTargets(nn.Module):
