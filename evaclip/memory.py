@@ -12,7 +12,7 @@ _CUDA_OVERHEAD = 1.5 * _GIB  # CUDA context, cuBLAS / flash workspaces, NCCL buf
 
 
 def _block_activation_bytes_per_token(width: int, hidden: int, swiglu: bool, subln: bool, act_bytes: int) -> int:
-    """Tensors one transformer block keeps for backward, per token (fused SDPA / flash attention: no T x T scores).
+    """Tensors one transformer block keeps for backward, per token (fused SDPA / flash attention: no N x N scores).
 
     ~11 width-sized tensors (norm in/out x2, q, k, v, RoPE'd q/k or attention out, sub-LN, projection in) plus the
     MLP's hidden-sized ones: 2 for GELU (fc1 out, activation out), 5 for SwiGLU with sub-LN (w1, w2, silu, product,
@@ -26,7 +26,7 @@ def estimate_memory(cfg, world_size: int) -> dict[str, float]:
     """Computed GPU memory per rank (GiB) of one training step of ``cfg`` on ``world_size`` ranks.
 
     Exact parts: parameter counts (the model is built on the meta device) and the sharded fp32 state (master
-    weights, gradients, two optimizer moments: 16 bytes per parameter, / N with FSDP). Estimated parts: activations
+    weights, gradients, two optimizer moments: 16 bytes per parameter, / ranks with FSDP). Estimated parts: activations
     (``_block_activation_bytes_per_token``; with gradient checkpointing one saved input per block plus one block's
     recompute), the gathered weights of the blocks in flight, the contrastive logits, and a fixed CUDA overhead.
     """

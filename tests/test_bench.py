@@ -4,7 +4,9 @@ No timing assertions: the machine is shared; figures live in docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 
 from evaclip.bench import flops, measure, report
 from evaclip.bench import train as train_bench
+from evaclip.bench.__main__ import ALL_ARGS, BENCHMARKS, GPU_CHECK_ARGS, GPU_CHECK_TRAIN_ARGS, parser
 from evaclip.bench.__main__ import main as bench_main
 
 
@@ -90,6 +93,29 @@ def test_bad_arguments_fail_with_a_clear_message():
         bench_main(["nonsense"])
 
 
+def test_every_benchmark_is_one_subcommand_of_one_parser():
+    # add_args + DESCRIPTION + run(args) -> section: the whole interface; every option says what it does
+    p = parser()
+    subs = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(subs) == {*BENCHMARKS, "all", "gpu-check"}
+    for name, sub in subs.items():
+        assert sub.prog == f"evaclip bench {name}" and sub.description and "``" not in sub.description
+        missing = [a.option_strings[0] for a in sub._actions if a.option_strings and not a.help]
+        assert not missing, f"bench {name} options without help: {missing}"
+    for name, mod in BENCHMARKS.items():
+        assert callable(mod.run) and callable(mod.add_args) and "\n" not in mod.DESCRIPTION, name
+    # what `all` and `gpu-check` run parses through the same parsers (a typo would only show on the big machine)
+    for name, argvs in ALL_ARGS.items():
+        for argv in argvs:
+            assert p.parse_args([name, *argv]).what == name
+    for name, argv in GPU_CHECK_ARGS.items():
+        assert p.parse_args([name, *argv]).what == name
+    check = p.parse_args(["gpu-check", "--batch", "64", "--out", "x"])
+    assert (check.batch, check.precision, check.token_drop, check.out) == ("64", "bf16", [0.0, 0.5], "x")
+    assert vars(check) == {**vars(p.parse_args(["train", *GPU_CHECK_TRAIN_ARGS, "--batch", "64", "--out", "x"])),
+                           "what": "gpu-check"}
+
+
 def test_attention_bench_through_the_cli_matches_eager(tmp_path):
     from evaclip.cli import main as evaclip_main
 
@@ -100,6 +126,59 @@ def test_attention_bench_through_the_cli_matches_eager(tmp_path):
     for r in rows:
         assert r["ms"] > 0 and r["gflops"] > 0 and r["max_err"] < 1e-5
     assert "| sdpa | 17 | 8 |" in (tmp_path / "attention.md").read_text()
+
+
+@pytest.mark.slow
+def test_mim_bench_smoke_on_the_tiny_model(tmp_path):
+    rep = bench_main(["mim", "--student", "EVA02-CLIP-tiny", "--teacher", "EVA02-CLIP-tiny", "--batch", "2",
+                      "--steps", "1", "--rounds", "1", "--device", "cpu", "--out", str(tmp_path)])
+    (row,) = rep["sections"][0]["rows"]
+    assert (row["student"], row["teacher"], row["precision"], row["batch"]) == ("EVA02-CLIP-tiny", "EVA02-CLIP-tiny",
+                                                                                "fp32", 2)
+    for key in ("images_per_s", "step_ms", "teacher_ms", "gflops_per_image", "mfu_pct"):
+        assert row[key] > 0, (key, row)
+    assert 0 < row["teacher_share_pct"] < 100
+    assert json.loads((tmp_path / "mim.json").read_text())["sections"][0]["rows"][0]["student"] == "EVA02-CLIP-tiny"
+    assert "MIM step: EVA02-CLIP-tiny student" in (tmp_path / "mim.md").read_text()
+
+
+@pytest.mark.slow
+def test_data_bench_side_runs_in_its_own_process(tmp_path):
+    from PIL import Image
+
+    from data_tools.common import ShardSink, encode_image
+    from evaclip.bench import data as data_bench
+
+    sink = ShardSink(str(tmp_path), 8, prefix="s")
+    for i in range(16):
+        sink.write({"__key__": f"{i:04d}", "png": encode_image(Image.new("RGB", (32, 32), (i * 15, 0, 0)), "png"),
+                    "txt": f"red {i}"})
+    sink.close()
+    # `python evaclip/bench/data.py evaclip '{...}'`, as the open_clip venv runs it for the open_clip side
+    got = data_bench._measure(sys.executable, "evaclip", spec=sink.shard_spec, num_samples=8, batch_size=2,
+                              image_size=32, workers=1)
+    assert got["images"] == 4 and got["images_per_s"] > 0, got
+
+
+def test_data_bench_section_and_budget(tmp_path, monkeypatch):
+    from evaclip.bench import data as data_bench
+    from evaclip.bench.__main__ import data_budget
+
+    (tmp_path / "demo.json").write_text(json.dumps({"train": "demo-{0..1}.tar"}))
+    monkeypatch.setattr(data_bench, "make_large_source", lambda out: "large-{0..1}.tar")
+    figures = {("evaclip", "demo-{0..1}.tar"): 400.0, ("open_clip", "demo-{0..1}.tar"): 200.0,
+               ("evaclip", "large-{0..1}.tar"): 50.0}
+    monkeypatch.setattr(data_bench, "_measure", lambda python, side, spec, **kw: (
+        {"images_per_s": figures[side, spec]} if (side, spec) in figures else {"error": "ImportError: no open_clip"}))
+    rep = bench_main(["data", "--demo", str(tmp_path), "--openclip-python", sys.executable, "--out", str(tmp_path)])
+    sec = rep["sections"][0]
+    assert sec["rows"] == [
+        {"source": "demo 32x32 PNG", "samples": 2048, "evaclip": 400.0, "open_clip": 200.0, "ratio": 2.0},
+        {"source": "1500x1000 JPEG", "samples": 192, "evaclip": 50.0, "open_clip": "ImportError: no open_clip"}]
+    assert "| demo 32x32 PNG | 2048 | 400 | 200 | 2 |" in (tmp_path / "data.md").read_text()
+    budget = data_budget(sec, cores=16)
+    assert [r["decode_per_core"] for r in budget["rows"]] == [400.0, 50.0]
+    assert [r["host_samples_s"] for r in budget["rows"]] == [6400.0, 800.0]
 
 
 def test_open_clip_twin_has_open_clips_own_eva02_b16_shapes():

@@ -256,10 +256,10 @@ def test_retrieval_class_aware_known_answers():
     text_MD = torch.tensor([f for _, f in RT_CAPTIONS])
     owner_M = torch.tensor([o for o, _ in RT_CAPTIONS])
     for chunk in (1, 3, 1024):
-        res = retrieval_metrics(RT_IMAGES, text_MD, owner_M, chunk=chunk, image_class_N=torch.tensor(RT_CLASSES))
+        res = retrieval_metrics(RT_IMAGES, text_MD, owner_M, chunk=chunk, image_class_Q=torch.tensor(RT_CLASSES))
         assert res == pytest.approx({**RT_EXPECTED, **RT_CLASS_EXPECTED})
     with pytest.raises(ValueError, match="one class id per image"):
-        retrieval_metrics(RT_IMAGES, text_MD, owner_M, image_class_N=torch.tensor([0, 1]))
+        retrieval_metrics(RT_IMAGES, text_MD, owner_M, image_class_Q=torch.tensor([0, 1]))
 
 
 def _rt_samples(with_class: bool = True):
@@ -307,7 +307,7 @@ def test_retrieval_with_shared_captions_reports_class_aware_recall(tmp_path):
 def test_retrieval_metrics_reject_bad_input():
     with pytest.raises(ValueError, match="at least one caption"):
         retrieval_metrics(torch.eye(3), torch.eye(3)[:2], torch.tensor([0, 0]))
-    with pytest.raises(ValueError, match="owner_M"):
+    with pytest.raises(ValueError, match="owner_R"):
         retrieval_metrics(torch.eye(3), torch.eye(3), torch.tensor([0, 1, 5]))
 
 

@@ -1,7 +1,8 @@
 """BEiT's block-wise mask generator, as used by EVA / EVA-02 masked image modeling.
 
-Shapes: H/W the patch grid, N = H * W patches; masks are row-major over the grid (the order of the tower's patch
-tokens), ``True`` = masked.
+Shapes: see the legend in docs/ARCHITECTURE.md (P patch tokens, S grid side); the grid may be rectangular,
+``height x width`` patches (S x S when square), P = height * width. Masks are row-major over the grid (the order of
+the tower's patch tokens), ``True`` = masked.
 
 The method (BEiT, Bao et al. 2021, section 2.5; EVA-02's ``masking_generator.py`` keeps it unchanged): until the target
 count is reached, place rectangular blocks. Per block, up to ``tries`` draws of
@@ -11,7 +12,7 @@ count is reached, place rectangular blocks. Per block, up to ``tries`` draws of
   ``[remaining, min_block]``),
 - an aspect ratio ``r = h / w`` drawn log-uniformly in ``aspect``,
 - ``h = round(sqrt(A * r))``, ``w = round(sqrt(A / r))``; a block must be strictly smaller than the grid on each side
-  (``h < H``, ``w < W``, as in the released code), at a uniform position;
+  (``h < height``, ``w < width``, as in the released code), at a uniform position;
 
 a draw is kept when it masks at least one new patch and no more than ``remaining`` new ones (blocks may overlap). A
 block is done at its first kept draw; when all ``tries`` draws of a block fail, generation stops. So the count never
@@ -22,12 +23,12 @@ most masks reach it, a few stop a handful of patches short). The area bound is o
 Small grids. BEiT's minimum block of 16 patches was chosen for 14 x 14 and 16 x 16 grids; on a 4 x 4 or 8 x 8 demo
 grid a 16-patch block does not fit (or is most of the mask). The minimum block used is therefore
 
-    min_block = max(1, min(min_block_patches, (H * W) // 10))
+    min_block = max(1, min(min_block_patches, P // 10))
 
 i.e. at most a tenth of the grid: 16 on every grid of 160 patches or more (so 14 x 14 and 16 x 16 keep the published
 16), 6 on 8 x 8, 1 on 4 x 4. At 40 % masking the smallest block is then at most a quarter of the mask on any grid.
 
-Target count. ``num_masked`` (if given) or ``round(mask_ratio * N)``. EVA-02's released runs mask 105 of 256 patches
+Target count. ``num_masked`` (if given) or ``round(mask_ratio * P)``. EVA-02's released runs mask 105 of 256 patches
 (their scripts' comment reads "224*224/14/14 * 0.4"): the recipes set ``num_masked=105`` (``mask_ratio=0.41`` gives
 the same, round(104.96)).
 
@@ -85,9 +86,9 @@ def as_generator(rng: RNG) -> Union[np.random.Generator, torch.Generator]:
 
 
 class BlockMaskGenerator:
-    """Block-wise masks over an ``H x W`` patch grid (BEiT / EVA-02); see the module docstring for the method.
+    """Block-wise masks over a ``height x width`` patch grid (BEiT / EVA-02); see the module docstring for the method.
 
-    ``grid_hw``: (H, W) or one int for a square grid. ``mask_ratio``: target fraction of patches (ignored when
+    ``grid_hw``: (height, width) or one int for a square grid. ``mask_ratio``: target fraction of patches (ignored when
     ``num_masked`` is given). ``min_block_patches``: minimum drawn block area, scaled down on small grids
     (``self.min_block``). ``aspect``: (min, max) of h / w, drawn log-uniformly. ``tries``: placement draws per block.
     ``max_block_patches``: optional cap on a block's drawn area (BEiT's ``max_num_patches``; default: the target).
@@ -98,7 +99,7 @@ class BlockMaskGenerator:
                  max_block_patches: Optional[int] = None):
         hw = (grid_hw, grid_hw) if isinstance(grid_hw, int) else tuple(int(x) for x in grid_hw)
         if len(hw) != 2 or min(hw) < 2:
-            raise ValueError(f"grid_hw must be (H, W) with at least 2 patches per side, got {grid_hw!r}")
+            raise ValueError(f"grid_hw must be (height, width) with at least 2 patches per side, got {grid_hw!r}")
         self.height, self.width = hw
         self.num_patches = self.height * self.width
         if num_masked is None:
@@ -149,7 +150,7 @@ class BlockMaskGenerator:
         return 0
 
     def draw(self, rng: RNG, return_blocks: bool = False):
-        """One mask, bool ``(N,)`` (numpy); with ``return_blocks`` also the list of placed ``Block``s."""
+        """One mask, bool ``(P,)`` (numpy); with ``return_blocks`` also the list of placed ``Block``s."""
         rng = as_generator(rng)
         grid = np.zeros((self.height, self.width), dtype=bool)
         blocks: Optional[list] = [] if return_blocks else None
@@ -159,14 +160,14 @@ class BlockMaskGenerator:
             if new == 0:
                 break
             count += new
-        mask_N = grid.reshape(-1)
-        return (mask_N, blocks) if return_blocks else mask_N
+        mask_P = grid.reshape(-1)
+        return (mask_P, blocks) if return_blocks else mask_P
 
     __call__ = draw
 
     # -- batches -------------------------------------------------------------------------------------------------
     def batch(self, n: int, rng: RNG) -> torch.Tensor:
-        """``n`` masks drawn one after another from ``rng``: bool tensor ``(n, N)``."""
+        """``n`` masks drawn one after another from ``rng``: bool tensor ``(n, P)``."""
         rng = as_generator(rng)
         out = np.zeros((n, self.num_patches), dtype=bool)
         for i in range(n):
@@ -174,7 +175,7 @@ class BlockMaskGenerator:
         return torch.from_numpy(out)
 
     def fixed_masks(self, indices: Union[int, Iterable[int], torch.Tensor], seed: int = 0) -> torch.Tensor:
-        """Validation masks, bool ``(len(indices), N)``: the mask of sample ``i`` depends only on the generator's
+        """Validation masks, bool ``(len(indices), P)``: the mask of sample ``i`` depends only on the generator's
         settings, ``seed`` and ``i`` (its own numpy generator; no global or training RNG is read or advanced). An int
         ``indices`` means ``range(indices)``."""
         if isinstance(indices, torch.Tensor):
@@ -190,5 +191,5 @@ class BlockMaskGenerator:
         return torch.from_numpy(out)
 
     def fixed_mask(self, seed: int = 0) -> torch.Tensor:
-        """One fixed validation mask, bool ``(N,)`` (sample index 0 of ``fixed_masks``), for a set that shares one."""
+        """One fixed validation mask, bool ``(P,)`` (sample index 0 of ``fixed_masks``), for a set that shares one."""
         return self.fixed_masks([0], seed)[0]

@@ -1,6 +1,6 @@
 """Shared evaluation plumbing: rank/world, gathering results from every rank, autocast, feature encoding.
 
-Shapes: N samples, D embedding dim, B batch, L context length.
+Shapes: see the legend in docs/ARCHITECTURE.md (B batch, E embedding dim, L context length).
 """
 from __future__ import annotations
 
@@ -49,13 +49,14 @@ def autocast(device: torch.device | str, amp: bool):
 @torch.no_grad()
 def encode_texts(model, tokenizer: Callable, texts: Sequence[str], device, batch_size: int = 256,
                  amp: bool = True) -> torch.Tensor:
-    """Texts -> L2-normalised float32 features ``(N, D)`` on ``device``, encoded in batches of ``batch_size``."""
+    """Texts -> L2-normalised float32 features ``(len(texts), E)`` on ``device``, encoded in batches of
+    ``batch_size``."""
     out = []
     for s in range(0, len(texts), batch_size):
         tokens_BL = trim_padding(tokenizer(list(texts[s:s + batch_size]))).to(device)  # exact: causal, EOT-pooled
         with autocast(device, amp):
-            f_BD = model.encode_text(tokens_BL)
-        out.append(F.normalize(f_BD.float(), dim=-1))
+            f_BE = model.encode_text(tokens_BL)
+        out.append(F.normalize(f_BE.float(), dim=-1))
     if not out:
         return torch.zeros(0, device=device)  # 1-D empty: torch.cat skips it when gathering
     return torch.cat(out)
@@ -63,10 +64,10 @@ def encode_texts(model, tokenizer: Callable, texts: Sequence[str], device, batch
 
 @torch.no_grad()
 def encode_images(model, images_BCHW: torch.Tensor, device, amp: bool = True) -> torch.Tensor:
-    """Images -> L2-normalised float32 features ``(B, D)``."""
+    """Images -> L2-normalised float32 features ``(B, E)``."""
     with autocast(device, amp):
-        f_BD = model.encode_image(images_BCHW.to(device, non_blocking=True))
-    return F.normalize(f_BD.float(), dim=-1)
+        f_BE = model.encode_image(images_BCHW.to(device, non_blocking=True))
+    return F.normalize(f_BE.float(), dim=-1)
 
 
 def progress(iterable, desc: str, enabled: bool = True, total=None):

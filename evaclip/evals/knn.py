@@ -1,6 +1,8 @@
 """k-NN classification of an image encoder's pooled features: the representation monitor of MIM pre-training.
 
-Shapes: N train (memory bank) samples, Q val (query) samples, D feature dim, C classes, B batch.
+Shapes: see the legend in docs/ARCHITECTURE.md (B batch, Q val (query) samples, R train (memory bank = reference)
+samples, C classes, D feature dim: the encoder's pooled features, a tower's width for a MIM student; lowercase k
+is the argument ``k``, the neighbours per query).
 
 Protocol (DINO's, Caron et al. 2021, as EVA / BEiT-style MIM papers report it): features are L2-normalised, a query's
 neighbours are the ``k`` memory-bank samples of highest cosine similarity, and the neighbours vote:
@@ -53,7 +55,8 @@ def resolve_labelled(path: str, classnames: Optional[str] = None) -> EvalSet:
 def encode_labelled(encode_fn: Callable, evset: EvalSet, preprocess: Callable, *, batch_size: int = 64,
                     workers: int = 2, device="cpu", amp: bool = True, show_progress: bool = False, desc: str = "k-NN"
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's share of ``evset``: ``(features_ND L2-normalised float32 on device, labels_N on device, idx_N)``."""
+    """This rank's share of ``evset``, one row per sample: (features, rows x D, L2-normalised float32 on device;
+    labels, on device; idx, the global sample indices)."""
     rank, world = rank_world()
     loader = build_eval_loader(evset, preprocess, batch_size, workers, rank, world)
     feats, labels, idx = [], [], []
@@ -71,24 +74,24 @@ def encode_labelled(encode_fn: Callable, evset: EvalSet, preprocess: Callable, *
     return torch.cat(feats), torch.cat(labels), torch.cat(idx)
 
 
-def topk_neighbours(query_QD: torch.Tensor, bank_ND: torch.Tensor, bank_y_N: torch.Tensor, k: int,
+def topk_neighbours(query_QD: torch.Tensor, bank_RD: torch.Tensor, bank_y_R: torch.Tensor, k: int,
                     chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` most similar bank entries of every query: ``(similarities_Qk, labels_Qk)``, best first. With fewer than
     ``k`` bank entries the rest is padded with similarity ``-inf`` and label ``-1``. Queries go in chunks of
-    ``chunk`` to bound the ``chunk x N`` similarity matrix."""
-    Q, N = query_QD.shape[0], (bank_ND.shape[0] if bank_ND.dim() == 2 else 0)
+    ``chunk`` to bound the ``chunk x R`` similarity matrix."""
+    Q, R = query_QD.shape[0], (bank_RD.shape[0] if bank_RD.dim() == 2 else 0)
     sims = torch.full((Q, k), float("-inf"), device=query_QD.device)
     labels = torch.full((Q, k), -1, dtype=torch.long, device=query_QD.device)
-    kk = min(k, N)
+    kk = min(k, R)
     if kk == 0 or Q == 0:
         return sims, labels
-    bank_ND = bank_ND.to(query_QD.device)
-    bank_y_N = bank_y_N.to(query_QD.device)
+    bank_RD = bank_RD.to(query_QD.device)
+    bank_y_R = bank_y_R.to(query_QD.device)
     for s in range(0, Q, chunk):
-        s_cN = query_QD[s:s + chunk] @ bank_ND.t()
-        top_s, top_i = s_cN.topk(kk, dim=1)
+        s_QR = query_QD[s:s + chunk] @ bank_RD.t()  # Q: this chunk's queries
+        top_s, top_i = s_QR.topk(kk, dim=1)
         sims[s:s + chunk, :kk] = top_s
-        labels[s:s + chunk, :kk] = bank_y_N[top_i]
+        labels[s:s + chunk, :kk] = bank_y_R[top_i]
     return sims, labels
 
 
@@ -138,19 +141,19 @@ def knn_top1(encode_fn: Callable, train_data: Union[str, EvalSet], val_data: Uni
     if list(train.classnames) != list(val.classnames):
         log.warning("k-NN: the memory bank's and the val set's class names differ; class ids are compared as is")
     kw = dict(batch_size=batch_size, workers=workers, device=device, amp=amp, show_progress=show_progress)
-    bank_ND, bank_y_N, bank_idx = encode_labelled(encode_fn, train, preprocess, desc="k-NN bank", **kw)
-    q_ND, q_y_N, q_idx = encode_labelled(encode_fn, val, preprocess, desc="k-NN val", **kw)
+    bank_RD, bank_y_R, bank_idx = encode_labelled(encode_fn, train, preprocess, desc="k-NN bank", **kw)
+    q_QD, q_y_Q, q_idx = encode_labelled(encode_fn, val, preprocess, desc="k-NN val", **kw)
     bank_idx_all = gather_cat(bank_idx)
     _check_complete(bank_idx_all, train.num_samples)
     if bank_idx_all.numel() == 0:
         raise ValueError("k-NN memory bank is empty")
     # every rank: all queries against its own share of the bank, then merge the per-rank top-k lists
-    q_all = gather_cat(q_ND)
-    q_y_all = gather_cat(q_y_N)
+    q_all = gather_cat(q_QD)
+    q_y_all = gather_cat(q_y_Q)
     _check_complete(gather_cat(q_idx), val.num_samples)
     if q_all.numel() == 0:
         raise ValueError("k-NN val set is empty")
-    sims_Qk, labels_Qk = topk_neighbours(q_all.to(device), bank_ND, bank_y_N, k, chunk)
+    sims_Qk, labels_Qk = topk_neighbours(q_all.to(device), bank_RD, bank_y_R, k, chunk)
     world = rank_world()[1]
     if world > 1:
         Q = q_all.shape[0]

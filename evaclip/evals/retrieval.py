@@ -1,6 +1,7 @@
 """Image <-> text retrieval: recall@1/5/10 in both directions, several captions per image.
 
-Shapes: N images, M captions (M >= N), D embedding dim, B batch, K chunk of queries.
+Shapes: see the legend in docs/ARCHITECTURE.md (B batch, E embedding dim, Q the images and R the captions, R >= Q: the
+queries and references of image->text; text->image swaps the roles, and ``_ranks`` names its own arguments so).
 
 image->text (``i2t``): an image is a hit at k when any of its captions ranks in the top k texts. text->image
 (``t2i``): a caption is a hit at k when its image ranks in the top k images. As in zero-shot, ties count against the
@@ -27,59 +28,59 @@ from evaclip.evals.common import encode_images, encode_texts, gather_cat, gather
 from evaclip.evals.data import EvalSet, build_eval_loader, resolve_retrieval
 
 
-def _ranks(query_QD: torch.Tensor, cand_CD: torch.Tensor, query_key_Q: torch.Tensor, cand_key_C: torch.Tensor,
+def _ranks(query_QE: torch.Tensor, cand_RE: torch.Tensor, query_key_Q: torch.Tensor, cand_key_R: torch.Tensor,
            chunk: int) -> torch.Tensor:
     """Per query: how many wrong candidates (key differs) score >= its best right candidate (key equal)."""
     out = []
-    for s in range(0, query_QD.shape[0], chunk):
-        s_KC = query_QD[s:s + chunk] @ cand_CD.t()
-        pos_KC = query_key_Q[s:s + chunk].view(-1, 1) == cand_key_C.view(1, -1)
-        best_K1 = s_KC.masked_fill(~pos_KC, float("-inf")).amax(1, keepdim=True)
-        out.append(((s_KC >= best_K1) & ~pos_KC).sum(1))
+    for s in range(0, query_QE.shape[0], chunk):  # Q below: this chunk's queries
+        s_QR = query_QE[s:s + chunk] @ cand_RE.t()
+        pos_QR = query_key_Q[s:s + chunk].view(-1, 1) == cand_key_R.view(1, -1)
+        best_Q1 = s_QR.masked_fill(~pos_QR, float("-inf")).amax(1, keepdim=True)
+        out.append(((s_QR >= best_Q1) & ~pos_QR).sum(1))
     return torch.cat(out)
 
 
-def _recalls(rank_i2t_N: torch.Tensor, rank_t2i_M: torch.Tensor, ks: Sequence[int], prefix: str = "") -> dict:
-    N, M = rank_i2t_N.numel(), rank_t2i_M.numel()
+def _recalls(rank_i2t_Q: torch.Tensor, rank_t2i_R: torch.Tensor, ks: Sequence[int], prefix: str = "") -> dict:
+    Q, R = rank_i2t_Q.numel(), rank_t2i_R.numel()
     out = {}
     for k in ks:
-        if k <= M:
-            out[f"{prefix}i2t_R@{k}"] = float((rank_i2t_N < k).double().mean())
-        if k <= N:
-            out[f"{prefix}t2i_R@{k}"] = float((rank_t2i_M < k).double().mean())
+        if k <= R:
+            out[f"{prefix}i2t_R@{k}"] = float((rank_i2t_Q < k).double().mean())
+        if k <= Q:
+            out[f"{prefix}t2i_R@{k}"] = float((rank_t2i_R < k).double().mean())
     return out
 
 
-def retrieval_metrics(image_ND: torch.Tensor, text_MD: torch.Tensor, owner_M: torch.Tensor,
+def retrieval_metrics(image_QE: torch.Tensor, text_RE: torch.Tensor, owner_R: torch.Tensor,
                       ks: Sequence[int] = (1, 5, 10), chunk: int = 1024,
-                      image_class_N: Optional[torch.Tensor] = None) -> dict:
-    """Recall@k both ways from normalised features; ``owner_M[m]`` is the row of ``image_ND`` caption m describes.
+                      image_class_Q: Optional[torch.Tensor] = None) -> dict:
+    """Recall@k both ways from normalised features; ``owner_R[r]`` is the row of ``image_QE`` caption r describes.
 
     Scores are computed ``chunk`` queries at a time so 5k x 25k sets fit in memory. Recall@k is reported for k up to
-    the number of candidates. With ``image_class_N`` (a class id per image) the class-aware recalls are added as
+    the number of candidates. With ``image_class_Q`` (a class id per image) the class-aware recalls are added as
     ``class_i2t_R@k`` / ``class_t2i_R@k`` (a caption's class is its image's).
     """
-    N, M = image_ND.shape[0], text_MD.shape[0]
-    if N == 0 or M == 0:
-        raise ValueError(f"retrieval needs images and captions, got {N} images and {M} captions")
-    if owner_M.shape != (M,) or int(owner_M.min()) < 0 or int(owner_M.max()) >= N:
-        raise ValueError("owner_M must give, for every caption, the index of its image in image_ND")
-    if not (torch.isfinite(image_ND).all() and torch.isfinite(text_MD).all()):
+    Q, R = image_QE.shape[0], text_RE.shape[0]
+    if Q == 0 or R == 0:
+        raise ValueError(f"retrieval needs images and captions, got {Q} images and {R} captions")
+    if owner_R.shape != (R,) or int(owner_R.min()) < 0 or int(owner_R.max()) >= Q:
+        raise ValueError("owner_R must give, for every caption, the index of its image in image_QE")
+    if not (torch.isfinite(image_QE).all() and torch.isfinite(text_RE).all()):
         raise FloatingPointError("retrieval features contain NaN/Inf: the model produced non-finite features")
-    owner_M = owner_M.to(image_ND.device)
-    if owner_M.unique().numel() != N:
+    owner_R = owner_R.to(image_QE.device)
+    if owner_R.unique().numel() != Q:
         raise ValueError("every image needs at least one caption")
-    image_id_N = torch.arange(N, device=image_ND.device)
-    out = _recalls(_ranks(image_ND, text_MD, image_id_N, owner_M, chunk),
-                   _ranks(text_MD, image_ND, owner_M, image_id_N, chunk), ks)
-    if image_class_N is not None:
-        if image_class_N.shape != (N,):
-            raise ValueError(f"image_class_N must hold one class id per image ({N}), got shape "
-                             f"{tuple(image_class_N.shape)}")
-        cls_N = image_class_N.to(image_ND.device)
-        out.update(_recalls(_ranks(image_ND, text_MD, cls_N, cls_N[owner_M], chunk),
-                            _ranks(text_MD, image_ND, cls_N[owner_M], cls_N, chunk), ks, prefix="class_"))
-    out["num_images"], out["num_texts"] = N, M
+    image_id_Q = torch.arange(Q, device=image_QE.device)
+    out = _recalls(_ranks(image_QE, text_RE, image_id_Q, owner_R, chunk),
+                   _ranks(text_RE, image_QE, owner_R, image_id_Q, chunk), ks)
+    if image_class_Q is not None:
+        if image_class_Q.shape != (Q,):
+            raise ValueError(f"image_class_Q must hold one class id per image ({Q}), got shape "
+                             f"{tuple(image_class_Q.shape)}")
+        cls_Q = image_class_Q.to(image_QE.device)
+        out.update(_recalls(_ranks(image_QE, text_RE, cls_Q, cls_Q[owner_R], chunk),
+                            _ranks(text_RE, image_QE, cls_Q[owner_R], cls_Q, chunk), ks, prefix="class_"))
+    out["num_images"], out["num_texts"] = Q, R
     return out
 
 
@@ -135,19 +136,19 @@ def retrieval(model, tokenizer: Callable, data: Union[str, EvalSet], preprocess:
         txt_f = encode_texts(model, tokenizer, captions, device, batch_size=max(batch_size, 256), amp=amp).cpu()
     finally:
         model.train(was_training)
-    idx_N = gather_cat(torch.cat(img_idx) if img_idx else torch.zeros(0, dtype=torch.long))
-    image_ND = gather_cat(torch.cat(img_f) if img_f else torch.zeros(0))
-    text_MD = gather_cat(txt_f if captions else torch.zeros(0))
-    owner_global_M = torch.tensor(gather_list(owners), dtype=torch.long)
-    cls_N = gather_list(img_cls)  # in the same (rank) order as idx_N
+    idx_Q = gather_cat(torch.cat(img_idx) if img_idx else torch.zeros(0, dtype=torch.long))
+    image_QE = gather_cat(torch.cat(img_f) if img_f else torch.zeros(0))
+    text_RE = gather_cat(txt_f if captions else torch.zeros(0))
+    owner_global_R = torch.tensor(gather_list(owners), dtype=torch.long)
+    cls_Q = gather_list(img_cls)  # in the same (rank) order as idx_Q
     all_captions = gather_list(captions)
-    if idx_N.numel() != idx_N.unique().numel():
+    if idx_Q.numel() != idx_Q.unique().numel():
         raise RuntimeError("retrieval saw some images more than once across ranks/workers")
-    # global sample index -> row in image_ND
-    row = torch.full((int(idx_N.max()) + 1 if idx_N.numel() else 0,), -1, dtype=torch.long)
-    row[idx_N] = torch.arange(idx_N.numel())
-    owner_M = row[owner_global_M] if owner_global_M.numel() else owner_global_M
-    class_N = torch.tensor(cls_N, dtype=torch.long) if cls_N and None not in cls_N else None
-    out = retrieval_metrics(image_ND.to(device), text_MD.to(device), owner_M, ks, image_class_N=class_N)
-    out["captions_shared"] = shared_captions(all_captions, owner_global_M.tolist())
+    # global sample index -> row in image_QE
+    row = torch.full((int(idx_Q.max()) + 1 if idx_Q.numel() else 0,), -1, dtype=torch.long)
+    row[idx_Q] = torch.arange(idx_Q.numel())
+    owner_R = row[owner_global_R] if owner_global_R.numel() else owner_global_R
+    class_Q = torch.tensor(cls_Q, dtype=torch.long) if cls_Q and None not in cls_Q else None
+    out = retrieval_metrics(image_QE.to(device), text_RE.to(device), owner_R, ks, image_class_Q=class_Q)
+    out["captions_shared"] = shared_captions(all_captions, owner_global_R.tolist())
     return out

@@ -71,7 +71,7 @@ def global_sq_norms(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> to
     norms = torch._foreach_norm(tensors)
     if len({n.dtype for n in norms}) > 1:
         norms = [n.float() for n in norms]
-    sq_N = torch.stack(norms).float().square()  # a few kernels for the whole list, not two per tensor
+    sq = torch.stack(norms).float().square()  # one per tensor; a few kernels for the whole list, not two per tensor
     buckets: dict = defaultdict(list)  # (mesh, sharded mesh dims) -> indices; DeviceMesh hashes by its layout
     for i, ref in enumerate(like):
         key = _shard_key(ref)
@@ -79,12 +79,12 @@ def global_sq_norms(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> to
             buckets[key].append(i)
     for (mesh, dims), idx in buckets.items():
         whole = len(idx) == len(tensors)  # the FSDP case: every tensor sharded on the same mesh
-        part = sq_N if whole else sq_N[torch.tensor(idx, device=sq_N.device)]
+        part = sq if whole else sq[torch.tensor(idx, device=sq.device)]
         for d in dims:
             dist.all_reduce(part, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
         if not whole:
-            sq_N[torch.tensor(idx, device=sq_N.device)] = part
-    return sq_N
+            sq[torch.tensor(idx, device=sq.device)] = part
+    return sq
 
 
 def _sq_norms_by_device(tensors: list[torch.Tensor], like: list[torch.Tensor], devices: list) -> torch.Tensor:

@@ -24,7 +24,7 @@ log = get_logger("evaclip.train")
 @dataclass
 class ClipLossCfg:
     name: Literal["clip", "siglip"] = "clip"
-    local_loss: bool = True  # each rank's logits against all texts (not the full N x N matrix on every rank)
+    local_loss: bool = True  # each rank's logits against all texts (not the full G x G matrix on every rank)
     gather_with_grad: bool = True  # gradients flow through the all-gather (exact; open_clip's default for big runs)
 
 
@@ -48,14 +48,14 @@ def _scale_grad(t: Optional[torch.Tensor], factor: float) -> Optional[torch.Tens
 
 def contrastive_forward_backward(model: nn.Module, loss_fn: nn.Module, micro: list,
                                  ctx: StepContext) -> dict[str, torch.Tensor]:
-    """Forward + backward of one optimizer step over ``micro`` = K ``(images_BCHW, tokens_BL)`` micro-batches.
+    """Forward + backward of one optimizer step over ``micro`` = k ``(images_BCHW, tokens_BL)`` micro-batches.
 
-    K == 1: the plain step. K > 1 (open_clip's accum_freq scheme): a no-grad pass caches the features of every
-    micro-batch; then each micro-batch is recomputed with grad and the loss is taken over all K*B pairs, its own
-    features live and the others' cached, so the gradients summed over the K backward passes are those of one batch of
-    K*B. Two details make that exact: each recompute replays the RNG state of its cached pass (same token-drop
-    mask, so cached and live features agree), and the logit scale / bias gradient is scaled by 1/K (every one of the
-    K losses depends on them, where the big batch's loss counts them once).
+    k == 1: the plain step. k > 1 (open_clip's accum_freq scheme): a no-grad pass caches the features of every
+    micro-batch; then each micro-batch is recomputed with grad and the loss is taken over all k*B pairs, its own
+    features live and the others' cached, so the gradients summed over the k backward passes are those of one batch of
+    k*B. Two details make that exact: each recompute replays the RNG state of its cached pass (same token-drop
+    mask, so cached and live features agree), and the logit scale / bias gradient is scaled by 1/k (every one of the
+    k losses depends on them, where the big batch's loss counts them once).
 
     Returns detached device tensors: ``loss`` and ``logit_scale`` (no host sync).
     """
@@ -85,9 +85,10 @@ def contrastive_forward_backward(model: nn.Module, loss_fn: nn.Module, micro: li
         with ctx.grad_sync(model, j == k - 1):
             with ctx.autocast():
                 out = model(images_BCHW, tokens_BL)
-                img_ND = torch.cat(img_cache[:j] + [out.image_features] + img_cache[j + 1:])  # N = K * B
-                txt_ND = torch.cat(txt_cache[:j] + [out.text_features] + txt_cache[j + 1:])
-                loss = loss_fn(img_ND, txt_ND, _scale_grad(out.logit_scale, 1.0 / k),
+                # this rank's k micro-batches: (k * B) x E, the loss's local batch (all ranks': G x E)
+                img = torch.cat(img_cache[:j] + [out.image_features] + img_cache[j + 1:])
+                txt = torch.cat(txt_cache[:j] + [out.text_features] + txt_cache[j + 1:])
+                loss = loss_fn(img, txt, _scale_grad(out.logit_scale, 1.0 / k),
                                _scale_grad(out.logit_bias, 1.0 / k), output_dict=False)
             ctx.backward(loss)
     rng.set(end_state)

@@ -234,7 +234,7 @@ class MIMTask(Task):
 
         k, world = len(micro), self.env.world_size
         masked = torch.stack([mask.sum() for _, mask in micro]).sum().float()
-        # every masked patch of the step counts once: accumulate() divides by K and DDP / FSDP average over ranks
+        # every masked patch of the step counts once: accumulate() divides by k and DDP / FSDP average over ranks
         denom = all_reduce_(masked.clone()).clamp(min=1.0) / (k * world)
 
         def loss_of(model, mb):
