@@ -1,7 +1,8 @@
-"""Benchmarks (never tests): training-step throughput / memory / MFU vs open_clip, attention kernels, optimizer, data.
+"""Benchmarks (never tests): training-step throughput / memory / MFU vs open_clip, the MIM step, attention kernels,
+optimizer, data.
 
-Entry points: ``python -m evaclip.bench {train,attention,optimizer,data,all}`` and ``evaclip bench ...`` (both end
-in ``evaclip.bench.__main__.main``); ``make bench`` runs ``all``. Results go to JSON + Markdown
+Entry points: ``python -m evaclip.bench {train,attention,optimizer,data,mim,all,gpu-check}`` and ``evaclip bench ...``
+(both end in ``evaclip.bench.__main__.main``); ``make bench`` runs ``all``. Results go to JSON + Markdown
 (``evaclip.bench.report``); docs/BENCHMARKS.md holds the latest figures with their commands and machine.
 """
 from __future__ import annotations

@@ -8,7 +8,6 @@ Parameters and gradients are random tensors with the model's shapes, grouped exa
 from __future__ import annotations
 
 import argparse
-import re
 
 import torch
 from torch import nn
@@ -28,56 +27,12 @@ COLUMNS = [("model", "model"), ("source", "architecture from"), ("device_name", 
 
 # The recipe-like settings the groups are built with (EVA02-CLIP-B-16: layer decay 0.75 in both towers).
 BENCH_CFG = dict(lr=5e-4, weight_decay=0.05, visual_ld=0.75, text_ld=0.75, betas=[0.9, 0.98], eps=1e-6)
-_OPEN_CLIP_NAMES = {"EVA02-CLIP-B-16": "EVA02-B-16", "EVA02-CLIP-L-14": "EVA02-L-14",
-                    "EVA02-CLIP-L-14-336": "EVA02-L-14-336", "EVA02-CLIP-bigE-14": "EVA02-E-14",
-                    "EVA02-CLIP-bigE-14-plus": "EVA02-E-14-plus"}
-
-
-class _OpenClipLayout(nn.Module):
-    """open_clip's EVA02 CLIP with evaclip's optimizer hooks: same parameter shapes, used until evaclip.models lands."""
-
-    _EMBED = re.compile(r"(cls_token|pos_embed|patch_embed|token_embedding|positional_embedding)")
-    _BLOCK = re.compile(r"\.(?:blocks|resblocks)\.(\d+)\.")
-
-    def __init__(self, open_clip_name: str) -> None:
-        super().__init__()
-        import open_clip
-
-        model = open_clip.create_model(open_clip_name)
-        self.visual, self.text, self.logit_scale = model.visual, model.text, model.logit_scale
-        self._depth = {t: 1 + max(int(m.group(1)) for n, _ in self.named_parameters() if n.startswith(t + ".")
-                                  for m in [self._BLOCK.search(n)] if m) for t in ("visual", "text")}
-
-    def no_weight_decay(self) -> set[str]:
-        return {"logit_scale"}
-
-    def param_tower(self, name: str) -> str:
-        return name.split(".", 1)[0] if name.startswith(("visual.", "text.")) else "other"
-
-    def num_layers(self, tower: str) -> int:
-        return self._depth[tower]
-
-    def layer_id(self, name: str) -> int:
-        block = self._BLOCK.search(name)
-        if block:
-            return int(block.group(1)) + 1
-        return 0 if self._EMBED.search(name) else self._depth[self.param_tower(name)] + 1
-
-
 def parameter_groups(model_name: str) -> tuple[list[dict], str]:
-    """Param groups (names and shapes) of ``model_name`` on CPU, and where the architecture came from."""
-    try:
-        from evaclip.models import create_model
-    except ImportError:
-        create_model = None
-    if create_model is not None:
-        model, source = create_model(model_name), "evaclip.models"
-    elif model_name in _OPEN_CLIP_NAMES:
-        model, source = _OpenClipLayout(_OPEN_CLIP_NAMES[model_name]), f"open_clip {_OPEN_CLIP_NAMES[model_name]}"
-    else:
-        raise ValueError(f"unknown model {model_name!r}; without evaclip.models the benchmark knows "
-                         f"{sorted(_OPEN_CLIP_NAMES)}")
-    return build_param_groups(model, OptimCfg(**BENCH_CFG)), source
+    """Param groups (names and shapes) of ``model_name`` on CPU, grouped as training groups them, and where the
+    architecture came from."""
+    from evaclip.models import create_model
+
+    return build_param_groups(create_model(model_name), OptimCfg(**BENCH_CFG)), "evaclip.models"
 
 
 def _fresh_groups(groups: list[dict], device: torch.device, seed: int = 0) -> list[dict]:
