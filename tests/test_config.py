@@ -91,3 +91,32 @@ def test_null_override_clears_optional_keys():
     assert cfg.eval.zeroshot is None and cfg.model.token_drop_until is None
     with pytest.raises(ConfigError, match="'data.batch_size'"):
         load_config("demo_cpu", ["data.batch_size=null"])
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("optim.lrr=1", "config key 'optim.lrr': not in OptimCfg; did you mean 'lr'?"),
+    ("data.batch_size=big", "config key 'data.batch_size': Value 'big' of type 'str' could not be converted"),
+    ("optim.name=sgd", "config key 'optim.name': Invalid value 'sgd', expected one of ['lamb', 'adamw']"),
+    ("model.overrides.vision.widht=64", "config key 'model.overrides.vision.widht': not in VisionCfg; did you mean "
+                                        "'width'?"),
+    ("model.overrides.vision.width=wide", "config key 'model.overrides.vision.width': Value 'wide'"),
+    ("model.overrides.width=64", "config key 'model.overrides.width': not in CLIPCfg; tower keys go under a tower: "
+                                 "model.overrides.vision.width or model.overrides.text.width"),
+    ("optim.betas=[0.9,", "override 'optim.betas=[0.9,': the value is not valid YAML"),
+    ("optim.lr.x=1", "config key 'optim.lr.x': 'optim.lr' is a value, not a section"),
+])
+def test_evaclip_train_config_errors_are_one_line_naming_the_key(tmp_path, capsys, override, expect):
+    rc = cli(["demo_cpu", override, f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert expect in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_malformed_recipe_names_the_file_and_line(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("optim:\n  lr: 1.0e-3\n  betas: [0.9, 0.98\nmax_steps: 3\n")
+    assert cli([str(recipe), f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(recipe) in err and "line 4" in err, err
+    assert "<unicode string>" not in err
