@@ -22,8 +22,10 @@ USAGE = """usage: evaclip train RECIPE [key=value ...]
        python -m evaclip.train RECIPE [key=value ...]
        torchrun --nproc_per_node=N -m evaclip.train RECIPE [key=value ...]
 
-RECIPE is a YAML file or the name of one in recipes/ (e.g. demo_cpu). Overrides are dotted config keys
-(optim.lr=1e-3 data.batch_size=64 resume=auto); `evaclip config RECIPE` prints every key with its value.
+RECIPE is a YAML file or the name of one in recipes/ (e.g. demo_cpu); its `task` picks the objective (clip:
+contrastive image-text; mim: EVA's masked image modeling from a CLIP teacher, e.g. eva02_mim_b14). Overrides are
+dotted config keys (optim.lr=1e-3 data.batch_size=64 resume=auto); `evaclip config RECIPE` prints every key.
+A new run refuses a run folder that already holds checkpoints (use another name= or resume=auto).
 resume=auto continues a run from its newest checkpoint with the config it was started with (keys that may change
 on resume: max_steps, epochs, device, log.*, eval.*, ckpt.every, ckpt.keep_last, data.workers, max_bad_steps)."""
 
