@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   := torch==2.14.1 torchvision==0.29.1
 STAMP   := $(VENV)/.installed
 DEMO    ?= demo_data
-RUN     ?= runs/demo_cpu
+RUNS    ?= runs
 
 .PHONY: install demo test test-gpu test-fast bench gpu-check lint clean
 
@@ -18,8 +18,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# the EVA bootstrap on the digits (docs/DEMO.md): CLIP from scratch -> MIM student -> EVA-CLIP, in RUNS/demo_cpu,
+# RUNS/demo_mim_cpu and RUNS/demo_eva_clip_cpu; the 5-seed table: python -m evaclip.demo --seeds 0 1 2 3 4 (docs/DEMO.md)
 demo: $(STAMP)
-	$(BIN)/python -m evaclip.demo --data $(DEMO) --run $(RUN)
+	$(BIN)/python -m evaclip.demo --data $(DEMO) --runs $(RUNS)
 
 # pytest exit code 5 (no tests collected) is not a failure of the suite
 test: $(STAMP)
