@@ -9,7 +9,8 @@ its recipe (``--runs`` holds them):
    token dropping, zero-shot on the held-out digits with held-out caption templates; the encoders are exported.
 
 It ends with the zero-shot top-1 of stages 1 and 3 at the same numbers of CLIP steps, what each stage saw (steps,
-samples, seconds) and ``RUNS/demo_eva_clip_cpu/demo_result.json``.
+samples, seconds) and ``RUNS/demo_eva_clip_cpu/demo_result.json``. Exit status 0 when the EVA-initialised CLIP reaches
+stage 1's final zero-shot top-1 within its (three times fewer) steps, 1 when it does not, 2 on a bad override.
 
     python -m evaclip.demo --data demo_data --runs runs [key=value ...] [--teacher k=v ...] [--mim k=v ...]
                            [--eva-clip k=v ...]

@@ -1,6 +1,7 @@
 """create_model: a registered architecture, built with one attention backend, optionally loaded from checkpoints."""
 from __future__ import annotations
 
+import logging
 from typing import Optional, Union
 
 import torch
@@ -44,7 +45,11 @@ def create_model(name: Union[str, CLIPCfg], pretrained: Optional[str] = None, *,
     if pretrained or image_init or text_init:
         from .convert import load_pretrained
 
-        load_pretrained(model, pretrained=pretrained, image_init=image_init, text_init=text_init)
+        report = load_pretrained(model, pretrained=pretrained, image_init=image_init, text_init=text_init)
+        # what the init did, in one place for every caller (training logs it; dropped / fresh keys are expected ones)
+        logging.getLogger("evaclip.models").info(
+            "loaded %s: dropped %d known-ignorable keys %s, adapted %s, fresh %s", report.formats, len(report.ignored),
+            sorted(report.ignored)[:6], sorted(report.adapted), sorted(report.fresh)[:8])
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     if device is not None:
