@@ -147,8 +147,6 @@ def _one_line(e: OmegaConfBaseException, prefix: str = "") -> ConfigError:
         hint = msg.split("Did you mean:", 1)[1].strip().rstrip("?") if "Did you mean:" in msg else None
         text = f"config key '{key}': not in {where or 'the config'}"
         return ConfigError(text + (f"; did you mean {hint}?" if hint else ""))
-    if "not a valid type" in msg or "could not be converted" in msg or "Invalid value" in msg:
-        return ConfigError(f"config key '{key}': {msg}")
     return ConfigError(f"config key '{key}': {msg}")
 
 
@@ -282,11 +280,9 @@ def validate(cfg: TrainCfg) -> TrainCfg:
     if cfg.optim.impl == "reference" and cfg.optim.lamb_variant != "torch_optimizer":
         raise ConfigError("config key 'optim.lamb_variant': optim.impl=reference is torch_optimizer.Lamb, which has "
                           "no DeepSpeed variant; use optim.impl=foreach with optim.lamb_variant=deepspeed")
-    if cfg.dist.cpu_offload and cfg.dist.strategy != "fsdp":
-        raise ConfigError("config key 'dist.cpu_offload' needs dist.strategy=fsdp (DDP keeps full replicas)")
-    if cfg.dist.strategy == "fsdp" and cfg.dist.cpu_offload and cfg.dist.backend == "nccl":
-        raise ConfigError("config key 'dist.backend': dist.cpu_offload keeps sharded weights and optimizer state on "
-                          "the CPU, whose collectives need gloo; use dist.backend=auto (cpu:gloo,cuda:nccl)")
+    from evaclip.fsdp import check_fsdp_config
+
+    check_fsdp_config(cfg.dist)  # the dist section's rules live with FSDP; checked here, before any work
     if cfg.loss.local_loss and not cfg.loss.gather_with_grad:
         raise ConfigError("config key 'loss.gather_with_grad': loss.local_loss=true needs gather_with_grad=true "
                           "(without it the cross-rank gradient terms are lost); set both, or local_loss=false")
@@ -306,7 +302,7 @@ def resolve_recipe(recipe: str | Path) -> Path:
     raise ConfigError(f"recipe not found: {recipe} (a YAML file, or a name in recipes/)")
 
 
-def _build(*layers, source: str = "") -> TrainCfg:
+def _build(*layers) -> TrainCfg:
     conf = _merge(OmegaConf.structured(TrainCfg), *layers)
     return validate(_to_object(conf))
 
