@@ -120,3 +120,21 @@ def test_malformed_recipe_names_the_file_and_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(recipe) in err and "line 4" in err, err
     assert "<unicode string>" not in err
+
+
+def test_glob_in_the_train_spec_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"config key 'data.train': 'shards/\*.tar' is a glob; name shards with braces"):
+        load_config("demo_cpu", ["data.train=shards/*.tar"])
+
+
+def test_mim_teacher_model_contradicting_the_teacher_run_is_a_config_error(tmp_path):
+    from evaclip.tasks.mim import check_mim_cfg
+
+    run = tmp_path / "teacher_run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "EVA02-CLIP-tiny"}}))
+    args = {"task": "mim", "model.name": "EVA02-CLIP-tiny", "data.synthetic": "true", "mim.teacher": str(run)}
+    check_mim_cfg(load_config(None, args))  # the run's own config names it: fine
+    check_mim_cfg(load_config(None, {**args, "mim.teacher_model": "EVA02-CLIP-tiny"}))  # agreeing: fine
+    with pytest.raises(ConfigError, match="config key 'mim.teacher_model' is 'EVA02-CLIP-demo' but the teacher"):
+        check_mim_cfg(load_config(None, {**args, "mim.teacher_model": "EVA02-CLIP-demo"}))
