@@ -123,7 +123,8 @@ def test_malformed_recipe_names_the_file_and_line(tmp_path, capsys):
 
 
 def test_glob_in_the_train_spec_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"config key 'data.train': 'shards/\*.tar' is a glob; name shards with braces"):
+    with pytest.raises(ConfigError, match=r"config key 'data.train': 'shards/\*.tar' is a glob; name shards with "
+                                          "braces"):
         load_config("demo_cpu", ["data.train=shards/*.tar"])
 
 
