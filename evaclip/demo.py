@@ -163,7 +163,8 @@ def init_report(recipe: str, overrides: list[str]) -> str:
                              text_init=m.text_init)
     return (f"image tower <- {m.image_init} ({report.formats.get('image_init')}), text tower <- {m.text_init} "
             f"({report.formats.get('text_init')}); dropped: {', '.join(report.ignored) or 'nothing'}; fresh: "
-            f"{', '.join(report.fresh) or 'nothing'}")
+            f"{', '.join(report.fresh) or 'nothing'}"
+            + "".join(f"; {k}: {v}" for k, v in report.reinit.items()))
 
 
 def bootstrap(info: dict, runs: Path, common: list[str], per_stage: dict[str, list[str]]) -> list[dict]:

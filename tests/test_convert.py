@@ -139,7 +139,7 @@ def test_open_clip_checkpoint_loads_with_same_features(tmp_path):
 
 def test_eva_mim_image_init_adapts_shapes():
     """An EVA MIM checkpoint (no prefix, patch 14 kernel, another grid, mask_token / lm_head / rope tables) initialises
-    the image tower: kernel resized, position embedding interpolated, CLIP head and attention sub-LN left fresh."""
+    the image tower: kernel resized, position embedding interpolated, CLIP head and attention sub-LN fresh."""
     src = _randomized(**{"vision.image_size": 42, "vision.patch_size": 7})  # grid 6, kernel 7 (the "14")
     mim = {k[len("visual."):]: v for k, v in to_eva_clip_state_dict(src).items()
            if k.startswith("visual.") and not k.startswith("visual.head.") and "inner_attn_ln" not in k}
@@ -147,13 +147,12 @@ def test_eva_mim_image_init_adapts_shapes():
                 "lm_head.bias": torch.zeros(10), "rope.freqs_cos": torch.zeros(36, 32)})
     assert detect_format(mim) == "eva_mim"
     dst = create_model("EVA02-CLIP-tiny", attn_backend="sdpa")  # grid 4, kernel 8 (the "16")
-    head_before = dst.visual.head.weight.clone()
     report = load_pretrained(dst, image_init=mim)
     assert report.formats["image_init"] == "eva_mim"
     assert set(report.adapted) == {"visual.pos_embed", "visual.patch_embed.proj.weight"}
     assert "visual.head.weight" in report.fresh and "visual.blocks.0.attn.inner_attn_ln.weight" in report.fresh
     assert {"mask_token", "lm_head.weight", "rope.freqs_cos"} <= set(report.ignored)
-    torch.testing.assert_close(dst.visual.head.weight, head_before)
+    assert float(dst.visual.head.weight.detach().abs().max()) < 1e-3  # EVA-CLIP's head init (test_mim_models)
     torch.testing.assert_close(dst.visual.blocks[1].mlp.w3.weight, src.visual.blocks[1].mlp.w3.weight)
     torch.testing.assert_close(dst.visual.pos_embed[:, 0], src.visual.pos_embed[:, 0])  # CLS row kept as is
     torch.testing.assert_close(dst.visual.patch_embed.proj.weight,

@@ -100,25 +100,79 @@ def test_token_dropping_is_refused():
         s.train()(_images(), _mask())
 
 
-def test_eva02_init():
-    """xavier-normal Linear weights, zero biases; sub-LN towers: v rows of qkv, attn.proj and the MLP x sqrt(ln(2L))."""
+def _xavier_std(fan_in: int, fan_out: int) -> float:
+    """torch.nn.init.xavier_normal_'s std for a Linear(fan_in, fan_out) (gain 1), the init EVA-02 applies."""
+    return math.sqrt(2.0 / (fan_in + fan_out))
+
+
+def _trunc_std(std: float) -> float:
+    """The std of EVA's trunc_normal_(std) (EVA-01/eva/modeling_pretrain.py:24-25 and EVA-02/asuka/
+    modeling_pretrain.py:28-29: timm's trunc_normal_ with a=-std, b=std), a normal cut at one std:
+    std * sqrt(1 - 2 phi(1) / (2 Phi(1) - 1))."""
+    phi1 = math.exp(-0.5) / math.sqrt(2 * math.pi)
+    mass = math.erf(1 / math.sqrt(2))  # 2 Phi(1) - 1
+    return std * math.sqrt(1 - 2 * phi1 / mass)
+
+
+def test_eva02_init_sub_ln_uses_each_eva_linear_fan():
+    """EVA-02 B / L (sub-LN): q, k, v are three Linear(D, D) (EVA-02/asuka/modeling_finetune.py:139-141), SwiGLU w1 / w2
+    two Linear(D, Hd) (:99-100); xavier_normal_ per layer (modeling_pretrain.py:121-122), then v_proj, attn.proj and
+    the mlp.w* weights x sqrt(ln(2 depth)) (modeling_pretrain.py:144-154). Each block of evaclip's fused weights must
+    have the std of EVA's separate layer."""
     torch.manual_seed(0)
-    s = _student(**{"vision.depth": 4, "vision.width": 128, "vision.heads": 4})
-    D, scale = 128, math.sqrt(math.log(2 * 4))
-    xavier = lambda w: math.sqrt(2.0 / sum(w.shape))  # noqa: E731
-    qkv = s.blocks[2].attn.qkv.weight
-    assert qkv[:D].std().item() == pytest.approx(xavier(qkv), rel=0.05)  # q, k: fan of the fused (3D, D) weight
-    assert qkv[2 * D:].std().item() == pytest.approx(scale * xavier(qkv), rel=0.05)
-    for w in (s.blocks[0].attn.proj.weight, s.blocks[3].mlp.w12.weight, s.blocks[1].mlp.w3.weight):
-        assert w.std().item() == pytest.approx(scale * xavier(w), rel=0.05)
-    assert s.lm_head.weight.std().item() == pytest.approx(xavier(s.lm_head.weight), rel=0.05)
+    D, L = 128, 4
+    s = _student(**{"vision.depth": L, "vision.width": D, "vision.heads": 4})
+    Hd, scale = s.cfg.mlp_hidden, math.sqrt(math.log(2 * L))
+    for blk in s.blocks:
+        q, k, v = blk.attn.qkv.weight.split(D)
+        w1, w2 = blk.mlp.w12.weight.split(Hd)
+        want = {"q": (q, _xavier_std(D, D)), "k": (k, _xavier_std(D, D)), "v": (v, scale * _xavier_std(D, D)),
+                "w1": (w1, scale * _xavier_std(D, Hd)), "w2": (w2, scale * _xavier_std(D, Hd)),
+                "w3": (blk.mlp.w3.weight, scale * _xavier_std(Hd, D)),
+                "proj": (blk.attn.proj.weight, scale * _xavier_std(D, D))}
+        for name, (w, std) in want.items():
+            assert w.std().item() == pytest.approx(std, rel=0.05), name
+    assert s.lm_head.weight.std().item() == pytest.approx(_xavier_std(D, T), rel=0.05)
     assert float(s.blocks[0].mlp.w12.bias.detach().abs().max()) == 0.0
     assert float(s.mask_token.detach().abs().max()) <= 0.02 and float(s.cls_token.detach().abs().max()) <= 0.02
-    # EVA-01 style (no sub-LN): no rescale; the "beit" init is the tower's own (proj / sqrt(2 * layer))
-    e1 = _student("EVA01-CLIP-tiny", **{"vision.width": 128, "vision.heads": 4})
-    assert e1.blocks[1].attn.proj.weight.std().item() == pytest.approx(xavier(e1.blocks[1].attn.proj.weight), rel=0.05)
-    beit = _student(init="beit", **{"vision.width": 128, "vision.heads": 4})
-    assert beit.blocks[1].attn.proj.weight.std().item() == pytest.approx(0.02 / 2, rel=0.05)
+    assert s.pos_embed.std().item() == pytest.approx(_trunc_std(0.02), rel=0.05)
+
+
+def test_eva02_init_fused_towers_keep_the_fused_fan():
+    """Ti / S and EVA-01-shaped towers have one fused qkv (modeling_finetune.py:143) and xformers' fused SwiGLU w12 in
+    EVA-02 too: xavier over the fused weight, no rescale without sub-LN."""
+    torch.manual_seed(0)
+    D = 128
+    s = _student(**{"vision.width": D, "vision.heads": 4, "vision.subln": False})
+    Hd = s.cfg.mlp_hidden
+    assert s.blocks[1].attn.qkv.weight.std().item() == pytest.approx(_xavier_std(D, 3 * D), rel=0.05)
+    assert s.blocks[1].mlp.w12.weight.std().item() == pytest.approx(_xavier_std(D, 2 * Hd), rel=0.05)
+    e1 = _student("EVA01-CLIP-tiny", **{"vision.width": D, "vision.heads": 4})
+    assert e1.blocks[1].attn.proj.weight.std().item() == pytest.approx(_xavier_std(D, D), rel=0.05)
+
+
+@pytest.mark.parametrize("init", ["eva01", "beit"])
+def test_eva01_init(init):
+    """EVA-01's init (EVA-01/eva/modeling_pretrain.py:74-80, 95-114): trunc_normal(init_std, cut +-init_std) on the
+    tokens, every Linear and the patch Conv2d, zero biases, attn.proj and mlp.fc2 / sqrt(2 layer_id); g/14 uses
+    init_std 0.015 (:171-172)."""
+    torch.manual_seed(0)
+    D, std = 256, 0.015
+    s = _student("EVA01-CLIP-tiny", init=init, init_std=std, **{"vision.width": D, "vision.heads": 8,
+                                                                 "vision.depth": 3})
+    t = _trunc_std(std)
+    for w in (s.blocks[0].attn.qkv.weight, s.blocks[2].mlp.fc1.weight, s.lm_head.weight, s.patch_embed.proj.weight,
+              s.pos_embed):
+        assert w.std().item() == pytest.approx(t, rel=0.05)
+        assert float(w.detach().abs().max()) <= std
+    for i, blk in enumerate(s.blocks):
+        for w in (blk.attn.proj.weight, blk.mlp.fc2.weight):
+            assert w.std().item() == pytest.approx(t / math.sqrt(2.0 * (i + 1)), rel=0.05)
+    assert float(s.patch_embed.proj.bias.detach().abs().max()) == 0.0
+    assert float(s.blocks[1].mlp.fc1.bias.detach().abs().max()) == 0.0
+    # a SwiGLU tower under EVA-02's BEiT branch rescales w3 (EVA-02/asuka/modeling_pretrain.py:166-175)
+    e2 = _student(init=init, init_std=std, **{"vision.width": D, "vision.heads": 8, "vision.depth": 2})
+    assert e2.blocks[1].mlp.w3.weight.std().item() == pytest.approx(t / 2.0, rel=0.05)
 
 
 def test_patch_embed_grad_scale():
@@ -352,20 +406,36 @@ def test_image_init_from_mim_export_checkpoint_and_run(tmp_path):
     mim_sd = student.state_dict()
     for src in sources:
         clip = create_model("EVA02-CLIP-tiny", attn_backend="sdpa")
-        head = clip.visual.head.weight.detach().clone()
         report = load_pretrained(clip, image_init=str(src))
         assert report.formats["image_init"] == "eva_mim", src
         assert sorted(report.ignored) == ["lm_head.bias", "lm_head.weight", "mask_token"], src
         fresh = {"visual.head.weight", "visual.head.bias"} | {f"visual.blocks.{i}.attn.inner_attn_ln.{p}"
                                                              for i in range(2) for p in ("weight", "bias")}
         assert set(report.fresh) == fresh and report.adapted == [], src
-        torch.testing.assert_close(clip.visual.head.weight, head)
+        assert set(report.reinit) == {"visual.head.weight", "visual.head.bias"}, src
         for k, v in clip.visual.state_dict().items():
             if "visual." + k not in fresh and k in mim_sd:
                 torch.testing.assert_close(v, mim_sd[k], msg=k)
     # create_model's own argument takes it too
     clip = create_model("EVA02-CLIP-tiny", image_init=str(tmp_path / "run"), attn_backend="sdpa")
     torch.testing.assert_close(clip.visual.blocks[1].mlp.w3.weight, student.blocks[1].mlp.w3.weight)
+
+
+def test_clip_head_after_image_init_from_mim_is_eva_clips():
+    """EVA-CLIP's head on a MIM-initialised tower: trunc_normal(std=.02) (timm's, cut at +-2: no cut at this std) then
+    x init_scale 0.001, bias zero (EVA-CLIP/rei/eva_clip/eva_vit_model.py:433-436, init_scale=0.001 at :373; model.py
+    :110 does not pass another). A CLIP head of width 1024 x embed 256 gives the std to 1 %."""
+    torch.manual_seed(0)
+    student = _student(**{"vision.width": 1024, "vision.heads": 16, "vision.depth": 1})
+    clip = create_model("EVA02-CLIP-tiny", attn_backend="sdpa",
+                        **{"vision.width": 1024, "vision.heads": 16, "vision.depth": 1, "embed_dim": 256})
+    with torch.no_grad():
+        clip.visual.head.bias.fill_(1.0)
+    report = load_pretrained(clip, image_init=student.state_dict())
+    assert report.formats["image_init"] == "eva_mim"
+    assert clip.visual.head.weight.std().item() == pytest.approx(0.02 * 0.001, rel=0.05)
+    assert float(clip.visual.head.bias.detach().abs().max()) == 0.0
+    assert "0.001" in report.reinit["visual.head.weight"]
 
 
 def test_load_student_and_cli_export_from_a_run(tmp_path):

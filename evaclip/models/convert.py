@@ -48,6 +48,7 @@ class LoadReport:
     ignored: list = field(default_factory=list)  # source keys dropped as known-ignorable
     adapted: list = field(default_factory=list)  # model keys whose tensors were resized (pos embed, patch kernel)
     fresh: list = field(default_factory=list)  # model keys a format legitimately lacks (kept at their init)
+    reinit: dict = field(default_factory=dict)  # fresh model keys given a format-specific init -> what it is
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -327,7 +328,27 @@ def load_visual(model, sd: dict, fmt: Optional[str] = None, report: Optional[Loa
     report.fresh += _check_keys(src, target, "visual.", f"image tower of the '{fmt}' checkpoint", fresh_ok)
     report.ignored += ignored
     tower.load_state_dict(src, strict=False)
+    if fmt == "eva_mim" and "visual.head.weight" in report.fresh:
+        report.reinit.update(init_head_from_mim(tower.head, "visual.head"))
     return report
+
+
+# EVA-CLIP's init of the CLIP head of a tower built from a MIM checkpoint: trunc_normal(std 0.02) then x init_scale
+# (0.001), bias 0 x 0.001 (baaivision/EVA, EVA-CLIP/rei/eva_clip/eva_vit_model.py:433-436; init_scale's default at
+# :373, which model.py:110 keeps). timm's trunc_normal_ cuts at +-2 absolute: no cut at std 0.02.
+MIM_HEAD_STD, MIM_HEAD_SCALE = 0.02, 1e-3
+
+
+def init_head_from_mim(head: torch.nn.Linear, name: str = "head") -> dict:
+    """EVA-CLIP's fresh CLIP head on a MIM-initialised image tower (see ``MIM_HEAD_SCALE``); returns what it did, for
+    the load report. With LAMB the head's trust ratio depends on this scale from the first step."""
+    with torch.no_grad():
+        torch.nn.init.trunc_normal_(head.weight, std=MIM_HEAD_STD, a=-2.0, b=2.0)
+        head.weight.mul_(MIM_HEAD_SCALE)
+        if head.bias is not None:
+            head.bias.zero_()
+    return {f"{name}.weight": f"trunc_normal(std {MIM_HEAD_STD}) x {MIM_HEAD_SCALE} (EVA-CLIP's head init)",
+            f"{name}.bias": "zeros"}
 
 
 def load_text(model, sd: dict, fmt: Optional[str] = None, report: Optional[LoadReport] = None) -> LoadReport:
@@ -374,6 +395,7 @@ def load_pretrained(model, pretrained=None, image_init=None, text_init=None) -> 
         report.ignored += r.ignored
         report.adapted += r.adapted
         report.fresh += r.fresh
+        report.reinit.update(r.reinit)
     if image_init is not None:
         sd = read(image_init)
         report.formats["image_init"] = detect_format(sd)

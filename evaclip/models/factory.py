@@ -48,8 +48,9 @@ def create_model(name: Union[str, CLIPCfg], pretrained: Optional[str] = None, *,
         report = load_pretrained(model, pretrained=pretrained, image_init=image_init, text_init=text_init)
         # what the init did, in one place for every caller (training logs it; dropped / fresh keys are expected ones)
         logging.getLogger("evaclip.models").info(
-            "loaded %s: dropped %d known-ignorable keys %s, adapted %s, fresh %s", report.formats, len(report.ignored),
-            sorted(report.ignored)[:6], sorted(report.adapted), sorted(report.fresh)[:8])
+            "loaded %s: dropped %d known-ignorable keys %s, adapted %s, fresh %s, fresh with their own init %s",
+            report.formats, len(report.ignored), sorted(report.ignored)[:6], sorted(report.adapted),
+            sorted(report.fresh)[:8], report.reinit or "none")
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     if device is not None:

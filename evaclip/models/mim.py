@@ -32,9 +32,9 @@ from torch import nn
 
 from .attention import Attend
 from .registry import CLIPCfg, VisionCfg, get_model_config
-from .vision import EVAVisionTransformer
+from .vision import EVAVisionTransformer, SwiGLU
 
-Init = Literal["eva02", "beit"]
+Init = Literal["eva02", "eva01", "beit"]  # "beit": EVA-01's name for the same init (its code is BEiT's)
 Resize = Literal["bilinear", "area"]
 
 _EMBED = re.compile(r"^(patch_embed\.|cls_token$|pos_embed$|mask_token$)")
@@ -51,19 +51,27 @@ class MIMStudent(EVAVisionTransformer):
         attend: the attention module (``evaclip.models.attention.Attend``).
         attn_subln: keep the attention sub-LN (``inner_attn_ln``) of sub-LN towers. EVA-02 B / L MIM students have
             none (only the MLP's ``ffn_ln``); EVA-CLIP adds it when it starts from them, so it starts fresh there.
-        init: ``eva02``: EVA-02's released init (xavier-normal Linear weights, xavier-uniform patch kernel, tokens
-            truncated normal at 0.02 cut at +-0.02, and in sub-LN towers the weights EVA-02 rescales, the v rows
-            of qkv, ``attn.proj`` and every MLP Linear, multiplied by sqrt(ln(2 * depth))). ``beit``: the tower's own
-            BEiT / EVA-01 init (truncated normal 0.02, residual output projections divided by sqrt(2 * layer)).
+        init: ``eva02``: EVA-02's released init (``xavier_normal_init=True``: xavier-normal Linear weights with each
+            EVA Linear's own fan, so in sub-LN towers (EVA-02 B / L, whose q, k, v and SwiGLU w1, w2 are separate
+            layers) each D-row block of the fused ``qkv`` and each hidden-row block of ``w12`` on its own;
+            xavier-uniform patch kernel; tokens truncated normal at ``init_std`` cut at +-``init_std``; and in sub-LN
+            towers the weights EVA-02 rescales, the v rows of qkv, ``attn.proj`` and every MLP Linear, multiplied by
+            sqrt(ln(2 * depth))). ``eva01`` (alias ``beit``): EVA-01's init, which is BEiT's: every Linear weight,
+            the patch kernel and the tokens truncated normal at ``init_std`` cut at +-``init_std`` (EVA-01 g: 0.015),
+            zero biases, each block's ``attn.proj`` and MLP output divided by sqrt(2 * layer), post-norm LayerNorms
+            zeroed.
+        init_std: the truncated normals' std (EVA's ``init_std``: 0.02; EVA-01 g/14 0.015).
         patch_embed_grad_scale: multiplies the gradient reaching the patch embedding (EVA-02's ``stop_grad_conv1``
             is 0.1); the forward is unchanged.
     """
 
     def __init__(self, cfg: VisionCfg, target_dim: int, attend: Attend, *, attn_subln: bool = False,
-                 init: Init = "eva02", patch_embed_grad_scale: float = 1.0):
+                 init: Init = "eva02", patch_embed_grad_scale: float = 1.0, init_std: float = 0.02):
         super().__init__(cfg, target_dim, attend)
-        if init not in ("eva02", "beit"):
-            raise ValueError(f"init must be 'eva02' or 'beit', got {init!r}")
+        if init not in ("eva02", "eva01", "beit"):
+            raise ValueError(f"init must be 'eva02' or 'eva01' (alias 'beit'), got {init!r}")
+        if not init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {init_std}")
         if not 0.0 <= patch_embed_grad_scale <= 1.0:
             raise ValueError(f"patch_embed_grad_scale must be in [0, 1], got {patch_embed_grad_scale}")
         self.lm_head = self.head  # Linear(D, T), initialised by the tower with its CLIP head
@@ -75,17 +83,20 @@ class MIMStudent(EVAVisionTransformer):
             for blk in self.blocks:
                 blk.attn.inner_attn_ln = nn.Identity()
         self.patch_embed_grad_scale = float(patch_embed_grad_scale)
-        if init == "eva02":
-            self._init_eva02()
+        self.init_std = float(init_std)
+        self._init_eva02() if init == "eva02" else self._init_eva01()
 
     @property
     def target_dim(self) -> int:
         return self.lm_head.out_features
 
+    def _trunc_normal_(self, t: torch.Tensor) -> None:
+        """EVA's ``trunc_normal_``: std ``init_std``, cut at +-``init_std`` (one std, not timm's +-2)."""
+        nn.init.trunc_normal_(t, std=self.init_std, a=-self.init_std, b=self.init_std)
+
     def _init_eva02(self) -> None:
-        std = 0.02
         for p in (self.cls_token, self.pos_embed, self.mask_token):
-            nn.init.trunc_normal_(p, std=std, a=-std, b=std)
+            self._trunc_normal_(p)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_normal_(m.weight)
@@ -94,16 +105,43 @@ class MIMStudent(EVAVisionTransformer):
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         if not self.cfg.subln:
-            return
+            return  # Ti / S: fused qkv and w12 in EVA-02 too (xformers' SwiGLU), one fan each
         scale = math.sqrt(math.log(2 * self.cfg.depth))
-        D = self.cfg.width
+        D, Hd = self.cfg.width, self.cfg.mlp_hidden
         with torch.no_grad():
             for blk in self.blocks:
+                for rows in blk.attn.qkv.weight.split(D):  # q, k, v: EVA's three D x D Linears
+                    nn.init.xavier_normal_(rows)
+                if isinstance(blk.mlp, SwiGLU):
+                    for rows in blk.mlp.w12.weight.split(Hd):  # w1, w2: two Hd x D Linears
+                        nn.init.xavier_normal_(rows)
                 blk.attn.qkv.weight[2 * D:].mul_(scale)  # the v projection's rows
                 blk.attn.proj.weight.mul_(scale)
                 for m in blk.mlp.modules():
                     if isinstance(m, nn.Linear):
                         m.weight.mul_(scale)
+
+    def _init_eva01(self) -> None:
+        for p in (self.cls_token, self.pos_embed, self.mask_token, self.patch_embed.proj.weight):
+            self._trunc_normal_(p)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                self._trunc_normal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            for i, blk in enumerate(self.blocks):
+                out = blk.mlp.w3 if isinstance(blk.mlp, SwiGLU) else blk.mlp.fc2
+                for w in (blk.attn.proj.weight, out.weight):
+                    w.div_(math.sqrt(2.0 * (i + 1)))
+                if self.cfg.postnorm:  # EVA-01's _init_respostnorm
+                    for norm in (blk.norm1, blk.norm2):
+                        nn.init.zeros_(norm.weight)
+                        nn.init.zeros_(norm.bias)
 
     def set_token_drop(self, ratio: float) -> None:
         if ratio:
@@ -145,8 +183,9 @@ class MIMStudent(EVAVisionTransformer):
 
     def pooled_features(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """B x D image features for k-NN monitoring: the mean of the unmasked image's patch tokens after the final
-        norm (the tokens ``lm_head`` reads). Not the CLS token: the MIM loss never reaches it, so it says little
-        about what the student has learnt; not L2-normalised (k-NN normalises)."""
+        norm (the tokens ``lm_head`` reads). Not the CLS token: it gets gradients only as a key / value of the
+        patch tokens, its own final readout is never trained, so it says little about what the student has learnt;
+        not L2-normalised (k-NN normalises)."""
         return self.patch_features(images_BCHW).mean(dim=1)
 
     # --- hooks for the optimizer (see evaclip.optim.groups) ----------------------------------------------------------
@@ -175,14 +214,14 @@ class MIMStudent(EVAVisionTransformer):
 def build_student(model: Union[str, CLIPCfg], target_dim: int, *, attn_backend: str = "auto",
                   device: Optional[Union[str, torch.device]] = None, precision="fp32", attn_subln: bool = False,
                   init: Init = "eva02", patch_embed_grad_scale: float = 1.0, grad_checkpointing: bool = False,
-                  **overrides) -> MIMStudent:
+                  init_std: float = 0.02, **overrides) -> MIMStudent:
     """A MIM student with the image tower of the registered CLIP ``model`` (overrides as in ``create_model``:
     ``vision.patch_size=14``, ``vision.drop_path=0.1``); other arguments as in ``MIMStudent`` / ``create_model``."""
     from .factory import _attend
 
     cfg = get_model_config(model, **overrides)
     student = MIMStudent(cfg.vision, target_dim, _attend(attn_backend, device, precision), attn_subln=attn_subln,
-                         init=init, patch_embed_grad_scale=patch_embed_grad_scale)
+                         init=init, patch_embed_grad_scale=patch_embed_grad_scale, init_std=init_std)
     student.set_grad_checkpointing(grad_checkpointing)
     return student.to(device) if device is not None else student
 
@@ -214,7 +253,7 @@ def load_student(checkpoint: Union[str, Path], model_name: Optional[str] = None,
     sd = eva_mim_student_state(load_state_dict_file(path))
     if "lm_head.weight" not in sd or "mask_token" not in sd:
         raise CheckpointError(f"{checkpoint} holds no MIM student (no mask_token / lm_head.weight)")
-    student = build_student(name, sd["lm_head.weight"].shape[0], attn_backend=attn_backend, init="beit",
+    student = build_student(name, sd["lm_head.weight"].shape[0], attn_backend=attn_backend, init="eva01",
                             attn_subln=any(".attn.inner_attn_ln." in k for k in sd), **{**run_overrides, **overrides})
     missing, unexpected = student.load_state_dict(sd, strict=False)
     if missing or unexpected:

@@ -45,7 +45,10 @@ class MIMCfg:
     mask_tries: int = 10  # placement draws per block
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range
     # the student (evaclip.models.mim.MIMStudent)
-    init: Literal["eva02", "beit"] = "eva02"  # EVA-02's xavier + sub-LN rescale, or BEiT / EVA-01's trunc-normal
+    # EVA-02's xavier (each EVA Linear's own fan) + sub-LN rescale, or EVA-01's (= BEiT's; "beit" is an alias)
+    # trunc-normal(init_std, cut at +-init_std) with the 1/sqrt(2 * layer) rescale (see MIMStudent)
+    init: Literal["eva02", "eva01", "beit"] = "eva02"
+    init_std: float = 0.02  # EVA's init_std: the truncated normals' std (EVA-01 g/14: 0.015)
     attn_subln: bool = False  # keep the attention sub-LN in sub-LN towers (EVA-02 B / L MIM students have none)
     patch_embed_grad_scale: float = 1.0  # gradient multiplier of the patch embedding (EVA-02 can use 0.1)
     # monitors, at eval.every
@@ -108,6 +111,8 @@ def check_mim_cfg(cfg) -> None:
 
     _check_range("block_aspect", m.block_aspect, None)
     _check_range("crop_scale", m.crop_scale, 1.0)
+    if not m.init_std > 0:
+        raise ConfigError(f"config key 'mim.init_std' must be > 0, got {m.init_std}")
     if not 0.0 <= m.patch_embed_grad_scale <= 1.0:
         raise ConfigError(f"config key 'mim.patch_embed_grad_scale' must be in [0, 1], got {m.patch_embed_grad_scale}")
     if m.knn_temperature <= 0:
@@ -203,7 +208,7 @@ class MIMTask(Task):
         m, mc = self.cfg.mim, self.cfg.model
         self.teacher = self.load_teacher()
         student = build_student(mc.name, self.teacher.feature_dim, attn_backend=mc.attn_backend,
-                                precision=self.cfg.precision, attn_subln=m.attn_subln, init=m.init,
+                                precision=self.cfg.precision, attn_subln=m.attn_subln, init=m.init, init_std=m.init_std,
                                 patch_embed_grad_scale=m.patch_embed_grad_scale,
                                 grad_checkpointing=mc.grad_checkpointing, **dict(mc.overrides or {}))
         self._grid = student.cfg.grid
