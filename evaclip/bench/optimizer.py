@@ -1,9 +1,11 @@
 """Benchmark (not a test): one LAMB step on a real CLIP parameter set, evaclip's foreach Lamb vs torch_optimizer.Lamb.
 
-Parameters and gradients are random tensors with the model's shapes, grouped exactly as training groups them
-(per-tower layer decay 0.75, weight-decay exclusions), so the number of tensors per group is realistic.
+Parameters and gradients are random tensors with the model's shapes, grouped exactly as a recipe's training run
+groups them (``--recipe``, default the published EVA02-CLIP-B-16 one: per-tower lr, weight decay and layer decay 0.75,
+57 groups), so the number of groups and of tensors per group is the real one. The kernels one step would launch on
+CUDA are counted on the meta device (no GPU needed).
 
-    evaclip bench optimizer --model EVA02-CLIP-B-16 [--device cpu|cuda] [--steps 5]
+    evaclip bench optimizer --model EVA02-CLIP-B-16 [--recipe eva02_clip_b16] [--device cpu|cuda] [--steps 5]
 """
 from __future__ import annotations
 
@@ -12,27 +14,47 @@ import argparse
 import torch
 from torch import nn
 
-from evaclip.bench.measure import median, release_host_memory, time_calls
+from evaclip.bench.measure import cuda_launches, median, release_host_memory, time_calls
 from evaclip.bench.report import section
-from evaclip.config import OptimCfg
+from evaclip.config import load_config
 from evaclip.optim import Lamb, build_param_groups
 
-__all__ = ["COLUMNS", "DESCRIPTION", "add_args", "bench_lamb", "run"]
+__all__ = ["COLUMNS", "DESCRIPTION", "add_args", "bench_lamb", "launches_per_step", "run"]
 
 DESCRIPTION = ("One LAMB step on a real CLIP parameter set, evaclip's foreach Lamb vs torch_optimizer.Lamb (random "
-               "parameters and gradients with the model's shapes, grouped as training groups them).")
+               "parameters and gradients with the model's shapes, grouped as the recipe's training run groups them).")
 COLUMNS = [("model", "model"), ("source", "architecture from"), ("device_name", "device"), ("threads", "threads"),
            ("num_params", "params"), ("num_tensors", "tensors"), ("num_groups", "groups"),
+           ("cuda_launches", "CUDA kernels/step (counted)"),
            ("foreach_ms", "foreach ms"), ("reference_ms", "torch_optimizer ms"), ("speedup", "speedup")]
 
-# The recipe-like settings the groups are built with (EVA02-CLIP-B-16: layer decay 0.75 in both towers).
-BENCH_CFG = dict(lr=5e-4, weight_decay=0.05, visual_ld=0.75, text_ld=0.75, betas=[0.9, 0.98], eps=1e-6)
-def parameter_groups(model_name: str) -> tuple[list[dict], str]:
-    """Param groups (names and shapes) of ``model_name`` on CPU, grouped as training groups them, and where the
-    architecture came from."""
+RECIPE = "eva02_clip_b16"  # the published B/16 run: its optim section gives the grouping (57 groups)
+
+
+def parameter_groups(model_name: str, recipe: str = RECIPE) -> tuple[list[dict], str]:
+    """Param groups (names and shapes) of ``model_name`` on CPU, grouped as the ``recipe``'s training run groups
+    them, and where the architecture came from."""
     from evaclip.models import create_model
 
-    return build_param_groups(create_model(model_name), OptimCfg(**BENCH_CFG)), "evaclip.models"
+    return build_param_groups(create_model(model_name), load_config(recipe, []).optim), "evaclip.models"
+
+
+def launches_per_step(groups: list[dict], **lamb_kw) -> int:
+    """Kernels one evaclip LAMB step over ``groups`` would launch on CUDA, counted from a profiler trace of a step
+    on meta tensors (the CUDA branch; ``evaclip.bench.measure.cuda_launches``), after the step that creates the
+    state."""
+    from torch.profiler import ProfilerActivity, profile
+
+    meta = [{**g, "params": [nn.Parameter(torch.empty(p.shape, device="meta")) for p in g["params"]]}
+            for g in groups]
+    for g in meta:
+        for p in g["params"]:
+            p.grad = torch.empty_like(p)
+    opt = Lamb(meta, **lamb_kw)
+    opt.step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        opt.step()
+    return cuda_launches(prof)[0]
 
 
 def _fresh_groups(groups: list[dict], device: torch.device, seed: int = 0) -> list[dict]:
@@ -69,24 +91,27 @@ def time_interleaved(makers: dict, groups: list[dict], device: torch.device, ste
     return {name: median(ts) for name, ts in times.items()}
 
 
-def bench_lamb(model_name: str = "EVA02-CLIP-B-16", device: str = "cpu", steps: int = 5) -> dict:
-    """One row: median seconds of one LAMB step on ``device``, foreach vs torch_optimizer.Lamb, and their ratio."""
+def bench_lamb(model_name: str = "EVA02-CLIP-B-16", device: str = "cpu", steps: int = 5, recipe: str = RECIPE) -> dict:
+    """One row: median seconds of one LAMB step on ``device``, foreach vs torch_optimizer.Lamb, their ratio, and
+    the kernels evaclip's step launches on CUDA (counted)."""
     import torch_optimizer
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but CUDA is not available")
-    groups, source = parameter_groups(model_name)
-    kw = dict(lr=BENCH_CFG["lr"], betas=tuple(BENCH_CFG["betas"]), eps=BENCH_CFG["eps"],
-              weight_decay=BENCH_CFG["weight_decay"])
+    groups, source = parameter_groups(model_name, recipe)
+    optim = load_config(recipe, []).optim
+    # both compute torch_optimizer.Lamb's update (the reference has no DeepSpeed variant)
+    kw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     secs = time_interleaved({"reference": lambda g: torch_optimizer.Lamb(g, **kw), "foreach": lambda g: Lamb(g, **kw)},
                             groups, dev, steps)
     ref_s, ours_s = secs["reference"], secs["foreach"]
     return dict(
-        model=model_name, source=source, device=str(dev),
+        model=model_name, source=f"{source}, groups of recipe {recipe}", device=str(dev),
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         threads=torch.get_num_threads(), num_params=sum(p.numel() for g in groups for p in g["params"]),
-        num_tensors=sum(len(g["params"]) for g in groups), num_groups=len(groups), steps=steps,
+        num_tensors=sum(len(g["params"]) for g in groups), num_groups=len(groups),
+        cuda_launches=launches_per_step(groups, **kw), steps=steps,
         foreach_ms=round(ours_s * 1e3, 2), reference_ms=round(ref_s * 1e3, 2), speedup=round(ref_s / ours_s, 3),
     )
 
@@ -95,6 +120,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """The ``bench optimizer`` command-line options."""
     p.add_argument("--model", default="EVA02-CLIP-B-16",
                    help="a registered evaclip architecture whose parameter set is used (default: EVA02-CLIP-B-16)")
+    p.add_argument("--recipe", default=RECIPE, help=f"the recipe whose optim section groups the parameters (default: "
+                   f"{RECIPE})")
     p.add_argument("--device", default=None, help="cpu | cuda (default: both where CUDA is available)")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per implementation (default: 5)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -105,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows = [bench_lamb(args.model, d, args.steps) for d in devices]
+    rows = [bench_lamb(args.model, d, args.steps, args.recipe) for d in devices]
     notes = [f"median of {args.steps} steps per implementation, steps alternating, one untimed step first; groups "
-             f"as training builds them ({', '.join(f'{k} {v}' for k, v in BENCH_CFG.items())})"]
+             f"as recipe {args.recipe}'s run builds them; CUDA kernels per step counted on the meta device"]
     return section("LAMB step: foreach vs torch_optimizer.Lamb", COLUMNS, rows, notes)
