@@ -242,7 +242,9 @@ def test_train_bench_bf16_auto_batch_on_cuda(tmp_path):
     for r in rows:
         assert r["batch"] >= 32 and r["batch"] % 8 == 0
         assert r["samples_per_s"] > 0 and r["mfu_pct"] > 0 and r["host_syncs"] is not None
-    assert rows[0]["host_syncs"] == 0, "evaclip's step must not synchronise the host"
+    # bf16 (no loss scaler): the step's one documented read, apply_update's finite / stop flags (engine/step.py);
+    # LAMB, clipping and the forward / backward add none
+    assert rows[0]["host_syncs"] == 1, "evaclip's step reads the device once (the bad-step / stop flags)"
 
 
 @pytest.mark.gpu

@@ -6,6 +6,8 @@ stop request) max-reduced over ranks. Skipping a NaN/Inf step *without* any sync
 optimizer with masked gradients, which still decays LAMB's moments and applies weight decay: not a skipped step. One
 small read per step costs far less than a step (the fp16 loss scaler reads its overflow flag every step anyway), and
 it lets every rank agree on skipping and on stopping (SIGTERM) at the same step.
+With bf16 / fp32 that read is the step's only host sync (``evaclip bench train`` counts it: 1 per step); fp16
+adds the loss scaler's read of its inf flag.
 """
 from __future__ import annotations
 
@@ -81,8 +83,9 @@ def apply_update(model: nn.Module, optimizer, scaler, grad_clip_norm, loss: torc
         scaler.unscale_(optimizer)
     grad_norm = clip_grad_norm_(model, grad_clip_norm)
     dev = loss.device
+    # the stop flag is filled on the device (torch.tensor(x, device=cuda) is a blocking copy: a second host sync)
     flags = torch.stack([(~torch.isfinite(loss)).float(), (~torch.isfinite(grad_norm.to(dev))).float(),
-                         torch.tensor(float(stop_requested), device=dev)])
+                         torch.full((), float(stop_requested), device=dev)])
     bad_loss, bad_grad, stop = (v > 0 for v in du.all_reduce_(flags, "max").tolist())
     bad = bad_loss or (bad_grad and not scaler.is_enabled())
     if bad:
