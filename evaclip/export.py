@@ -406,7 +406,8 @@ def check_open_clip(model, export_dir: Path, atol: float = 1e-4) -> float:
 # ----------------------------------------------------------------------------------------------------------------------
 def export_eva_mim(student, out_path: Path) -> list[Path]:
     """Write a MIM student (``evaclip.models.mim.MIMStudent``) in EVA-02's released MIM layout
-    (``cls_token``, ``mask_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.i.*``, ``norm.*``, ``lm_head.*``):
+    (``cls_token``, ``mask_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.i.*``, ``norm.*``, ``lm_head.*``,
+    and in RoPE towers EVA-02's ``rope.freqs_cos`` / ``freqs_sin`` buffers, also under each ``blocks.i.attn.rope.``):
     a ``.safetensors`` path gets a flat safetensors file, any other a torch file ``{"module": state_dict}`` as the
     release ships it. EVA's code, timm (``timm.models.eva.checkpoint_filter_fn``) and ``model.image_init`` load both.
     Checks a bit-exact round trip."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from evaclip.losses import mim_cosine_loss
 from evaclip.models import create_model
-from evaclip.models.convert import load_pretrained, to_eva_mim_state_dict
+from evaclip.models.convert import load_pretrained, load_state_dict_file, to_eva_mim_state_dict
 from evaclip.models.mim import (
     MIMStudent,
     MIMTeacher,
@@ -394,6 +394,36 @@ def _fake_checkpoint(student, folder, name="EVA02-CLIP-tiny"):
     return save_checkpoint(folder / "ckpt", 3, student, opt, trainer_state={}, config_yaml=cfg_yaml)
 
 
+def _eva02_rope_freqs(head_dim: int, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """EVA-02's MIM RoPE buffers, by its own formula: VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=
+    img_size // patch_size) (EVA-02/asuka/modeling_pretrain.py:73-80; rope.py, class VisionRotaryEmbeddingFast:
+    freqs_for 'lang', theta 10000, t = arange(ft) / ft * pt, repeat (n r) r=2, broadcat rows then columns,
+    view(-1, F))."""
+    dim = head_dim // 2
+    freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2)[:(dim // 2)].float() / dim))
+    t = torch.arange(grid) / grid * grid
+    freqs = torch.einsum("..., f -> ... f", t, freqs).repeat_interleave(2, dim=-1)
+    freqs = torch.cat([freqs[:, None, :].expand(grid, grid, dim), freqs[None, :, :].expand(grid, grid, dim)], dim=-1)
+    return freqs.cos().view(-1, freqs.shape[-1]), freqs.sin().view(-1, freqs.shape[-1])
+
+
+def test_eva_mim_export_carries_evas_rope_buffers(tmp_path):
+    """EVA-02's MIM model holds rope.freqs_cos / freqs_sin (registered buffers, persistent) at the model and, as each
+    Attention keeps ``self.rope = rope``, under every block's attn (modeling_finetune.py Attention.__init__); the
+    released files carry them. The export writes exactly those keys with EVA's values; model.image_init drops them."""
+    from evaclip.export import export_eva_mim
+
+    student = _student()  # EVA02-CLIP-tiny: 4 x 4 grid (pt_hw_seq_len 4), head dim 32
+    want_keys = {f"{p}rope.freqs_{c}" for p in [""] + [f"blocks.{i}.attn." for i in range(2)] for c in ("cos", "sin")}
+    cos, sin = _eva02_rope_freqs(32, 4)
+    for path in export_eva_mim(student, tmp_path / "m.safetensors") + export_eva_mim(student, tmp_path / "m.pt"):
+        sd = load_state_dict_file(path)
+        assert {k for k in sd if "rope" in k} == want_keys, path
+        for k in want_keys:
+            torch.testing.assert_close(sd[k], cos if k.endswith("cos") else sin, atol=1e-6, rtol=0, msg=k)
+    assert not any("rope" in k for k in to_eva_mim_state_dict(_student("EVA01-CLIP-tiny")))  # no RoPE, no tables
+
+
 def test_image_init_from_mim_export_checkpoint_and_run(tmp_path):
     """model.image_init takes a MIM export, checkpoint folder or run folder; the report names exactly the dropped and
     the fresh keys."""
@@ -408,7 +438,8 @@ def test_image_init_from_mim_export_checkpoint_and_run(tmp_path):
         clip = create_model("EVA02-CLIP-tiny", attn_backend="sdpa")
         report = load_pretrained(clip, image_init=str(src))
         assert report.formats["image_init"] == "eva_mim", src
-        assert sorted(report.ignored) == ["lm_head.bias", "lm_head.weight", "mask_token"], src
+        rope = {k for k in to_eva_mim_state_dict(student) if "freqs_" in k} if src.is_file() else set()
+        assert set(report.ignored) == {"lm_head.bias", "lm_head.weight", "mask_token"} | rope, src
         fresh = {"visual.head.weight", "visual.head.bias"} | {f"visual.blocks.{i}.attn.inner_attn_ln.{p}"
                                                              for i in range(2) for p in ("weight", "bias")}
         assert set(report.fresh) == fresh and report.adapted == [], src

@@ -106,7 +106,7 @@ def test_mim_cfg_is_an_omegaconf_structured_config():
     (dict(mask_tries=0), "mim.mask_tries"), (dict(patch_embed_grad_scale=2.0), "mim.patch_embed_grad_scale"),
     (dict(knn_train="x"), "mim.knn_train"), (dict(val="/nonexistent"), "mim.val"),
     (dict(model_token_drop=0.5), "model.token_drop"), (dict(model_image_init="x"), "model.image_init"),
-    (dict(eval_zeroshot="x"), "eval.zeroshot"),
+    (dict(eval_zeroshot="x"), "eval.zeroshot"), (dict(num_masked=16), "mim.num_masked"),  # the 4 x 4 grid's all
 ])
 def test_check_names_the_key(tmp_path, teacher_file, change, key):
     overrides = [k.replace("_", ".", 1) + f"={v}" for k, v in change.items() if k.startswith(("model_", "eval_"))]
@@ -267,6 +267,42 @@ def test_evaluate_fixed_mask_val_loss_and_knn(tmp_path, teacher_file, labelled_f
     with torch.no_grad():
         ref = mim_cosine_loss(student.eval()(images, masks), task.teacher(images), masks)
     assert first["val_loss"] == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_alternating_val_mask_is_evas_protocol(tmp_path, teacher_file, labelled_folder):
+    """mim.val_mask=alternating: EVA's evaluate_pt (EVA-02/asuka/engine_for_pretraining.py:240-248): mask[:, 0::2] = 1,
+    mask[:, 1::2] = 0 over the flattened patches, loss = -CosineSimilarity(outputs.float(), labels.float()).mean()."""
+    from evaclip.evals.data import build_eval_loader
+    from evaclip.evals.knn import resolve_labelled
+
+    cfg = _cfg(tmp_path, teacher_file, val=labelled_folder, val_mask="alternating")
+    MIMTask.check(cfg)
+    task = _task(cfg)
+    student = task.build_model()
+    task.setup(student)
+    got = task.evaluate(student, 0)["val_loss"]
+    _, images, _ = next(iter(build_eval_loader(resolve_labelled(labelled_folder), task._eval_preprocess(), 8, 0)))
+    mask = torch.zeros(8, 16)  # EVA builds it from clip_features[:, :, 0]: one entry per patch
+    mask[:, 0::2] = 1
+    mask[:, 1::2] = 0
+    mask = mask.to(torch.bool)
+    with torch.no_grad():
+        labels = task.teacher(images)[mask]
+        outputs = student.eval()(images, mask)
+    ref = -torch.nn.CosineSimilarity(dim=-1)(outputs.float(), labels.float()).mean()
+    assert got == pytest.approx(float(ref), rel=1e-5)
+    block = _task(_cfg(tmp_path, teacher_file, val=labelled_folder))
+    block.teacher = task.teacher
+    assert block.evaluate(student, 0)["val_loss"] != pytest.approx(got, rel=1e-3)  # the default is the block masks
+
+
+def test_mask_target_is_logged(tmp_path, teacher_file, caplog):
+    import logging
+
+    task = _task(_cfg(tmp_path, teacher_file, num_masked=6))
+    with caplog.at_level(logging.INFO, logger="evaclip"):
+        task.build_data(2)
+    assert "masks: 6 of 16 patches per image (37.5 %, from mim.num_masked)" in caplog.text
 
 
 def test_engine_runs_mim_and_its_checkpoint_initialises_a_clip(tmp_path, teacher_file, labelled_folder):

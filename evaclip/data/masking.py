@@ -193,3 +193,12 @@ class BlockMaskGenerator:
     def fixed_mask(self, seed: int = 0) -> torch.Tensor:
         """One fixed validation mask, bool ``(P,)`` (sample index 0 of ``fixed_masks``), for a set that shares one."""
         return self.fixed_masks([0], seed)[0]
+
+
+def alternating_masks(n: int, num_patches: int) -> torch.Tensor:
+    """EVA's validation masks, bool ``(n, P)``: every even patch index masked, every odd one visible (50 %, the same
+    for every image; baaivision/EVA, EVA-02/asuka/engine_for_pretraining.py, ``evaluate_pt``), so a validation
+    curve can be laid beside EVA's published pre-training logs."""
+    mask_P = torch.zeros(num_patches, dtype=torch.bool)
+    mask_P[0::2] = True
+    return mask_P.expand(n, num_patches).clone()

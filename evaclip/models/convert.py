@@ -452,8 +452,19 @@ def to_eva_clip_state_dict(model) -> dict:
 def to_eva_mim_state_dict(student) -> dict:
     """A MIM student (``evaclip.models.mim.MIMStudent``) in EVA-02's released MIM layout, the ``eva_mim`` load path
     in reverse: no prefix, ``mask_token`` and ``lm_head`` kept; sub-LN towers (EVA-02 B / L) split q/k/v and the
-    SwiGLU w1 / w2, the others (EVA-01, EVA-02 Ti / S) keep the fused qkv and w12 as their releases do."""
-    return _split(student.state_dict(), _FUSED if student.cfg.subln else ())
+    SwiGLU w1 / w2, the others (EVA-01, EVA-02 Ti / S) keep the fused qkv and w12 as their releases do. RoPE towers
+    also get the ``freqs_cos`` / ``freqs_sin`` buffers EVA-02's classes hold (persistent there, so a strict load with
+    them needs them): the model's ``rope`` and each block's ``attn.rope`` (the same module, saved under both names),
+    P x F tables without the CLS row and without evaclip's sign folding."""
+    sd = _split(student.state_dict(), _FUSED if student.cfg.subln else ())
+    cfg = student.cfg
+    if cfg.rope:
+        from .rope import rope_tables
+
+        cos_PF, sin_PF = rope_tables(cfg.width // cfg.heads, cfg.grid, cfg.pt_hw_seq_len)
+        for prefix in ["rope."] + [f"blocks.{i}.attn.rope." for i in range(cfg.depth)]:
+            sd[prefix + "freqs_cos"], sd[prefix + "freqs_sin"] = cos_PF.clone(), sin_PF.clone()
+    return sd
 
 
 def eva_mim_student_state(sd: dict) -> dict:

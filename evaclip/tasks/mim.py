@@ -11,8 +11,9 @@ replaced by its mask token. The loss is the mean over every masked patch of the 
 ranks (their count is summed once per step with one all-reduce), so accumulation and data parallelism give exactly
 the gradient of the whole global batch even though block masks do not all hold the same number of patches.
 
-Monitors (``evaluate``): the loss on the held-out images ``mim.val`` under fixed masks (sample ``i``'s mask depends on
-``i`` only: the same on every run, rank count and batch size), and k-NN top-1 of the student's pooled features
+Monitors (``evaluate``): the loss on the held-out images ``mim.val`` under fixed masks (``mim.val_mask``: block masks
+where sample ``i``'s depends on ``i`` only, the same on every run, rank count and batch size; or EVA's alternating 50 %
+mask, to compare with EVA's logs), and k-NN top-1 of the student's pooled features
 (``MIMStudent.pooled_features``) with ``mim.knn_train`` as memory bank and ``mim.knn_val`` as queries.
 """
 from __future__ import annotations
@@ -53,7 +54,10 @@ class MIMCfg:
     patch_embed_grad_scale: float = 1.0  # gradient multiplier of the patch embedding (EVA-02 can use 0.1)
     # monitors, at eval.every
     val: Optional[str] = None  # held-out images (a labelled set as evaclip eval reads it; labels unused)
-    val_mask_seed: int = 0  # the fixed validation masks' seed
+    # the validation masks: "block", fixed block masks of the training settings (sample i's from (val_mask_seed, i));
+    # "alternating", EVA's own protocol (every even patch masked, 50 %): the loss is comparable with EVA's logs
+    val_mask: Literal["block", "alternating"] = "block"
+    val_mask_seed: int = 0  # the fixed block masks' seed
     knn_train: Optional[str] = None  # labelled memory bank for k-NN
     knn_val: Optional[str] = None  # labelled queries for k-NN
     knn_k: int = 20
@@ -105,6 +109,14 @@ def check_mim_cfg(cfg) -> None:
         raise ConfigError(f"config key 'mim.mask_ratio' must be in (0, 1), got {m.mask_ratio}")
     if m.num_masked is not None and m.num_masked < 1:
         raise ConfigError(f"config key 'mim.num_masked' must be >= 1, got {m.num_masked}")
+    if m.num_masked is not None:  # an absolute count: a change of image or patch size changes the ratio
+        from evaclip.models import get_model_config
+
+        grid = get_model_config(model.name, **dict(model.overrides or {})).vision.grid
+        if m.num_masked >= grid * grid:
+            raise ConfigError(f"config key 'mim.num_masked' is {m.num_masked} but the student's grid has {grid} x "
+                              f"{grid} = {grid * grid} patches: set it below that (EVA-02: 105 of 256, 41 %) or use "
+                              "mim.mask_ratio (num_masked=null)")
     for key in ("min_block_patches", "mask_tries", "knn_k"):
         if getattr(m, key) < 1:
             raise ConfigError(f"config key 'mim.{key}' must be >= 1, got {getattr(m, key)}")
@@ -179,9 +191,17 @@ class MIMTask(Task):
         return BlockMaskGenerator(self.model_cfg().vision.grid, m.mask_ratio, m.min_block_patches,
                                   tuple(m.block_aspect), m.mask_tries, num_masked=m.num_masked)
 
+    def _log_mask_target(self, gen) -> None:
+        from evaclip.logging import get_logger
+
+        how = "mim.num_masked" if self.cfg.mim.num_masked is not None else "mim.mask_ratio"
+        get_logger("evaclip.train").info("masks: %d of %d patches per image (%.1f %%, from %s)", gen.num_masked,
+                                         gen.num_patches, 100 * gen.num_masked / gen.num_patches, how)
+
     def build_data(self, steps_hint: int):
         cfg, env = self.cfg, self.env
         image_size = self.model_cfg().vision.image_size
+        self._log_mask_target(self.mask_generator())
         if cfg.data.synthetic:
             per_rank = (cfg.data.train_num_samples // (cfg.data.batch_size * env.world_size)
                         if cfg.data.train_num_samples else steps_hint * cfg.accum_freq)
@@ -268,7 +288,9 @@ class MIMTask(Task):
 
     @torch.no_grad()
     def val_loss(self, model: nn.Module) -> float:
-        """The MIM loss on ``mim.val`` with the fixed masks, averaged over every masked patch of the set (all ranks)."""
+        """The MIM loss on ``mim.val`` with the fixed masks (``mim.val_mask``), averaged over every masked patch of the
+        set (all ranks)."""
+        from evaclip.data.masking import alternating_masks
         from evaclip.distributed import all_reduce_, rank_world
         from evaclip.evals.common import autocast
         from evaclip.evals.data import build_eval_loader
@@ -279,12 +301,14 @@ class MIMTask(Task):
         ev, dev = self.cfg.eval, self.env.device
         rank, world = rank_world()
         gen = self.mask_generator()
+        alternating = self.cfg.mim.val_mask == "alternating"
         loader = build_eval_loader(resolve_labelled(self.cfg.mim.val), self._eval_preprocess(), ev.batch_size,
                                    ev.workers, rank, world)
         total = torch.zeros(2, dtype=torch.float64, device=dev)  # summed -cos, masked patches
         with gathered(self.teacher):
             for idx_B, images_BCHW, _ in loader:
-                mask_BP = gen.fixed_masks(idx_B, self.cfg.mim.val_mask_seed).to(dev)
+                mask_BP = (alternating_masks(len(idx_B), gen.num_patches) if alternating
+                           else gen.fixed_masks(idx_B, self.cfg.mim.val_mask_seed)).to(dev)
                 images_BCHW = images_BCHW.to(dev, non_blocking=True)
                 with autocast(dev, self.cfg.precision != "fp32"):
                     pred_MT = model(images_BCHW, mask_BP)
