@@ -359,6 +359,12 @@ def _choose(resume: str, ckpt_root: Path, checksum: bool) -> Optional[Path]:
     raise CheckpointError(f"resume={resume}: no such checkpoint folder")
 
 
+def saved_schedule(path: Path) -> Optional[dict]:
+    """The scheduler state saved in checkpoint folder ``path`` (None if it holds none): read before anything is
+    built or written, to check what a resume does to the schedule."""
+    return torch_load(Path(path) / "optim.pt").get("scheduler")
+
+
 def load_checkpoint(
     path: Path,
     model: nn.Module,

@@ -85,6 +85,9 @@ class OptimCfg:
     schedule: Literal["cosine", "const"] = "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of each group's peak lr
+    # a resumed run that goes past its schedule's end (max_steps raised on a finished run): tail = keep the schedule
+    # (the added steps run at its final lr), segment = a new warmup_steps warmup + schedule over the added steps
+    extend: Optional[Literal["tail", "segment"]] = None
 
 
 @dataclass

@@ -25,9 +25,14 @@ USAGE = """usage: evaclip train RECIPE [key=value ...]
 RECIPE is a YAML file or the name of one in recipes/ (e.g. demo_cpu); its `task` picks the objective (clip:
 contrastive image-text; mim: EVA's masked image modeling from a CLIP teacher, e.g. eva02_mim_b14). Overrides are
 dotted config keys (optim.lr=1e-3 data.batch_size=64 resume=auto); `evaclip config RECIPE` prints every key.
-A new run refuses a run folder that already holds checkpoints (use another name= or resume=auto).
-resume=auto continues a run from its newest checkpoint with the config it was started with (keys that may change
-on resume: max_steps, epochs, device, log.*, eval.*, ckpt.every, ckpt.keep_last, data.workers, max_bad_steps)."""
+A run holds its folder while it runs (RUN/run.lock names the process); a second run into it is refused, and so is
+a new run into a folder that already holds checkpoints (use another name= or resume=auto).
+resume=auto continues a run from its newest checkpoint with the config it was started with. The recipe must be
+that config: RUN/config.yaml (the stored config, always accepted), or the recipe and overrides it was started with;
+any other recipe or task is refused with the keys that differ. Keys that may change on resume: max_steps, epochs,
+resume, device, max_bad_steps, log.*, eval.*, ckpt.every, ckpt.keep_last, data.workers, dist.backend, optim.extend.
+Running past a finished run's lr schedule (a larger max_steps) needs optim.extend=segment (a new warmup + schedule
+over the added steps) or optim.extend=tail (the added steps at the schedule's final lr); the resume line says which."""
 
 
 def main(cfg):
@@ -43,7 +48,7 @@ def cli(argv: Optional[list[str]] = None) -> int:
         return 0 if argv else 2
     try:
         cfg = load_config(argv[0], argv[1:])
-        cfg = reconcile_resume(cfg, parse_overrides(argv[1:]))
+        cfg = reconcile_resume(cfg, parse_overrides(argv[1:]), recipe=argv[0])
     except ConfigError as e:
         print(f"evaclip train: {e}", file=sys.stderr)
         return 2

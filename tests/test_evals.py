@@ -217,23 +217,61 @@ RT_CAPTIONS = [(0, [0, 1, 0, 0]), (0, [.5, 0, 0, 0]), (1, [1, 0, 0, 0]), (2, [0,
                (2, [0, 0, .5, 0]), (3, [0, 0, 0, 1])]
 # i2t: I0 best own .5, wrong t2=1 above -> 1; I1 own 0, six wrong >= 0 -> 6; I2 own 1 -> 0; I3 own 1 tied by t4 -> 1
 # t2i: t0 -> 3, t1 -> 0, t2 -> 3, t3 -> 0, t4 -> 3, t5 -> 0, t6 -> 0
-RT_EXPECTED = {"i2t_R@1": 1 / 4, "i2t_R@5": 3 / 4, "t2i_R@1": 4 / 7, "num_images": 4, "num_texts": 7}
+RT_STRICT = {"strict_i2t_R@1": 1 / 4, "strict_i2t_R@5": 3 / 4, "strict_t2i_R@1": 4 / 7}
 # class-aware: images of classes 0 1 1 0, a caption has its image's class; a hit is any candidate of the same class
 # i2t: I0 best own-class .5 (t1), t2 (class 1) = 1 above -> 1; I1 best 0, t0 t1 t6 >= 0 -> 3; I2 -> 0; I3 t6 = 1 tied
 #      by t4 (class 1) -> 1.   t2i: t0 -> 2 (I1, I2 >= 0), t1 -> 0, t2 -> 2, t3 -> 0, t4 -> 2, t5 -> 0, t6 -> 0
 RT_CLASSES = [0, 1, 1, 0]
 RT_CLASS_EXPECTED = {"class_i2t_R@1": 1 / 4, "class_i2t_R@5": 1.0, "class_t2i_R@1": 4 / 7}
-# what retrieval() adds on data: how many captions are also another image's (none here)
-RT_E2E_EXPECTED = {**RT_EXPECTED, **RT_CLASS_EXPECTED, "captions_shared": 0}
+
+
+def clip_benchmark_recalls(image_ND, text_MD, owner_M, ks=(1, 5, 10)) -> dict:
+    """The reference: clip_benchmark's own recall functions on these features, under evaclip's key names (its
+    text_retrieval is image -> text). Its evaluate() computes exactly this from the features it encodes."""
+    from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
+
+    scores = text_MD @ image_ND.t()
+    positive = torch.zeros_like(scores, dtype=bool)
+    positive[torch.arange(len(scores)), owner_M] = True
+    out = {}
+    for k in ks:
+        if k <= len(text_MD):
+            out[f"i2t_R@{k}"] = (batchify(recall_at_k, scores.T, positive.T, 3, "cpu", k=k) > 0).float().mean().item()
+        if k <= len(image_ND):
+            out[f"t2i_R@{k}"] = (batchify(recall_at_k, scores, positive, 3, "cpu", k=k) > 0).float().mean().item()
+    return out
+
+
+RT_TEXT = torch.tensor([f for _, f in RT_CAPTIONS])
+RT_OWNER = torch.tensor([o for o, _ in RT_CAPTIONS])
+# the default figures: clip_benchmark's, computed by its own functions; recall@k is only reported for k up to the
+# number of candidates (4 images, 7 captions)
+RT_EXPECTED = {**clip_benchmark_recalls(RT_IMAGES, RT_TEXT, RT_OWNER), **RT_STRICT, "num_images": 4, "num_texts": 7}
+# retrieval() on data: the stub's features L2-normalised (t1 becomes t2's twin), plus how many captions are also
+# another image's (none here)
+RT_E2E_EXPECTED = {**RT_EXPECTED, **clip_benchmark_recalls(F.normalize(RT_IMAGES), F.normalize(RT_TEXT), RT_OWNER),
+                   **RT_CLASS_EXPECTED, "captions_shared": 0}
 
 
 def test_retrieval_metrics_known_answers():
-    text_MD = torch.tensor([f for _, f in RT_CAPTIONS])
-    owner_M = torch.tensor([o for o, _ in RT_CAPTIONS])
+    assert set(RT_EXPECTED) >= {"i2t_R@1", "i2t_R@5", "t2i_R@1"} and "t2i_R@5" not in RT_EXPECTED
     for chunk in (1, 3, 1024):  # chunking must not change anything
-        res = retrieval_metrics(RT_IMAGES, text_MD, owner_M, chunk=chunk)
-        # recall@k is only reported for k up to the number of candidates (4 images, 7 captions)
-        assert res == pytest.approx(RT_EXPECTED)
+        res = retrieval_metrics(RT_IMAGES, RT_TEXT, RT_OWNER, chunk=chunk)
+        assert res == RT_EXPECTED
+
+
+def test_retrieval_equals_clip_benchmark_with_and_without_tied_captions():
+    """Random features (no ties), and captions shared word for word by several images (exact ties, the demo's case):
+    the default figures equal clip_benchmark's functions exactly; the strict ones count the ties as misses."""
+    g = torch.Generator().manual_seed(3)
+    image_ND = F.normalize(torch.randn(30, 8, generator=g), dim=-1)
+    owner_M = torch.arange(30).repeat_interleave(2)
+    text_MD = F.normalize(image_ND[owner_M] + torch.randn(60, 8, generator=g), dim=-1)
+    shared_MD = F.normalize(torch.randn(3, 8, generator=g), dim=-1)[owner_M % 3]  # 3 caption texts for 30 images
+    for txt in (text_MD, shared_MD):
+        res = retrieval_metrics(image_ND, txt, owner_M, chunk=7)
+        assert {k: res[k] for k in res if k[:3] in ("i2t", "t2i")} == clip_benchmark_recalls(image_ND, txt, owner_M)
+    assert res["strict_i2t_R@1"] == 0.0 and res["i2t_R@1"] > 0.0
 
 
 def test_retrieval_metrics_match_brute_force():
@@ -257,7 +295,7 @@ def test_retrieval_class_aware_known_answers():
     owner_M = torch.tensor([o for o, _ in RT_CAPTIONS])
     for chunk in (1, 3, 1024):
         res = retrieval_metrics(RT_IMAGES, text_MD, owner_M, chunk=chunk, image_class_Q=torch.tensor(RT_CLASSES))
-        assert res == pytest.approx({**RT_EXPECTED, **RT_CLASS_EXPECTED})
+        assert res == {**RT_EXPECTED, **RT_CLASS_EXPECTED}
     with pytest.raises(ValueError, match="one class id per image"):
         retrieval_metrics(RT_IMAGES, text_MD, owner_M, image_class_Q=torch.tensor([0, 1]))
 
@@ -282,7 +320,7 @@ def test_retrieval_end_to_end_several_captions_per_image(tmp_path):
     # without class ids: the instance figures only
     root = _benchmark_dir(tmp_path / "rt2", _rt_samples(with_class=False), per_shard=3, dataset_type="retrieval")
     res = retrieval(model, model.tokenize, str(root), ToTensor(), batch_size=3, workers=0, show_progress=False)
-    assert res == pytest.approx({**RT_EXPECTED, "captions_shared": 0})
+    assert res == pytest.approx({k: v for k, v in RT_E2E_EXPECTED.items() if not k.startswith("class_")})
 
 
 def test_retrieval_with_shared_captions_reports_class_aware_recall(tmp_path):
@@ -298,7 +336,7 @@ def test_retrieval_with_shared_captions_reports_class_aware_recall(tmp_path):
     samples = [(f"im{i}", {"png": _png(i), "txt": f"the digit {c}", "cls": str(c)}) for i, c in enumerate(classes)]
     root = _benchmark_dir(tmp_path / "rt", samples, per_shard=6, dataset_type="retrieval")
     res = retrieval(model, model.tokenize, str(root), ToTensor(), batch_size=4, workers=0, show_progress=False)
-    assert res["i2t_R@1"] == 0.0 and res["captions_shared"] == 6
+    assert res["strict_i2t_R@1"] == 0.0 and res["captions_shared"] == 6
     assert res["class_i2t_R@1"] == 1.0 and res["class_t2i_R@1"] == 1.0
     notes = " ".join(retrieval_notes({f"retrieval/{k}": v for k, v in res.items()}))
     assert "class-aware recall" in notes and "6 of 6 captions" in notes and "instance recall" in notes
@@ -516,3 +554,55 @@ def test_eval_names_the_checkpoint_it_picked_from_a_run_folder(tiny_state_dict, 
     res = json.loads(out_json.read_text())
     assert res["checkpoint"] == str(run) and res["checkpoint_used"] == str(picked)
     assert any("class-aware" in n for n in res["notes"]) and "retrieval/class_i2t_R@1" in res["results"]
+
+
+def _clip_benchmark_evaluate(model, tokenizer, evset, preprocess) -> dict:
+    """clip_benchmark's evaluate() on ``evset`` read in dataset order, under evaclip's key names."""
+    from clip_benchmark.metrics.zeroshot_retrieval import evaluate
+
+    from evaclip.evals.data import build_eval_loader
+
+    batches = [(images_BCHW, [caps for caps, _ in targets])
+               for _, images_BCHW, targets in build_eval_loader(evset, preprocess, 16, workers=0)]
+    got = evaluate(model, batches, tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])
+    return {f"{'i2t' if key.startswith('text') else 't2i'}_R@{key.rsplit('@', 1)[1]}": v for key, v in got.items()}
+
+
+@pytest.mark.slow
+def test_retrieval_of_a_tiny_clip_equals_clip_benchmark(tmp_path):
+    """A tiny evaclip CLIP (random init) on captions that identify their image: `evaclip eval`'s retrieval equals
+    clip_benchmark's evaluate() on the same shards. On the demo's retrieval set (every caption shared by many images:
+    exact ties), it equals clip_benchmark's recall functions on the same features. (evaluate() itself cannot be
+    matched there: a caption's feature moves in the last bit with its position in a batch, 1e-7, so clip_benchmark's
+    order among the copies of a caption is that noise.)"""
+    import evaclip
+    from data_tools.make_demo import make_demo
+    from evaclip.evals.common import encode_images, encode_texts
+    from evaclip.evals.data import build_eval_loader, resolve_retrieval
+
+    torch.manual_seed(0)
+    name = "EVA02-CLIP-tiny"
+    model, tokenizer = evaclip.create_model(name).eval(), evaclip.get_tokenizer(name)
+    preprocess = evaclip.get_transforms(name, train=False)
+    rng = np.random.default_rng(0)
+    unique = []
+    for i in range(24):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="png")
+        unique.append((f"im{i}", {"png": buf.getvalue(), "txt": f"photo number {i}\nanother view of item {i}"}))
+    path = str(_benchmark_dir(tmp_path / "u", unique, per_shard=10, dataset_type="retrieval"))
+    ours = retrieval(model, tokenizer, path, preprocess, batch_size=16, workers=0, show_progress=False, amp=False)
+    reference = _clip_benchmark_evaluate(model, tokenizer, resolve_retrieval(path), preprocess)
+    assert {k: ours[k] for k in reference} == reference and ours["captions_shared"] == 0
+
+    path = make_demo(str(tmp_path / "demo"), seed=0, copies=1, show_progress=False)["retrieval"]
+    ours = retrieval(model, tokenizer, path, preprocess, batch_size=16, workers=0, show_progress=False, amp=False)
+    images, captions, owners = [], [], []
+    for idx_B, images_BCHW, targets in build_eval_loader(resolve_retrieval(path), preprocess, 16, workers=0):
+        images.append(encode_images(model, images_BCHW, "cpu", amp=False))
+        for i, (caps, _) in zip(idx_B.tolist(), targets):
+            captions, owners = captions + caps, owners + [i] * len(caps)
+    text_RE = encode_texts(model, tokenizer, captions, "cpu", amp=False)
+    reference = clip_benchmark_recalls(torch.cat(images), text_RE, torch.tensor(owners))
+    assert {k: ours[k] for k in reference} == reference
+    assert ours["captions_shared"] == ours["num_texts"] and ours["strict_i2t_R@5"] < ours["i2t_R@5"]

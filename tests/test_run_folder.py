@@ -46,22 +46,73 @@ def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path, c
 
 def test_resume_auto_keeps_the_stored_config(tmp_path, capsys):
     assert cli(_args(tmp_path, "max_steps=3", "optim.lr=1e-3")) == 0
-    # a bare resume=auto: the recipe says max_steps 300 and lr 3e-3, the run said 3 and 1e-3: the run wins
-    cfg = reconcile_resume(load_config(_args(tmp_path)[0], _args(tmp_path, "resume=auto")[1:]),
-                           {"resume": "auto"})
+    stored = str(tmp_path / "run" / "config.yaml")
+    # named explicitly, the stored config is the config (the recipe demo_cpu says max_steps 300 and lr 3e-3)
+    cfg = reconcile_resume(load_config(stored, ["resume=auto"]), {"resume": "auto"}, recipe=stored)
     assert cfg.max_steps == 3 and cfg.optim.lr == 1e-3
     capsys.readouterr()
-    assert cli(_args(tmp_path, "resume=auto")) == 0
+    assert cli([stored, "resume=auto"]) == 0
     out = capsys.readouterr()
     assert "is finished (step 3 of 3)" in out.out + out.err
     # a key that may change on resume: applied with a warning that names it
-    assert cli(_args(tmp_path, "resume=auto", "max_steps=5")) == 0
+    assert cli([stored, "resume=auto", "max_steps=5", "optim.extend=segment"]) == 0
     assert "max_steps 3 -> 5" in capsys.readouterr().out
     assert _steps(tmp_path / "run")[-2:] == [4, 5]
     # a key that makes another run: refused, naming it
-    assert cli(_args(tmp_path, "resume=auto", "max_steps=6", "optim.lr=2e-3")) == 2
+    assert cli([stored, "resume=auto", "max_steps=6", "optim.lr=2e-3"]) == 2
     err = capsys.readouterr().err
     assert "optim.lr (0.001 -> 0.002)" in err and "max_steps" not in err.split("different")[1]
+
+
+def test_resume_auto_with_another_recipe_or_task_is_refused_naming_both(tmp_path, capsys):
+    """The recipe a resume names must be the run's: the demo_cpu recipe on a MIM run folder (or on a CLIP run
+    started with other settings) is refused with the keys that differ; RUN/config.yaml continues the run."""
+    mim = ["task=mim", "model.token_drop=0", "mim.teacher_model=EVA02-CLIP-tiny", "mim.teacher=" + str(tmp_path / "t")]
+    assert cli(_args(tmp_path, "max_steps=2", "name=teacher")) == 0
+    (tmp_path / "t").symlink_to(tmp_path / "teacher")
+    assert cli(_args(tmp_path, "max_steps=2", "name=mimrun", *mim)) == 0
+    capsys.readouterr()
+    assert cli(_args(tmp_path, "name=mimrun", "resume=auto", "max_steps=2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "recipe demo_cpu (task clip)" in err and "(task mim)" in err and "task ('mim' -> 'clip')" in err, err
+    assert f"evaclip train {tmp_path / 'mimrun' / 'config.yaml'} resume=auto" in err
+    # the same recipe with a setting the run was not started with: refused too, naming the key
+    assert cli(_args(tmp_path, "name=teacher", "resume=auto", "max_steps=2", "seed=1")) == 2
+    assert "seed (0 -> 1)" in capsys.readouterr().err
+    # asked for explicitly, the stored config continues the MIM run
+    assert cli([str(tmp_path / "mimrun" / "config.yaml"), "resume=auto"]) == 0
+    assert "is finished (step 2 of 2)" in capsys.readouterr().out
+
+
+def test_extending_a_finished_run_says_what_happens_to_the_schedule(tmp_path, capsys):
+    """max_steps past a finished run's schedule: refused until optim.extend says how; segment = a new warmup +
+    cosine over the added steps (open_clip's cosine_lr over the segment), tail = the schedule's floor. The resume
+    line says which."""
+    from open_clip_train.scheduler import cosine_lr
+
+    assert cli(_args(tmp_path, "max_steps=3", "optim.lr=1e-3")) == 0
+    stored = str(tmp_path / "run" / "config.yaml")
+    capsys.readouterr()
+    assert cli([stored, "resume=auto", "max_steps=9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "optim.extend=tail" in err and "optim.extend=segment" in err, err
+    assert "past its lr schedule's end at step 3" in err
+    assert cli([stored, "resume=auto", "max_steps=9", "optim.extend=segment"]) == 0
+    assert "a new segment over steps 3..9: 1-step warmup, then cosine" in capsys.readouterr().out
+    lrs = {json.loads(r)["step"]: json.loads(r)["train/lr/visual"]
+           for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "train/lr/visual" in r}
+
+    class _Opt:
+        param_groups = [{}]
+
+    ref = cosine_lr(_Opt(), 1e-3, 1, 6)
+    for step in range(4, 10):  # the lr logged at step s is the lr the next optimizer step (index s) runs with
+        assert lrs[step] == pytest.approx(ref(step - 3), rel=1e-12), step
+    assert cli([stored, "resume=auto", "max_steps=11", "optim.extend=tail"]) == 0
+    assert "steps 9..11 run at its floor, min_lr_ratio 0 x peak lr (lr 0" in capsys.readouterr().out
+    assert [json.loads(r)["train/lr/visual"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if "train/lr/visual" in r][-2:] == [0.0, 0.0]
 
 
 def test_reconcile_refuses_changed_keys_with_their_list(tmp_path):
@@ -78,7 +129,7 @@ def test_a_run_that_fails_validation_writes_nothing(tmp_path, capsys):
     # the same in a folder of an earlier run: its files stay as they were
     assert cli(_args(tmp_path, "max_steps=2")) == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
-    assert cli(_args(tmp_path, "resume=auto", "max_steps=4", "optim.warmup_steps=50")) == 2
+    assert cli(_args(tmp_path, "resume=auto", "max_steps=4", "optim.warmup_steps=50", "optim.extend=segment")) == 2
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
 
 

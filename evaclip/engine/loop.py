@@ -97,7 +97,8 @@ def train(cfg: TrainCfg, task_cls) -> TrainResult:
     env = du.init_distributed(cfg.device, cfg.dist)
     setup_console(env.rank)
     try:
-        return _run(cfg, task_cls(cfg, env), env)
+        with rd.hold_run_folder(rd.run_dir_of(cfg), env):  # one run at a time writes a folder (all ranks agree)
+            return _run(cfg, task_cls(cfg, env), env)
     finally:
         du.cleanup()
 
@@ -197,6 +198,10 @@ def _setup(cfg: TrainCfg, task, env: du.DistEnv) -> _Run:
     ctx = step_context(autocast_for(cfg.precision, env.device), scaler, env.device)
     state = TrainerState(steps_per_epoch, cfg.accum_freq, cfg.data.batch_size * cfg.accum_freq * env.world_size)
     run = _Run(cfg, task, env, data, model, optimizer, scheduler, scaler, ctx, state, total_steps, resume_from)
+    saved_schedule = ckpt.saved_schedule(resume_from) if resume_from is not None else None
+    if saved_schedule is not None:
+        with as_config_error("resume"):  # a run extended past its schedule's end must say how (before any write)
+            scheduler.plan_resume(saved_schedule)
 
     # every check passed: from here on the run writes to its folder
     if env.is_main:
@@ -208,7 +213,8 @@ def _setup(cfg: TrainCfg, task, env: du.DistEnv) -> _Run:
                                      rank=env.rank, world_size=env.world_size, strategy=cfg.dist.strategy)
         state.load_state_dict(saved)
         task.load_state_dict(saved.get("task", {}))
-        log.info("resumed from %s at step %d", resume_from, state.step)
+        log.info("resumed from %s at step %d; %s", resume_from, state.step,
+                 scheduler.resume_note or "the lr schedule restarts (the checkpoint saved none)")
     return run
 
 
@@ -216,7 +222,9 @@ def _run(cfg: TrainCfg, task, env: du.DistEnv) -> TrainResult:
     run = _setup(cfg, task, env)
     state, total_steps = run.state, run.total_steps
     if state.step >= total_steps:
-        log.info("run %s is finished (step %d of %d): nothing to do; train longer with resume=auto max_steps=N",
+        log.info("run %s is finished (step %d of %d): nothing to do; train longer with resume=auto max_steps=N "
+                 "optim.extend=segment (a new warmup + schedule over the added steps) or optim.extend=tail (the added "
+                 "steps at the schedule's final lr)",
                  run.run_dir, state.step, total_steps)
         return TrainResult(run_dir=run.run_dir, step=state.step, status="finished", checkpoint=run.resume_from,
                            bad_steps=state.bad_steps_total)

@@ -1,11 +1,16 @@
 """The run folder: ``RUN/config.yaml`` (the resolved config), ``RUN/run_info.json`` (git revision, versions, launch),
-``RUN/ckpt/``. Protects a folder's work: a new run never starts over another run's checkpoints, and a resumed run
-keeps the config it was started with."""
+``RUN/ckpt/``, ``RUN/run.lock`` while a run holds it. Protects a folder's work: one run at a time writes it, a new
+run never starts over another run's checkpoints, and a resumed run keeps the config it was started with."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -23,11 +28,140 @@ log = get_logger(__name__)
 # checkpoints, where it runs, how many workers read. Everything else (model, data, optimizer, loss, batch, seed,
 # precision) is the run: changing it on resume would silently make a different run, so it is refused.
 RESUME_MUTABLE = ("max_steps", "epochs", "resume", "device", "max_bad_steps", "log.", "eval.", "ckpt.every",
-                  "ckpt.keep_last", "data.workers", "dist.backend")
+                  "ckpt.keep_last", "data.workers", "dist.backend", "optim.extend")
+
+
+LOCK_NAME = "run.lock"
 
 
 def run_dir_of(cfg: TrainCfg) -> Path:
     return Path(cfg.output_dir) / (cfg.name or "run")
+
+
+class RunFolderInUse(ConfigError):
+    """Another live process holds the run folder (its lock file names it)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _holder_text(holder: dict) -> str:
+    if not holder:
+        return "another process (its lock file is being written)"
+    job = f", torchrun job {holder['job']} of {holder['world_size']} processes" if holder.get("job") else ""
+    return f"process {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')}{job})"
+
+
+class RunLock:
+    """An advisory lock on a run folder: ``RUN/run.lock`` holds the holder's host, pid, start time and torchrun job,
+    and an ``flock`` on it lasts as long as the holding process (the kernel drops it when the process dies, however it
+    dies, so a lock file left by a killed run is recognised as stale and taken over with a line saying so). On a file
+    system without ``flock`` the pid is checked instead (on this host; a holder on another host is trusted).
+
+    One process per run takes it (rank 0, see ``hold_run_folder``); a second one gets ``RunFolderInUse`` naming the
+    holder. ``release`` removes the file, and the folder too if the run left nothing else in it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self._fd: Optional[int] = None
+        self._created_dir = False
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def _refuse(self, holder: dict) -> RunFolderInUse:
+        return RunFolderInUse(f"run folder {self.run_dir} is in use by {_holder_text(holder)}; wait for that run to "
+                              f"end, or use another name= (lock file: {self.path})")
+
+    def _try_flock(self, fd: int) -> Optional[bool]:
+        """True: locked; False: held by a live process; None: this file system has no flock."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return None
+            raise
+
+    def acquire(self) -> None:
+        """Take the folder or raise ``RunFolderInUse``; a stale lock of a dead process is taken over (logged)."""
+        self._created_dir = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            locked = self._try_flock(fd)
+            holder = self._read()
+            if locked is False or (locked is None and holder and not self._stale(holder)):
+                os.close(fd)
+                raise self._refuse(holder)
+            try:  # the holder may have removed the file between our open and our flock: lock the file in place
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        if holder:
+            log.warning("run folder %s: taking over the lock left by %s, which is no longer running", self.run_dir,
+                        _holder_text(holder))
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "job": os.environ.get("TORCHELASTIC_RUN_ID"), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+              "argv": sys.argv}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(me).encode())
+        os.fsync(fd)
+        self._fd = fd
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        """Without flock: a holder on this host whose pid is gone is stale; one on another host cannot be checked."""
+        return holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1)))
+
+    def release(self) -> None:
+        """Remove the lock file (the folder too if it is otherwise empty and this run created it)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # before the unlock: a process that opened the old file sees it is gone and retries
+        os.close(self._fd)
+        self._fd = None
+        if self._created_dir:
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()  # only if empty: a run that failed before writing leaves no folder
+
+
+@contextlib.contextmanager
+def hold_run_folder(run_dir: Path, env):
+    """Hold ``run_dir`` for the duration of a run: rank 0 takes the lock and every rank learns whether it did (one
+    collective), so all ranks of a torchrun job refuse together with the holder's name, and share one lock."""
+    from evaclip import distributed as du
+
+    lock, refusal = RunLock(run_dir), None
+    if env.is_main:
+        try:
+            lock.acquire()
+        except RunFolderInUse as e:
+            refusal = str(e)
+    refusal = du.broadcast_object(refusal)
+    if refusal is not None:
+        raise RunFolderInUse(refusal)
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def git_revision(short: bool = False) -> dict:
@@ -94,22 +228,46 @@ def _mutable(key: str) -> bool:
     return any(key == m or (m.endswith(".") and key.startswith(m)) for m in RESUME_MUTABLE)
 
 
-def reconcile_resume(cfg: TrainCfg, overrides: dict[str, str]) -> TrainCfg:
+def _listed(diff: dict, limit: int = 6) -> str:
+    items = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in diff.items()]
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _names_stored_config(recipe, run_dir: Path) -> bool:
+    """True when the recipe given is one of the run's own stored configs (``RUN/config.yaml``, a checkpoint's)."""
+    try:
+        return Path(recipe).resolve().is_relative_to(run_dir.resolve())
+    except (OSError, TypeError):
+        return False
+
+
+def reconcile_resume(cfg: TrainCfg, overrides: dict[str, str], recipe=None) -> TrainCfg:
     """On ``resume=auto`` into a run folder that holds checkpoints, the run's stored config is the config: the
     command-line ``overrides`` are applied onto it. Overrides of ``RESUME_MUTABLE`` keys are applied with a warning
-    that lists them; any other key that would differ from the stored run is refused with the list of differences."""
+    that lists them; any other key that would differ from the stored run is refused with the list of differences.
+
+    ``recipe`` is the recipe the command named (``cfg`` = recipe + overrides): unless it is the run's own stored
+    config (``RUN/config.yaml``), a recipe that differs from the stored run in a key a resume may not change (the task
+    first) is refused naming both, so a resume never silently ignores the recipe it was given."""
     if cfg.resume != "auto":
         return cfg
     stored = stored_config(cfg)
     if stored is None:
         return cfg
+    run_dir = run_dir_of(cfg)
     resumed = apply_overrides(stored, overrides)
     changed = {k: v for k, v in flat_diff(stored, resumed).items() if k != "resume"}
     fixed = {k: v for k, v in changed.items() if not _mutable(k)}
     if fixed:
-        listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in fixed.items())
-        raise ConfigError(f"resume=auto: the run in {run_dir_of(cfg)} was started with a different {listed}; a "
+        raise ConfigError(f"resume=auto: the run in {run_dir} was started with a different {_listed(fixed)}; a "
                           f"resumed run keeps its config (start a new run with another name= to change it)")
+    if recipe is not None and not _names_stored_config(recipe, run_dir):
+        differs = {k: v for k, v in flat_diff(resumed, cfg).items() if not _mutable(k)}
+        if differs:
+            raise ConfigError(
+                f"resume=auto: recipe {recipe} (task {cfg.task}) is not the config of the run in {run_dir} (task "
+                f"{stored.task}): {_listed(differs)}; continue the run with its stored config: evaclip train "
+                f"{run_dir / 'config.yaml'} resume=auto ..., or start a new run with another name=")
     if changed:
         log.warning("resume: changed from the stored config: %s",
                     ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))

@@ -3,19 +3,23 @@
 Shapes: see the legend in docs/ARCHITECTURE.md (B batch, E embedding dim, Q the images and R the captions, R >= Q: the
 queries and references of image->text; text->image swaps the roles, and ``_ranks`` names its own arguments so).
 
-image->text (``i2t``): an image is a hit at k when any of its captions ranks in the top k texts. text->image
-(``t2i``): a caption is a hit at k when its image ranks in the top k images. As in zero-shot, ties count against the
-model: the rank of the answer is the number of *wrong* candidates scoring at least as high as the best right one.
+image->text (``i2t``): an image is a hit at k when any of its captions is among the top k texts. text->image
+(``t2i``): a caption is a hit at k when its image is among the top k images.
 
-Instance recall (``i2t_R@k``, ``t2i_R@k``) is the standard measure: the right answers are the image's own captions /
-the caption's own image. It needs captions that identify their image: when the same caption text belongs to several
-images, the copies score alike (up to float rounding) and, ties losing, an image cannot rank its own copy first, so
-i2t R@1 is about 0 by construction. ``captions_shared`` counts such captions, and ``retrieval_notes`` says so in
-the output.
+``i2t_R@k`` / ``t2i_R@k`` follow clip_benchmark's protocol (``clip_benchmark.metrics.zeroshot_retrieval``, the
+figures papers report): one score matrix ``texts @ images.T`` in dataset order, the top k of each row by
+``torch.topk``, so equal scores are ordered as topk orders them. Its ``text_retrieval_recall@k`` is ``i2t_R@k``, its
+``image_retrieval_recall@k`` is ``t2i_R@k``; tests/test_evals.py checks equality with its functions.
 
-Class-aware recall (``class_i2t_R@k``, ``class_t2i_R@k``), reported when every sample carries a ``cls`` class id:
-any candidate of the query's class is a right answer (a caption of another image of the same class, an image of the
-caption's class). It measures whether the model retrieves the right *kind* of item, not the exact one.
+``strict_i2t_R@k`` / ``strict_t2i_R@k`` count ties against the model: the rank of the answer is the number of
+*wrong* candidates scoring at least as high as the best right one. They differ from the default only where scores
+tie: when the same caption text belongs to several images, the copies score alike and an image cannot rank its own
+copy first (strict i2t R@1 about 0 by construction, while the default credits whichever copy topk puts first).
+``captions_shared`` counts such captions, and ``retrieval_notes`` says so in the output.
+
+Class-aware recall (``class_i2t_R@k``, ``class_t2i_R@k``, tie-aware), reported when every sample carries a ``cls``
+class id: any candidate of the query's class is a right answer (a caption of another image of the same class, an
+image of the caption's class). It measures whether the model retrieves the right *kind* of item, not the exact one.
 """
 from __future__ import annotations
 
@@ -51,14 +55,37 @@ def _recalls(rank_i2t_Q: torch.Tensor, rank_t2i_R: torch.Tensor, ks: Sequence[in
     return out
 
 
+def _topk_recalls(text_RE: torch.Tensor, image_QE: torch.Tensor, owner_R: torch.Tensor, ks: Sequence[int],
+                  chunk: int) -> dict:
+    """clip_benchmark's recall@k: ``torch.topk(k)`` of each row of ``scores_RQ = text_RE @ image_QE.T`` (t2i) and of
+    its transpose (i2t), a hit when a right candidate is among them (topk called per k, as clip_benchmark does)."""
+    Q, R = image_QE.shape[0], text_RE.shape[0]
+    scores_RQ = text_RE @ image_QE.t()
+    image_id_Q = torch.arange(Q, device=image_QE.device)
+    out = {}
+    for k in ks:
+        if k <= R:
+            hits = [(owner_R[scores_RQ.T[s:s + chunk].topk(k, dim=1).indices] == image_id_Q[s:s + chunk, None]).any(1)
+                    for s in range(0, Q, chunk)]
+            out[f"i2t_R@{k}"] = torch.cat(hits).float().mean().item()  # float32 mean, as clip_benchmark
+        if k <= Q:
+            hits = [(scores_RQ[s:s + chunk].topk(k, dim=1).indices == owner_R[s:s + chunk, None]).any(1)
+                    for s in range(0, R, chunk)]
+            out[f"t2i_R@{k}"] = torch.cat(hits).float().mean().item()
+    return out
+
+
 def retrieval_metrics(image_QE: torch.Tensor, text_RE: torch.Tensor, owner_R: torch.Tensor,
                       ks: Sequence[int] = (1, 5, 10), chunk: int = 1024,
                       image_class_Q: Optional[torch.Tensor] = None) -> dict:
     """Recall@k both ways from normalised features; ``owner_R[r]`` is the row of ``image_QE`` caption r describes.
+    Rows are in dataset order (images by sample, captions by image then by line): the default figures resolve equal
+    scores by that order, as clip_benchmark does.
 
-    Scores are computed ``chunk`` queries at a time so 5k x 25k sets fit in memory. Recall@k is reported for k up to
-    the number of candidates. With ``image_class_Q`` (a class id per image) the class-aware recalls are added as
-    ``class_i2t_R@k`` / ``class_t2i_R@k`` (a caption's class is its image's).
+    ``i2t_R@k`` / ``t2i_R@k``: clip_benchmark's protocol; ``strict_i2t_R@k`` / ``strict_t2i_R@k``: ties count as
+    misses. The score matrix (R x Q) is held once; the strict ranks and topk go ``chunk`` rows at a time. Recall@k is
+    reported for k up to the number of candidates. With ``image_class_Q`` (a class id per image) the class-aware
+    recalls are added as ``class_i2t_R@k`` / ``class_t2i_R@k`` (a caption's class is its image's).
     """
     Q, R = image_QE.shape[0], text_RE.shape[0]
     if Q == 0 or R == 0:
@@ -71,8 +98,9 @@ def retrieval_metrics(image_QE: torch.Tensor, text_RE: torch.Tensor, owner_R: to
     if owner_R.unique().numel() != Q:
         raise ValueError("every image needs at least one caption")
     image_id_Q = torch.arange(Q, device=image_QE.device)
-    out = _recalls(_ranks(image_QE, text_RE, image_id_Q, owner_R, chunk),
-                   _ranks(text_RE, image_QE, owner_R, image_id_Q, chunk), ks)
+    out = _topk_recalls(text_RE, image_QE, owner_R, ks, chunk)
+    out.update(_recalls(_ranks(image_QE, text_RE, image_id_Q, owner_R, chunk),
+                        _ranks(text_RE, image_QE, owner_R, image_id_Q, chunk), ks, prefix="strict_"))
     if image_class_Q is not None:
         if image_class_Q.shape != (Q,):
             raise ValueError(f"image_class_Q must hold one class id per image ({Q}), got shape "
@@ -96,15 +124,17 @@ def retrieval_notes(results: dict, prefix: str = "retrieval/") -> list[str]:
     """What the retrieval figures measure, for the console and the results JSON."""
     if f"{prefix}num_texts" not in results:
         return []
-    notes = [f"{prefix}i2t_R@k / t2i_R@k: instance recall (a hit is the image's own caption / the caption's own "
-             "image; ties count as misses)"]
+    notes = [f"{prefix}i2t_R@k / t2i_R@k: instance recall, clip_benchmark's protocol (a hit is the image's own "
+             f"caption / the caption's own image among torch.topk's k; equal scores in dataset order); "
+             f"{prefix}strict_*: the same with ties counted as misses"]
     if any(k.startswith(f"{prefix}class_") for k in results):
         notes.append(f"{prefix}class_*: class-aware recall (a hit is any candidate of the query's class, from the "
                      "samples' 'cls' ids)")
     shared, m = results.get(f"{prefix}captions_shared", 0), results[f"{prefix}num_texts"]
     if shared:
         notes.append(f"{shared} of {m} captions are word-for-word the caption of another image too: they tie, so "
-                     "instance recall cannot credit them (i2t R@1 is about 0 when every caption is shared)"
+                     "instance recall credits them by topk's order (strict i2t R@1 is about 0 when every caption is "
+                     "shared)"
                      + ("; read the class-aware figures for this set" if any(
                          k.startswith(f"{prefix}class_") for k in results) else ""))
     return notes
@@ -144,11 +174,15 @@ def retrieval(model, tokenizer: Callable, data: Union[str, EvalSet], preprocess:
     all_captions = gather_list(captions)
     if idx_Q.numel() != idx_Q.unique().numel():
         raise RuntimeError("retrieval saw some images more than once across ranks/workers")
-    # global sample index -> row in image_QE
+    # dataset order (images by sample index, captions by image, lines in order), whatever the ranks and workers read:
+    # clip_benchmark's protocol resolves equal scores by it
+    order_Q = idx_Q.argsort()
     row = torch.full((int(idx_Q.max()) + 1 if idx_Q.numel() else 0,), -1, dtype=torch.long)
-    row[idx_Q] = torch.arange(idx_Q.numel())
+    row[idx_Q[order_Q]] = torch.arange(idx_Q.numel())
     owner_R = row[owner_global_R] if owner_global_R.numel() else owner_global_R
-    class_Q = torch.tensor(cls_Q, dtype=torch.long) if cls_Q and None not in cls_Q else None
-    out = retrieval_metrics(image_QE.to(device), text_RE.to(device), owner_R, ks, image_class_Q=class_Q)
+    order_R = owner_R.argsort(stable=True)
+    class_Q = torch.tensor(cls_Q, dtype=torch.long)[order_Q] if cls_Q and None not in cls_Q else None
+    out = retrieval_metrics(image_QE[order_Q].to(device), text_RE[order_R].to(device), owner_R[order_R], ks,
+                            image_class_Q=class_Q)
     out["captions_shared"] = shared_captions(all_captions, owner_global_R.tolist())
     return out

@@ -52,7 +52,8 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> Scheduler:
     """The schedule of ``cfg.schedule`` over ``total_steps`` optimizer steps (lr for step 0 is set now)."""
-    return Scheduler(optimizer, cfg.schedule, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    return Scheduler(optimizer, cfg.schedule, total_steps, cfg.warmup_steps, cfg.min_lr_ratio,
+                     extend=cfg.extend)
 
 
 @torch.no_grad()
