@@ -90,9 +90,9 @@ def build_tower(model_cfg: dict, tower: str, attn_backend: str = "sdpa") -> nn.M
 
     attend = Attend(resolve_backend(attn_backend))
     if tower == "image":
-        from evaclip.models.vision import EVAVisionTransformer
+        from evaclip.models.towers import vision_tower
 
-        return EVAVisionTransformer(VisionCfg(**model_cfg["vision"]), model_cfg["embed_dim"], attend)
+        return vision_tower(VisionCfg(**model_cfg["vision"]), model_cfg["embed_dim"], attend)
     from evaclip.models.text import TextTransformer
 
     return TextTransformer(TextCfg(**model_cfg["text"]), model_cfg["embed_dim"], attend)

@@ -178,10 +178,13 @@ def open_clip_model_config(model_cfg, timm_model_name: str) -> dict:
     """open_clip's model config (``embed_dim``, ``vision_cfg`` via timm's Eva, ``text_cfg``) for this architecture."""
     mc = _cfg_dict(model_cfg)
     v, t = mc["vision"], mc["text"]
+    vision = {"image_size": v["image_size"], "timm_model_name": timm_model_name, "timm_model_pretrained": False,
+              "timm_pool": "token", "timm_proj": None}
+    if v.get("timm_model"):  # open_clip's ViTamin configs: the trunk's own avg pool + fc_norm, a bias-free projection
+        vision.update(timm_pool="", timm_proj="linear", timm_drop=0.0, timm_drop_path=v["drop_path"])
     return {
         "embed_dim": mc["embed_dim"],
-        "vision_cfg": {"image_size": v["image_size"], "timm_model_name": timm_model_name,
-                       "timm_model_pretrained": False, "timm_pool": "token", "timm_proj": None},
+        "vision_cfg": vision,
         "text_cfg": {"context_length": t["context_length"], "vocab_size": t["vocab_size"], "width": t["width"],
                      "heads": t["heads"], "layers": t["layers"]},
         "custom_text": True,
@@ -216,6 +219,14 @@ def register_open_clip(export_dir) -> str:
                     raise ValueError(f"{spec['name']} has no timm pretrained weights; load the evaclip export")
                 for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory bookkeeping
                     kwargs.pop(k, None)
+                if "base" in spec:  # a timm family at other sizes (ViTamin): its builder with every shape given
+                    from timm.models.vitamin import VitCfg, VitConvCfg
+
+                    args = _json_to_timm(spec["kwargs"])
+                    conv = dict(args.pop("embed_cfg"))
+                    args["embed_cfg"] = VitCfg(**_json_to_timm(conv), conv_cfg=VitConvCfg(
+                        norm_layer="layernorm2d", norm_eps=1e-6), head_type="1d")
+                    return timm.create_model(spec["base"], pretrained=False, **{**args, **kwargs})
                 return Eva(**{**_json_to_timm(spec["kwargs"]), **kwargs})
 
             _build.__name__ = spec["name"]
@@ -239,6 +250,8 @@ def timm_eva_spec(model_cfg) -> tuple[str, Optional[dict]]:
     builtin = open_clip.get_model_config(mc["open_clip_name"]) if mc.get("open_clip_name") else None
     if builtin is not None and _standard_matches(builtin, mc):
         return builtin["vision_cfg"]["timm_model_name"], None
+    if v.get("timm_model"):
+        return _timm_family_spec(mc)
     kwargs = dict(img_size=v["image_size"], patch_size=v["patch_size"], embed_dim=v["width"], depth=v["depth"],
                   num_heads=v["heads"], mlp_ratio=v["mlp_ratio"], qkv_fused=not v["subln"], qkv_bias=v["qkv_bias"],
                   swiglu_mlp=v["swiglu"], scale_mlp=v["subln"], scale_attn_inner=v["subln"],
@@ -255,6 +268,22 @@ def timm_eva_spec(model_cfg) -> tuple[str, Optional[dict]]:
     return f"evaclip_{safe}_{digest}", kwargs
 
 
+def _timm_family_spec(mc: dict) -> tuple[str, dict]:
+    """``(generated name, {"base", "kwargs"})`` for a timm-built image tower (ViTamin) at a size timm does not
+    register: ``register_open_clip`` rebuilds it with timm's own builder and every shape passed."""
+    from evaclip.models.registry import VisionCfg
+    from evaclip.models.timm_vision import timm_trunk_kwargs
+
+    kwargs = timm_trunk_kwargs(VisionCfg(**mc["vision"]))
+    for k in ("num_classes", "drop_path_rate"):  # open_clip passes its own (0 classes, timm_drop_path)
+        kwargs.pop(k)
+    e = kwargs.pop("embed_cfg")
+    kwargs["embed_cfg"] = {"embed_dim": list(e.embed_dim), "depths": list(e.depths), "stem_width": e.stem_width}
+    safe = "".join(c if c.isalnum() else "_" for c in mc.get("name", "custom").lower())
+    digest = hashlib.sha1(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:8]
+    return f"evaclip_{safe}_{digest}", {"base": mc["vision"]["timm_model"], "kwargs": kwargs}
+
+
 def _standard_matches(builtin: dict, mc: dict) -> bool:
     """open_clip's built-in config describes exactly this architecture (image tower checked on the meta device)."""
     import timm
@@ -265,8 +294,20 @@ def _standard_matches(builtin: dict, mc: dict) -> bool:
     if not (text_same and builtin["embed_dim"] == mc["embed_dim"]
             and builtin["vision_cfg"]["image_size"] == v["image_size"]):
         return False
+    timm_name = builtin["vision_cfg"]["timm_model_name"]
     with torch.device("meta"):  # shapes only: no memory even for bigE
-        ref = timm.create_model(builtin["vision_cfg"]["timm_model_name"], pretrained=False, num_classes=0)
+        ref = timm.create_model(timm_name, pretrained=False, num_classes=0)
+        if v.get("timm_model"):  # a timm-built tower: the same timm model with every parameter shape equal
+            from evaclip.models.registry import VisionCfg
+            from evaclip.models.timm_vision import timm_trunk_kwargs
+
+            if v["timm_model"] != timm_name:
+                return False
+            ours = timm.create_model(timm_name, pretrained=False, **timm_trunk_kwargs(VisionCfg(**v)))
+            shapes = lambda m: {k: tuple(p.shape) for k, p in m.state_dict().items()}  # noqa: E731
+            return shapes(ours) == shapes(ref)
+    if builtin["vision_cfg"].get("timm_proj"):  # open_clip's ViTamin: an EVA tower is not that
+        return False
     return ref.embed_dim == v["width"] and len(ref.blocks) == v["depth"]
 
 
@@ -290,7 +331,8 @@ def export_open_clip(model, model_cfg, architecture: str, out_dir: Path, check: 
         name = _cfg_dict(model_cfg)["open_clip_name"]
     else:
         name = f"evaclip-{architecture}-{timm_name.rsplit('_', 1)[-1]}"
-        (d / "timm_model.json").write_text(json.dumps({"name": timm_name, "kwargs": timm_kwargs}, indent=2))
+        spec = timm_kwargs if "base" in timm_kwargs else {"kwargs": timm_kwargs}  # base: a timm family's builder
+        (d / "timm_model.json").write_text(json.dumps({"name": timm_name, **spec}, indent=2))
         written.append(d / "timm_model.json")
     v = _cfg_dict(model_cfg)["vision"]
     mean, std = _mean_std(v)
@@ -335,9 +377,11 @@ def open_clip_readme(export_dir, name: str, architecture: str, custom: bool) -> 
     weights = d / "open_clip_model.safetensors"
     lines = [f"# open_clip export of {architecture} (evaclip)", ""]
     if custom:
-        timm_name = json.loads((d / "timm_model.json").read_text())["name"]
+        spec = json.loads((d / "timm_model.json").read_text())
+        timm_name, family = spec["name"], f"`{spec['base']}` at other sizes" if "base" in spec else "`Eva`"
         lines += [
-            f"This is not a shape open_clip ships: its image tower is a timm `Eva` described in `timm_model.json`, and "
+            f"This is not a shape open_clip ships: its image tower is a timm {family} described in "
+            "`timm_model.json`, and "
             "open_clip passes timm no architecture arguments. Register it first, in every process that loads it "
             f"(without this, loading fails with `Unknown model ({timm_name})`):",
             "", "## open_clip", "", "```python", "import open_clip", "import evaclip.export", "",

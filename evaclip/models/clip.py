@@ -14,7 +14,7 @@ from torch import nn
 from .attention import Attend
 from .registry import CLIPCfg
 from .text import TextTransformer
-from .vision import EVAVisionTransformer
+from .towers import vision_tower
 
 
 class CLIPOutput(NamedTuple):
@@ -33,7 +33,7 @@ class CLIP(nn.Module):
     def __init__(self, cfg: CLIPCfg, attend: Attend, token_drop: float = 0.0):
         super().__init__()
         self.cfg = cfg
-        self.visual = EVAVisionTransformer(cfg.vision, cfg.embed_dim, attend, token_drop)
+        self.visual = vision_tower(cfg.vision, cfg.embed_dim, attend, token_drop)
         self.text = TextTransformer(cfg.text, cfg.embed_dim, attend)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = None
@@ -42,7 +42,7 @@ class CLIP(nn.Module):
 
     @property
     def attn_backend(self) -> str:
-        return self.visual.blocks[0].attn.attend.backend
+        return self.text.transformer.resblocks[0].attn.attend.backend  # the one both towers share (EVA image towers)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
@@ -63,8 +63,21 @@ class CLIP(nn.Module):
 
     # --- hooks for the optimizer ---------------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
-        """Parameters that take no weight decay: 1-D tensors (norms, biases), position embeddings, CLS, logit scale."""
-        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith(".bias") or _NO_WD.search(n)}
+        """Parameters that take no weight decay: 1-D tensors (norms, biases), position embeddings, CLS, logit scale;
+        an image tower with its own rule (timm towers: ViTamin decays ``pos_embed``, as upstream) decides for itself."""
+        own = getattr(self.visual, "no_weight_decay", None)
+        out = {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith(".bias") or _NO_WD.search(n)}
+        if own is None:
+            return out
+        return {n for n in out if not n.startswith("visual.")} | {f"visual.{n}" for n in own()}
+
+    def weight_decay_names(self) -> set[str]:
+        """Parameters that take weight decay although their names read as embeddings (``pos_embed``): the image
+        tower's own rule overrides the optimizer's name-based exclusions for them."""
+        if getattr(self.visual, "no_weight_decay", None) is None:
+            return set()
+        no_wd = self.no_weight_decay()
+        return {n for n, _ in self.named_parameters() if n.startswith("visual.") and n not in no_wd}
 
     @staticmethod
     def param_tower(name: str) -> str:
@@ -73,12 +86,17 @@ class CLIP(nn.Module):
         return "visual" if name.startswith("visual.") else "text" if name.startswith("text.") else "other"
 
     def num_layers(self, tower: str) -> int:
-        """Depth L of a tower (0 for ``other``)."""
+        """Depth L of a tower (0 for ``other``); a timm image tower counts its conv stages too."""
+        if tower == "visual" and hasattr(self.visual, "num_layers"):
+            return self.visual.num_layers()
         return {"visual": self.cfg.vision.depth, "text": self.cfg.text.layers}.get(tower, 0)
 
     def layer_id(self, name: str) -> int:
-        """EVA-CLIP's layer ids: 0 embeddings, i+1 for block i, L+1 for final norms, heads and projections."""
+        """EVA-CLIP's layer ids: 0 embeddings, i+1 for block i, L+1 for final norms, heads and projections (a timm
+        image tower: its own ids, stem / conv stages / blocks, see ``TimmVisionTower.layer_id``)."""
         name = name.removeprefix("module.")
+        if name.startswith("visual.") and hasattr(self.visual, "layer_id"):
+            return self.visual.layer_id(name[len("visual."):])
         if _EMBED.match(name):
             return 0
         m = _BLOCK.match(name)

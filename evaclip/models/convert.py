@@ -49,6 +49,7 @@ class LoadReport:
     adapted: list = field(default_factory=list)  # model keys whose tensors were resized (pos embed, patch kernel)
     fresh: list = field(default_factory=list)  # model keys a format legitimately lacks (kept at their init)
     reinit: dict = field(default_factory=dict)  # fresh model keys given a format-specific init -> what it is
+    notes: list = field(default_factory=list)  # one line per decision worth logging (a dropped projection, ...)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -319,6 +320,8 @@ def load_visual(model, sd: dict, fmt: Optional[str] = None, report: Optional[Loa
     fmt = fmt or detect_format(sd)
     tower = getattr(model, "visual", model)
     report.formats.setdefault("visual", fmt)
+    if _is_timm_tower(tower):
+        return _load_timm_visual(tower, sd, fmt, report)
     src, ignored = _visual_part(sd, fmt)
     target = _model_sd(tower)
     fresh_ok = ("head.", "inner_attn_ln.") if fmt == "eva_mim" else ()
@@ -349,18 +352,53 @@ def init_head_from_mim(head: torch.nn.Linear, name: str = "head") -> dict:
             head.bias.zero_()
     return {f"{name}.weight": f"trunc_normal(std {MIM_HEAD_STD}) x {MIM_HEAD_SCALE} (EVA-CLIP's head init)",
             f"{name}.bias": "zeros"}
+def _is_timm_tower(tower) -> bool:
+    cfg = getattr(tower, "cfg", None)
+    return bool(getattr(cfg, "timm_model", None))
+
+
+def _load_timm_visual(tower, sd: dict, fmt: str, report: LoadReport) -> LoadReport:
+    """A timm-built image tower (ViTamin): its keys are open_clip's (``trunk.*``, ``head.proj.weight``), so an
+    open_clip or evaclip checkpoint loads under ``visual.`` as it is, and a bare timm trunk (``timm``) under
+    ``trunk.`` (its projection then stays fresh: timm's classifier is no CLIP projection)."""
+    if fmt in ("open_clip", "evaclip"):
+        src = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    elif fmt == "timm":
+        src = {f"trunk.{k}": v for k, v in sd.items() if not k.startswith(("head.", "fc."))}
+    else:
+        raise CheckpointError(f"a '{fmt}' checkpoint holds an EVA image tower; this model's image tower is timm's "
+                              f"{tower.cfg.timm_model} (a hybrid with conv stages), which it cannot initialise")
+    ignored = [k for k in src if IGNORABLE.search(k)]
+    src = {k: v for k, v in src.items() if k not in ignored}
+    target = _model_sd(tower)
+    fresh_ok = ("head.",) if fmt == "timm" else ()
+    src = _adapt(src, target, "visual.", report, num_prefix=tower.num_prefix)
+    report.fresh += _check_keys(src, target, "visual.", f"image tower of the '{fmt}' checkpoint", fresh_ok)
+    report.ignored += [f"visual.{k}" for k in ignored]
+    tower.load_state_dict(src, strict=False)
+    return report
 
 
 def load_text(model, sd: dict, fmt: Optional[str] = None, report: Optional[LoadReport] = None) -> LoadReport:
     """Load the text tower of ``model`` (a CLIP or a bare TextTransformer) from an OpenAI / open_clip / EVA-CLIP /
-    evaclip state dict."""
+    evaclip state dict. A ``text_projection`` whose output width differs from the model's embedding (a text tower
+    taken from a CLIP of another embedding size, as in Locked-Text Tuning) is dropped and left fresh, with a
+    ``report.notes`` line saying so; any other mismatch is an error."""
     report = report or LoadReport()
     fmt = fmt or detect_format(sd)
     tower = getattr(model, "text", model)
     report.formats.setdefault("text", fmt)
     src, ignored = _text_part(sd, fmt)
     target = _model_sd(tower)
-    _check_keys(src, target, "text.", f"text tower of the '{fmt}' checkpoint")
+    proj, want = src.get("text_projection"), target.get("text_projection")
+    if proj is not None and want is not None and proj.shape != want.shape and proj.shape[:1] == want.shape[:1]:
+        del src["text_projection"]
+        ignored.append("text.text_projection")
+        report.fresh.append("text.text_projection")
+        report.notes.append(f"text.text_projection dropped: checkpoint {tuple(proj.shape)} vs model "
+                            f"{tuple(want.shape)} (another embedding width); it starts fresh and stays trainable")
+    _check_keys(src, target, "text.", f"text tower of the '{fmt}' checkpoint",
+                ("text_projection",) if "text.text_projection" in report.fresh else ())
     _adapt(src, target, "text.", report)  # nothing to resize in a text tower: names any shape mismatch
     report.ignored += ignored
     tower.load_state_dict(src, strict=False)
@@ -396,6 +434,7 @@ def load_pretrained(model, pretrained=None, image_init=None, text_init=None) -> 
         report.adapted += r.adapted
         report.fresh += r.fresh
         report.reinit.update(r.reinit)
+        report.notes += r.notes
     if image_init is not None:
         sd = read(image_init)
         report.formats["image_init"] = detect_format(sd)
@@ -404,7 +443,26 @@ def load_pretrained(model, pretrained=None, image_init=None, text_init=None) -> 
         sd = read(text_init)
         report.formats["text_init"] = detect_format(sd)
         load_text(model, sd, report.formats["text_init"], report)
+        _init_logit_scale(model, sd, report)
     return report
+
+
+def _init_logit_scale(model, sd: dict, report: LoadReport) -> None:
+    """Locked-Text Tuning: a text tower taken from a CLIP brings that CLIP's ``logit_scale`` (the temperature its
+    text features were trained at), clamped at ln 100 as in training; it stays trainable. A bare text tower (OpenAI
+    layout without the scale) leaves the model's init."""
+    scale = getattr(model, "logit_scale", None)
+    if scale is None:
+        return
+    if "logit_scale" not in sd:
+        report.notes.append("text_init has no logit_scale: logit_scale keeps its init "
+                            f"({float(scale):.4f}, temperature 1/{math.exp(float(scale)):.1f})")
+        return
+    value = min(float(sd["logit_scale"].float().reshape(())), math.log(100.0))
+    with torch.no_grad():
+        scale.fill_(value)
+    report.notes.append(f"logit_scale = {value:.4f} (scale {math.exp(value):.2f}) from text_init, trainable, clamped "
+                        "at ln 100")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -431,7 +489,10 @@ def visual_to_timm(sd: dict, qkv_fused: bool = False) -> dict:
 def to_open_clip_state_dict(model, qkv_fused: Optional[bool] = None) -> dict:
     """The model in open_clip's EVA layout: timm ``Eva`` under ``visual.trunk.``, the text tower under ``text.``,
     logit scale. ``qkv_fused`` defaults to timm's choice for the architecture: separate q/k/v projections for the
-    sub-LN EVA-02 towers (``eva02_*_clip``), one fused qkv for EVA-01 g/14 and bigE."""
+    sub-LN EVA-02 towers (``eva02_*_clip``), one fused qkv for EVA-01 g/14 and bigE. A timm image tower (ViTamin) is
+    already in open_clip's layout (``visual.trunk.*``, ``visual.head.proj.weight``)."""
+    if _is_timm_tower(model.visual):
+        return {k: v for k, v in model.state_dict().items() if not IGNORABLE.search(k)}
     if qkv_fused is None:
         qkv_fused = not model.cfg.vision.subln
     sd = model.state_dict()
@@ -445,6 +506,8 @@ def to_open_clip_state_dict(model, qkv_fused: Optional[bool] = None) -> dict:
 
 def to_eva_clip_state_dict(model) -> dict:
     """The model in the EVA-CLIP release layout (q_proj/k_proj/v_proj in sub-LN towers, as EVA-02 releases)."""
+    if _is_timm_tower(model.visual):
+        raise CheckpointError(f"{model.cfg.vision.timm_model} is no EVA image tower: export it in the open_clip layout")
     sd = {k: v for k, v in model.state_dict().items() if not IGNORABLE.search(k)}
     return _split(sd, _FUSED if model.cfg.vision.subln else _FUSED[1:])
 

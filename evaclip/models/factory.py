@@ -10,7 +10,7 @@ from .attention import Attend, normalize_precision, resolve_backend
 from .clip import CLIP
 from .registry import CLIPCfg, cfg_from_dict, get_model_config
 from .text import TextTransformer
-from .vision import EVAVisionTransformer
+from .towers import vision_tower
 
 Device = Optional[Union[str, torch.device]]
 Precision = Union[str, torch.dtype, None]
@@ -47,10 +47,15 @@ def create_model(name: Union[str, CLIPCfg], pretrained: Optional[str] = None, *,
 
         report = load_pretrained(model, pretrained=pretrained, image_init=image_init, text_init=text_init)
         # what the init did, in one place for every caller (training logs it; dropped / fresh keys are expected ones)
-        logging.getLogger("evaclip.models").info(
-            "loaded %s: dropped %d known-ignorable keys %s, adapted %s, fresh %s, fresh with their own init %s",
-            report.formats, len(report.ignored), sorted(report.ignored)[:6], sorted(report.adapted),
-            sorted(report.fresh)[:8], report.reinit or "none")
+        log = logging.getLogger("evaclip.models")
+        log.info("loaded %s: dropped %d known-ignorable keys %s, adapted %s, fresh %s, fresh with their own init %s",
+                 report.formats, len(report.ignored), sorted(report.ignored)[:6], sorted(report.adapted),
+                 sorted(report.fresh)[:8], report.reinit or "none")
+        for note in report.notes:
+            log.info("init: %s", note)
+        # a projection dropped for its width is new: a locked tower keeps it trainable (optim.lock_towers reads this)
+        model.unlocked_params = {k for k in report.fresh
+                                 if k == "text.text_projection" and "text_init" in report.formats}
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     if device is not None:
@@ -67,6 +72,6 @@ def build_tower(cfg: Union[str, CLIPCfg, dict], tower: str, attn_backend: str = 
         raise ValueError(f"tower must be 'visual' or 'text', got {tower!r}")
     cfg = cfg_from_dict(cfg) if isinstance(cfg, dict) else get_model_config(cfg)
     attend = _attend(attn_backend, device, precision)
-    module = EVAVisionTransformer(cfg.vision, cfg.embed_dim, attend) if tower == "visual" else \
+    module = vision_tower(cfg.vision, cfg.embed_dim, attend) if tower == "visual" else \
         TextTransformer(cfg.text, cfg.embed_dim, attend)
     return module.to(device) if device is not None else module

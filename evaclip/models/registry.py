@@ -1,6 +1,8 @@
-"""Named CLIP architectures: the released EVA-CLIP shapes and tiny variants for tests, the CPU demo and benchmarks.
+"""Named CLIP architectures: the released EVA-CLIP and ViTamin shapes and tiny variants for tests, the CPU demo and
+benchmarks.
 
-Shapes follow EVA-CLIP's model configs (baaivision/EVA, EVA-CLIP/rei/eva_clip/model_configs).
+Shapes follow EVA-CLIP's model configs (baaivision/EVA, EVA-CLIP/rei/eva_clip/model_configs) and open_clip's ViTamin
+configs (``open_clip/model_configs/ViTamin-*.json``, image tower = timm's ``vitamin_*``).
 """
 from __future__ import annotations
 
@@ -28,6 +30,13 @@ class VisionCfg:
     layer_scale: Optional[float] = None  # LayerScale init value (None: off)
     drop_path: float = 0.0
     ln_eps: float = 1e-6
+    # A tower built by timm (models/timm_vision.py): the timm architecture whose blocks it uses (ViTamin:
+    # ``vitamin_small_224``...). width / depth / heads / mlp_ratio / drop_path / image_size then describe its
+    # transformer part, patch_size is the conv stages' total stride (16) and the EVA-only fields above are unused.
+    timm_model: Optional[str] = None
+    stem_width: int = 64  # ViTamin: channels of the conv stem
+    conv_widths: tuple[int, ...] = (64, 128)  # ViTamin: channels of the two MBConv-LN stages
+    conv_depths: tuple[int, ...] = (2, 4)  # ViTamin: MBConv-LN blocks per stage
 
     @property
     def grid(self) -> int:
@@ -78,6 +87,18 @@ def _eva01(image_size, patch, width, depth, mlp_ratio, head_width, **kw) -> Visi
                      mlp_ratio=mlp_ratio, swiglu=False, subln=False, rope=False, **kw)
 
 
+def _vitamin(timm_model, image_size, width, depth, heads, stem, convs, conv_depths=(2, 4), drop_path=0.1):
+    """A ViTamin image tower (timm's ``vitamin_*``): conv stem, two MBConv-LN stages, a strided conv to ``width`` at
+    stride 16, then ``depth`` TFB-GeGLU blocks (GeGLU hidden = 2 x width); open_clip's drop path 0.1."""
+    return VisionCfg(image_size=image_size, patch_size=16, width=width, depth=depth, heads=heads, mlp_ratio=2.0,
+                     swiglu=False, subln=False, rope=False, drop_path=drop_path, timm_model=timm_model,
+                     stem_width=stem, conv_widths=tuple(convs), conv_depths=tuple(conv_depths))
+
+
+_VITAMIN_S = dict(timm_model="vitamin_small_224", width=384, depth=14, heads=6, stem=64, convs=(64, 128))
+_VITAMIN_B = dict(timm_model="vitamin_base_224", width=768, depth=14, heads=12, stem=128, convs=(128, 256))
+_VITAMIN_L = dict(timm_model="vitamin_large_224", width=1024, depth=31, heads=16, stem=160, convs=(160, 320))
+
 _MODELS: dict[str, CLIPCfg] = {
     # --- released EVA-CLIP architectures -------------------------------------------------------------------------
     "EVA02-CLIP-B-16": CLIPCfg(512, _eva02(224, 16, 768, 12), TextCfg(width=512, heads=8, layers=12),
@@ -95,6 +116,17 @@ _MODELS: dict[str, CLIPCfg] = {
                                TextCfg(width=768, heads=12, layers=12), open_clip_name="EVA01-g-14"),
     "EVA01-CLIP-g-14-plus": CLIPCfg(1024, _eva01(224, 14, 1408, 40, 4.3637, 88, drop_path=0.4),
                                     TextCfg(width=1024, heads=16, layers=24), open_clip_name="EVA01-g-14-plus"),
+    # --- ViTamin (CVPR 2024), open_clip's shapes: image tower from timm, open_clip text tower ------------------------
+    "ViTamin-S": CLIPCfg(384, _vitamin(image_size=224, **_VITAMIN_S), TextCfg(width=384, heads=6, layers=12),
+                         open_clip_name="ViTamin-S"),
+    "ViTamin-S-LTT": CLIPCfg(768, _vitamin(image_size=224, **_VITAMIN_S), TextCfg(width=768, heads=12, layers=12),
+                             open_clip_name="ViTamin-S-LTT"),
+    "ViTamin-B": CLIPCfg(512, _vitamin(image_size=224, **_VITAMIN_B), TextCfg(width=512, heads=8, layers=12),
+                         open_clip_name="ViTamin-B"),
+    "ViTamin-B-LTT": CLIPCfg(768, _vitamin(image_size=224, **_VITAMIN_B), TextCfg(width=768, heads=12, layers=12),
+                             open_clip_name="ViTamin-B-LTT"),
+    "ViTamin-L": CLIPCfg(768, _vitamin(image_size=224, **_VITAMIN_L), TextCfg(width=768, heads=12, layers=12),
+                         open_clip_name="ViTamin-L"),
     # --- small variants: tests, the CPU demo, CPU benchmarks -----------------------------------------------------
     "EVA02-CLIP-tiny": CLIPCfg(32, _eva02(32, 8, 64, 2, head_width=32, pt_hw_seq_len=4),
                                TextCfg(width=64, heads=2, layers=2)),
@@ -102,6 +134,12 @@ _MODELS: dict[str, CLIPCfg] = {
                                TextCfg(width=64, heads=2, layers=2)),
     "EVA02-CLIP-demo": CLIPCfg(128, _eva02(32, 4, 128, 4, head_width=32, pt_hw_seq_len=8),
                                TextCfg(context_length=16, width=128, heads=4, layers=4)),
+    # ViTamin at 32 px: stem + one MBConv-LN block per stage + 2 TFB blocks on the 2 x 2 stride-16 grid
+    "ViTamin-tiny": CLIPCfg(32, _vitamin("vitamin_small_224", 32, 64, 2, 2, 32, (32, 48), (1, 1), drop_path=0.0),
+                            TextCfg(width=64, heads=2, layers=2)),
+    # the demo's ViTamin (docs/DEMO.md, LTT): the text tower of EVA02-CLIP-demo, so stage 1's text tower loads
+    "ViTamin-demo": CLIPCfg(128, _vitamin("vitamin_small_224", 32, 128, 4, 4, 32, (32, 64), (1, 2), drop_path=0.0),
+                            TextCfg(context_length=16, width=128, heads=4, layers=4)),
     # image-dominated 224 px model for the CPU benchmark (ViT-S/16 sized image tower, small text tower)
     "EVA02-CLIP-S-16": CLIPCfg(384, _eva02(224, 16, 384, 12, head_width=64),
                                TextCfg(context_length=32, width=256, heads=4, layers=4)),

@@ -39,21 +39,27 @@ def _or(value, default):
 
 
 def lock_towers(model: nn.Module, cfg) -> None:
-    """Freeze the image tower (``lock_image``, LiT) and / or the text tower (``lock_text``)."""
+    """Freeze the image tower (``lock_image``, LiT) and / or the text tower (``lock_text``, Locked-Text Tuning).
+
+    Parameters the model lists in ``unlocked_params`` stay trainable: a text projection that the init dropped for
+    its width (``create_model(text_init=...)`` sets it) is new, so freezing it would freeze a random map."""
     model = unwrap_model(model)
     locked = {t for t, on in (("visual", cfg.lock_image), ("text", cfg.lock_text)) if on}
     if not locked:
         return
     _check_hooks(model)
+    keep = set(getattr(model, "unlocked_params", ()))
     for name, p in model.named_parameters():
-        if model.param_tower(name) in locked:
+        if model.param_tower(name) in locked and name not in keep:
             p.requires_grad_(False)
 
 
-def param_rule(model: nn.Module, name: str, p, cfg, no_wd_names: set[str]) -> dict:
+def param_rule(model: nn.Module, name: str, p, cfg, no_wd_names: set[str], wd_names: frozenset = frozenset()) -> dict:
     """The optimizer settings of one parameter: tower, layer_id, lr_scale, base_lr, weight_decay.
 
-    ``no_wd_names`` is ``model.no_weight_decay()`` (full parameter names), computed once by the caller.
+    ``no_wd_names`` is ``model.no_weight_decay()`` (full parameter names), computed once by the caller; ``wd_names``
+    the model's optional ``weight_decay_names()``: parameters that decay although their names match the exclusion
+    fragments (ViTamin's ``pos_embed``, as upstream trains it).
     """
     tower = model.param_tower(name)
     if tower not in TOWERS:
@@ -73,7 +79,7 @@ def param_rule(model: nn.Module, name: str, p, cfg, no_wd_names: set[str]) -> di
         p.ndim <= 1
         or name.endswith(".bias")
         or name in no_wd_names
-        or any(f in name for f in _NO_WD_FRAGMENTS)
+        or (any(f in name for f in _NO_WD_FRAGMENTS) and name not in wd_names)
     )
     return dict(tower=tower, layer_id=layer_id, lr_scale=scale, base_lr=lr, weight_decay=0.0 if no_wd else wd)
 
@@ -89,10 +95,11 @@ def build_param_groups(model: nn.Module, cfg) -> list[dict]:
     _check_hooks(model)
     merged: dict = {}
     no_wd_names = set(model.no_weight_decay())
+    wd_names = frozenset(getattr(model, "weight_decay_names", set)())
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        rule = param_rule(model, name, p, cfg, no_wd_names)
+        rule = param_rule(model, name, p, cfg, no_wd_names, wd_names)
         key = (rule["tower"], rule["lr_scale"], rule["weight_decay"])
         group = merged.get(key)
         if group is None:

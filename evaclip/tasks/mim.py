@@ -72,6 +72,17 @@ def _check_range(key: str, value, upper: Optional[float]) -> None:
         raise ConfigError(f"config key 'mim.{key}' expects [min, max] with 0 < min <= max{bound}, got {list(value)}")
 
 
+def _refuse_hybrid_student(model_cfg) -> None:
+    from evaclip.models import get_model_config
+    from evaclip.models.towers import is_timm_tower
+
+    vision = get_model_config(model_cfg.name, **model_cfg.overrides).vision
+    if is_timm_tower(vision):
+        raise ConfigError(f"config key 'model.name': {model_cfg.name} is a hybrid image tower (timm "
+                          f"{vision.timm_model}: conv stages, then a transformer on their features), and MIM needs an "
+                          "EVA ViT student whose tokens are image patches that can be masked one by one")
+
+
 def check_mim_cfg(cfg) -> None:
     """Range and file checks of the ``mim`` section (and what MIM needs from ``model`` / ``data``); ConfigError names
     the key."""
@@ -80,6 +91,7 @@ def check_mim_cfg(cfg) -> None:
     m, model = cfg.mim, cfg.model
     if model.name not in list_models():
         raise ConfigError(f"config key 'model.name': unknown model {model.name!r}; known: {list_models()}")
+    _refuse_hybrid_student(model)
     if m.teacher is None:
         raise ConfigError("config key 'mim.teacher' is required: the CLIP whose image tower gives the targets")
     if not Path(m.teacher).exists():
