@@ -119,3 +119,65 @@ def test_apply_update_reads_the_device_once(monkeypatch, stop):
             apply_update(model, opt, scaler, 1.0, loss, stop_requested=stop)
         monkeypatch.undo()
         assert syncs.kinds == ["device -> host copy"], syncs.kinds  # the flags' .tolist()
+
+
+# ------------------------------------------------------------------- 2. gpu-check's report, section by section
+def test_gpu_check_keeps_every_section_when_one_fails(monkeypatch, tmp_path):
+    """FA4's first-ever compile fails (faked): that section is a row with the one-line error, the others keep their
+    figures, the report on disk grows after every section, and the command exits 1. Before: the RuntimeError ended
+    the run and no report was written."""
+    import json
+
+    from evaclip.bench import __main__ as bench_main
+    from evaclip.bench import cli
+    from evaclip.bench.report import section
+
+    on_disk: list = []
+
+    def sections_on_disk() -> list:
+        path = tmp_path / "gpu-check.json"
+        return [s["title"] for s in json.loads(path.read_text())["sections"]] if path.exists() else []
+
+    def train_run(args):
+        on_disk.append(sections_on_disk())
+        if args.attn_backend == "flash_attn":
+            raise RuntimeError("cutlass.cute: DSLRuntimeError: failed to compile flash_fwd_sm90\n  (a long trace)")
+        return section(f"Training step: {args.model}", [("samples_per_s", "samples/s")], [{"samples_per_s": 9.0}])
+
+    def bench_run(name):
+        def run(args):
+            on_disk.append(sections_on_disk())
+            return section(f"bench {name}", [("ok", "ok")], [{"ok": True}])
+        return run
+
+    monkeypatch.setattr(bench_main.train_bench, "run", train_run)
+    for name in bench_main.GPU_CHECK_ARGS:
+        monkeypatch.setattr(bench_main.BENCHMARKS[name], "run", bench_run(name))
+    assert cli(["gpu-check", "--device", "cpu", "--out", str(tmp_path)]) == 1
+
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    titles = [s["title"] for s in report["sections"]]
+    assert titles == ["Training step: EVA02-CLIP-B-16, attention flash_attn",
+                      "Training step: EVA02-CLIP-B-16, attention sdpa", "bench attention", "bench mim"]
+    assert report["sections"][0]["rows"] == [
+        {"status": "failed", "error": "RuntimeError: cutlass.cute: DSLRuntimeError: failed to compile flash_fwd_sm90"}]
+    assert report["sections"][1]["rows"] == [{"samples_per_s": 9.0}]
+    assert on_disk == [[], titles[:1], titles[:2], titles[:3]]  # each section on disk before the next one runs
+    assert "failed to compile" in (tmp_path / "gpu-check.md").read_text()
+
+
+def test_gpu_check_without_a_flash_kernel_is_not_a_failure(monkeypatch, tmp_path):
+    from evaclip.bench import __main__ as bench_main
+    from evaclip.bench.report import section
+    from evaclip.models.attention import AttentionBackendError
+
+    def train_run(args):
+        if args.attn_backend == "flash_attn":
+            raise AttentionBackendError("attn_backend=flash_attn cannot run on cuda: compute capability 7.5")
+        return section("Training step", [], [])
+
+    monkeypatch.setattr(bench_main.train_bench, "run", train_run)
+    monkeypatch.setattr(bench_main, "GPU_CHECK_ARGS", {})
+    report = bench_main.main(["gpu-check", "--device", "cpu", "--out", str(tmp_path)])
+    assert report["sections"][0]["rows"][0]["status"] == "not run"
+    assert bench_main.exit_code(report) == 0

@@ -13,8 +13,9 @@ __all__ = ["cli", "count_flops", "matmul_peak_flops", "mfu"]
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``evaclip bench ...`` (evaclip.cli's entry point): run the benchmark; exit code 0 (errors raise)."""
-    from evaclip.bench.__main__ import main  # lazy: importing it here would make `python -m evaclip.bench` warn
+    """``evaclip bench ...`` (evaclip.cli's entry point): run the benchmark; exit code 1 when a section of the report
+    failed (``gpu-check`` records it and goes on), else 0 (other errors raise)."""
+    # lazy: importing it at the top would make `python -m evaclip.bench` warn
+    from evaclip.bench.__main__ import exit_code, main
 
-    main(argv)
-    return 0
+    return exit_code(main(argv))

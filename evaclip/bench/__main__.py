@@ -9,8 +9,11 @@ the same ``run`` functions with fixed command lines parsed by the same parsers: 
 from __future__ import annotations
 
 import argparse
+import gc
 import shlex
 import sys
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -18,7 +21,7 @@ from evaclip.bench import attention, data, mim, optimizer
 from evaclip.bench import train as train_bench
 from evaclip.bench.report import machine_info, markdown, section, write_report
 
-__all__ = ["BENCHMARKS", "main", "parser"]
+__all__ = ["BENCHMARKS", "exit_code", "failed_section", "main", "parser", "run_sections"]
 
 BENCHMARKS = {"train": train_bench, "attention": attention, "optimizer": optimizer, "data": data, "mim": mim}
 
@@ -114,18 +117,44 @@ def _all(args: argparse.Namespace, device: torch.device) -> list[dict]:
     return [*sections, data_budget(sections[list(ALL_ARGS).index("data")])]
 
 
-def _gpu_check(args: argparse.Namespace) -> list[dict]:
+def failed_section(title: str, error: BaseException, status: str = "failed") -> dict:
+    """A report section that records why it has no figures: one row, the error in one line."""
+    lines = str(error).strip().splitlines()
+    msg = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return section(title, [("status", "status"), ("error", "error")], [{"status": status, "error": msg[:300]}])
+
+
+def run_sections(plan: list[tuple[str, Callable[[], dict]]], on_section: Callable[[list[dict]], None]) -> list[dict]:
+    """Run each ``(title, make_section)`` of ``plan`` in order; a section that raises becomes a row with its one-line
+    error (``AttentionBackendError``, no flash kernel on this machine: "not run"), and the next section still runs.
+    ``on_section(sections so far)`` is called after each one, so the report on disk never loses a finished section."""
     from evaclip.models.attention import AttentionBackendError
 
-    sections = []
-    for backend in ("flash_attn", "sdpa"):
+    sections: list[dict] = []
+    for title, make in plan:
         try:
-            sec = train_bench.run(argparse.Namespace(**{**vars(args), "attn_backend": backend}))
-        except AttentionBackendError as e:  # no flash kernel on this GPU: the report says why
-            sec = section(f"Training step: {args.model}", [], [], [f"not run: {e}"])
-        sec["title"] += f", attention {backend}"
+            sec = make()
+        except Exception as e:  # noqa: BLE001 - any failure (a kernel's first compile, OOM) is this section's row
+            sec = failed_section(title, e, "not run" if isinstance(e, AttentionBackendError) else "failed")
+            print(f"gpu-check: section '{title}' {sec['rows'][0]['status']}: {sec['rows'][0]['error']}",
+                  file=sys.stderr)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         sections.append(sec)
-    return sections + [_run([name, *argv]) for name, argv in GPU_CHECK_ARGS.items()]
+        on_section(sections)
+    return sections
+
+
+def _gpu_check_plan(args: argparse.Namespace) -> list[tuple[str, Callable[[], dict]]]:
+    """The sections of ``gpu-check``: the training step once per attention backend, then ``GPU_CHECK_ARGS``."""
+    def train(backend: str) -> dict:
+        sec = train_bench.run(argparse.Namespace(**{**vars(args), "attn_backend": backend}))
+        sec["title"] += f", attention {backend}"
+        return sec
+
+    plan = [(f"Training step: {args.model}, attention {b}", lambda b=b: train(b)) for b in ("flash_attn", "sdpa")]
+    return plan + [(f"bench {name}", lambda n=name, a=argv: _run([n, *a])) for name, argv in GPU_CHECK_ARGS.items()]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -136,20 +165,32 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     device = train_bench.resolve_device(getattr(args, "device", None) or "auto")
-    if args.what == "all":
-        sections = _all(args, device)
-    elif args.what == "gpu-check":
-        sections = _gpu_check(args)
-    else:
-        sections = [BENCHMARKS[args.what].run(args)]
     report = {"title": f"evaclip bench {args.what}", "command": "python -m evaclip.bench " + shlex.join(argv),
-              "machine": machine_info(device), "sections": sections}
+              "machine": machine_info(device), "sections": []}
+
+    def write(sections: list[dict]) -> None:
+        report["sections"] = sections
+        if args.out:
+            write_report(report, args.out, args.what)
+
+    if args.what == "all":
+        write(_all(args, device))
+    elif args.what == "gpu-check":  # written section by section: a late failure keeps the earlier figures
+        run_sections(_gpu_check_plan(args), write)
+    else:
+        write([BENCHMARKS[args.what].run(args)])
     print(markdown(report))
     if args.out:
-        json_path, md_path = write_report(report, args.out, args.what)
-        print(f"wrote {json_path} and {md_path}")
+        print(f"wrote {Path(args.out) / args.what}.json and .md")
     return report
 
 
+def exit_code(report: dict) -> int:
+    """1 when a section of ``report`` failed (its row says why; the other sections' figures are in the report), else
+    0. A section "not run" (no flash kernel here) is not a failure."""
+    failed = any(r.get("status") == "failed" for sec in report["sections"] for r in sec["rows"])
+    return int(failed)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main()))
