@@ -181,3 +181,116 @@ def test_gpu_check_without_a_flash_kernel_is_not_a_failure(monkeypatch, tmp_path
     report = bench_main.main(["gpu-check", "--device", "cpu", "--out", str(tmp_path)])
     assert report["sections"][0]["rows"][0]["status"] == "not run"
     assert bench_main.exit_code(report) == 0
+
+
+# ------------------------------------------------------------ 3, 4. the air-gapped install, the FA4 pin, the driver
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _make_var(name: str) -> list[str]:
+    """A Makefile variable's words (``NAME := ...`` with backslash continuations)."""
+    import re
+
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    m = re.search(rf"^{name}\s*[:?]?=(.*)$", text, re.M)
+    assert m, name
+    return m.group(1).split()
+
+
+def _norm(name: str) -> str:
+    import re
+
+    return re.sub(r"[-_.]+", "-", name.lower())
+
+
+def _requirement_names(reqs) -> list[str]:
+    import re
+
+    return [_norm(re.match(r"[A-Za-z0-9_.\-]+", r.strip()).group(0)) for r in reqs
+            if r.strip() and "extra ==" not in r]
+
+
+def test_wheelhouse_covers_what_the_gpu_node_lacks():
+    """Every requirement of evaclip (and of the tests gpu-check runs) is on the node or in the wheelhouse, once, at
+    one exact version; the wheelhouse's own requirements (read from the installed distributions) are covered too;
+    torch is never in it. Before: no wheelhouse, and wandb (a lazy, optional import) was a hard requirement."""
+    import configparser
+    from importlib.metadata import distribution
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    required = _requirement_names(cfg["options"]["install_requires"].splitlines())
+    node = {_norm(n) for n in _make_var("GPU_NODE_HAS")}
+    pins = [w.split("==") for w in _make_var("WHEELHOUSE")]
+    assert all(len(p) == 2 for p in pins), "one exact version each (pip refuses two)"
+    house = {_norm(n): v for n, v in pins}
+    assert len(house) == len(pins) and not {"torch", "torchvision"} & set(house)
+    assert [r for r in required if r not in node | set(house)] == []
+    assert "wandb" not in required  # an extra: the node has no network for it
+    for name, version in house.items():
+        dist = distribution(name)
+        assert dist.version == version, (name, dist.version, version)  # the versions this suite runs
+        missing = [r for r in _requirement_names(dist.requires or []) if r not in node | set(house)]
+        assert missing == [], (name, missing)
+
+
+def test_gpu_check_installs_offline_over_the_system_torch():
+    make = (ROOT / "Makefile").read_text()
+    venv = make[make.index("\ngpu-venv:"):]
+    venv = venv[:venv.index("\n\n")]
+    assert "--system-site-packages" in venv and "--no-index" in venv and "$(WHEELHOUSE)" in venv
+    check = make[make.index("\ngpu-check:"):]
+    check = check[:check.index("\n\n")]
+    assert "evaclip/cuda_env.py" in check and "gpu-venv" in check
+    house = make[make.index("\nwheelhouse:"):]
+    house = house[:house.index("\n\n")]
+    assert "--no-deps" in house and "--only-binary=:all:" in house and "--python-version" in house
+    assert "60" in house  # the size is printed against the budget
+
+
+def test_flash_attn_4_pinned_to_the_beta_read_with_cuda13_variant():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    extras = cfg["options.extras_require"]
+    assert extras["flash"].strip().startswith("flash-attn-4==4.0.0b36")  # before: >=4.0.0b36 (resolves to b40)
+    assert extras["flash-cu13"].strip().startswith("flash-attn-4[cu13]==4.0.0b36")
+    assert "torch>=2.11" in cfg["options"]["install_requires"]
+    assert _make_var("FA4") == ["flash-attn-4==4.0.0b36"]
+    assert "nvidia-cutlass-dsl-libs-cu13==4.8.1" in _make_var("FA4_WHEELS")
+
+
+@pytest.mark.parametrize("driver,built,expect", [
+    ((12, 8), "13.0", "driver is too old for this torch: it supports CUDA up to 12.8, torch .* is built for CUDA 13.0; "
+                      "update the driver \\(CUDA 13 needs >= 580\\)"),
+    (None, "13.0", "no NVIDIA driver was found"),
+    ((13, 0), None, "CPU-only build"),
+])
+def test_cuda_unavailable_says_why(monkeypatch, driver, built, expect):
+    """A driver older than torch's CUDA (torch 2.11 cu130 on a CUDA 12 driver) is named as such; before: "torch sees
+    no CUDA device" from the flash probe and from make gpu-check."""
+    import re
+
+    from evaclip import cuda_env
+    from evaclip.models.attention import flash_kernel, resolve_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", built)
+    monkeypatch.setattr(cuda_env, "driver_cuda_version", lambda: driver)
+    kernel, why = flash_kernel("cuda")
+    assert kernel is None and re.search(expect, why), why
+    assert re.search(expect, cuda_env.cuda_unavailable_reason())
+    assert resolve_backend("auto", "cuda", "bf16") == "sdpa"
+
+
+def test_cuda_env_script_exits_1_with_the_reason_on_a_machine_without_gpu():
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, str(ROOT / "evaclip" / "cuda_env.py")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("gpu-check: ") and len(proc.stderr.strip().splitlines()) == 1

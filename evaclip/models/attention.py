@@ -20,6 +20,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from evaclip.cuda_env import cuda_unavailable_reason
 from evaclip.engine.precision import PRECISIONS, precision_name  # noqa: F401  (PRECISIONS re-exported)
 
 BACKENDS = ("auto", "flash_attn", "sdpa", "eager")
@@ -83,8 +84,9 @@ def flash_kernel(device: Union[str, torch.device, None] = "cuda") -> tuple[Optio
     device = torch.device(device)
     if device.type != "cuda":
         return None, f"the model is on {device.type}; flash-attn runs on CUDA only"
-    if not torch.cuda.is_available():
-        return None, "torch sees no CUDA device"
+    why = cuda_unavailable_reason()  # names a too-old driver or a CPU-only torch
+    if why is not None:
+        return None, why
     try:
         cap = tuple(torch.cuda.get_device_capability(device))
     except Exception as e:  # noqa: BLE001 - a broken driver reads as "no flash", not a crash
