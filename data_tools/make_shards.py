@@ -3,21 +3,25 @@
 Input is a folder of images with sidecar ``.txt`` captions (``cat.jpg`` + ``cat.txt``), or a CSV / TSV / JSONL /
 parquet table with a local image path column and a caption column (relative paths are taken from the table's folder).
 
-    python -m data_tools.make_shards pairs.parquet out/ --samples-per-shard 10000 --max-side 512 --workers 8
+    python -m data_tools.make_shards pairs.parquet out/ --samples-per-shard 10000 --max-shorter-side 512 --workers 8
 
 Image-only shards (masked image modeling, ImageNet-21K style): ``--images-only`` on a folder writes ``{key}.jpg`` +
 ``{key}.json`` and, when the folder is ImageNet-style (class sub-folders: the rule of ``evaclip.evals.data``, sorted
 names = class ids), ``{key}.cls`` (the class id) plus ``classnames.txt`` (folder names, one per line, in id order);
 captions are not read. Such shards with classes are also a labelled set for the k-NN monitor.
 
-    python -m data_tools.make_shards /data/imagenet21k/train in21k/ --images-only --max-side 256 --shuffle-seed 0
+    python -m data_tools.make_shards /data/in21k/train in21k/ --images-only --max-shorter-side 256 --shuffle-seed 0
 
 Class folders are walked class by class, so without ``--shuffle-seed`` each shard holds one or two classes and a
 training batch (shards shuffled, then a sample buffer) sees few of them; ``--shuffle-seed`` writes the inputs in a
 seeded random order instead.
 
 Unreadable images, empty captions and exact duplicate images (same bytes) are skipped, never written, and reported
-in the summary (``summary.json`` in the output folder).
+in the summary (``summary.json`` in the output folder, which also lists every file the run wrote).
+
+The output folder must be empty (or new): shards left there by an earlier run would be read with the new ones by a
+folder spec. ``--overwrite`` first removes what an earlier make_shards wrote there (the files its ``summary.json`` /
+``sizes.json`` list) and nothing else.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from typing import Iterator, Optional
 from PIL import Image
 
 from data_tools.common import ShardSink, clean_caption, encode_image, progress, resize_shorter, to_rgb
+
+TOOL_FILES = ("sizes.json", "summary.json", "classnames.txt")  # what make_shards writes beside the shards
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLS = ("image", "image_path", "path", "filepath", "file", "filename", "img")
@@ -169,6 +175,45 @@ def _work(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# the output folder
+# ----------------------------------------------------------------------------------------------------------------------
+def earlier_output(out_dir: str) -> list[str]:
+    """The files an earlier make_shards run wrote into ``out_dir`` (from its ``summary.json``, else ``sizes.json``)."""
+    names: set[str] = set()
+    for index in ("summary.json", "sizes.json"):
+        try:
+            with open(os.path.join(out_dir, index)) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        names |= set(data.get("files", [])) if index == "summary.json" else set(data)
+    names |= {n for n in TOOL_FILES if names and os.path.exists(os.path.join(out_dir, n))}
+    return sorted(n for n in names if os.path.isfile(os.path.join(out_dir, n)) and os.path.basename(n) == n)
+
+
+def prepare_output(out_dir: str, overwrite: bool) -> list[str]:
+    """Refuse a non-empty ``out_dir`` (ValueError naming what is there), or with ``overwrite`` remove what an earlier
+    make_shards run wrote there and nothing else; returns the names removed."""
+    present = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if not present:
+        return []
+    ours = earlier_output(out_dir)
+    if not overwrite:
+        shown = ", ".join(present[:4]) + (f" and {len(present) - 4} more" if len(present) > 4 else "")
+        what = f"an earlier make_shards run's {len(ours)} files" if ours else "files make_shards did not write"
+        raise ValueError(f"output folder {out_dir} is not empty ({shown}: {what}); choose an empty folder, or pass "
+                         "--overwrite to remove what an earlier make_shards run wrote there")
+    for name in ours:
+        os.remove(os.path.join(out_dir, name))
+    foreign = [n for n in present if n not in ours]
+    if any(n.endswith(".tar") for n in foreign):
+        raise ValueError(f"output folder {out_dir} holds .tar files no make_shards index lists ("
+                         f"{', '.join(n for n in foreign if n.endswith('.tar'))[:200]}); a folder spec would read them "
+                         "with the new shards: move them or choose an empty folder")
+    return ours
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------------------------------
 def make_shards(items: list[tuple[str, Optional[str]]], out_dir: str, samples_per_shard: int = 10000,
@@ -216,42 +261,56 @@ def make_shards(items: list[tuple[str, Optional[str]]], out_dir: str, samples_pe
     if images_only and classnames:
         with open(os.path.join(out_dir, "classnames.txt"), "w", encoding="utf-8") as f:
             f.write("\n".join(classnames) + "\n")
+    files = sorted(sizes) + ["sizes.json", "summary.json"] + (["classnames.txt"] if images_only and classnames else [])
     summary = {"inputs": len(items), "written": written, "skipped": skipped, "skipped_total": sum(skipped.values()),
-               "skipped_examples": examples, "shards": len(sizes), "spec": sink.shard_spec,
+               "skipped_examples": examples, "shards": len(sizes), "spec": sink.shard_spec, "files": files,
                "seconds": round(time.time() - t0, 2)}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
 
 
-def main(argv=None) -> int:
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default after its help."""
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m data_tools.make_shards", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("input", help="folder of images with sidecar .txt captions, or a .csv/.tsv/.jsonl/.parquet table")
-    ap.add_argument("output", help="output folder for the shards, sizes.json and summary.json")
-    ap.add_argument("--samples-per-shard", type=int, default=10000)
-    ap.add_argument("--max-side", type=int, default=None,
-                    help="downscale so the shorter side is at most this many pixels (default: keep the size)")
+    ap.add_argument("output", help="output folder for the shards, sizes.json and summary.json (empty or new)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="the output folder holds an earlier make_shards run: remove the files it wrote first")
+    ap.add_argument("--samples-per-shard", type=int, default=10000, help="samples in each tar shard")
+    ap.add_argument("--max-shorter-side", "--max-side", dest="max_shorter_side", type=int, default=None,
+                    help="downscale so the SHORTER side is at most this many pixels, never upscale (None: keep the "
+                         "size; --max-side is the old name of this option)")
     ap.add_argument("--format", choices=("jpg", "png"), default="jpg", help="image encoding in the shards")
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
     ap.add_argument("--no-dedup", action="store_true", help="keep exact duplicate images")
-    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    ap.add_argument("--prefix", default="", help="shard name prefix: PREFIX-00000.tar (default: 00000.tar)")
-    ap.add_argument("--image-col", default=None, help=f"table column of image paths (default: first of {IMAGE_COLS})")
-    ap.add_argument("--caption-col", default=None, help=f"table column of captions (default: first of {CAPTION_COLS})")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="processes reading and encoding images (default: the CPU count - 1)")
+    ap.add_argument("--prefix", default="", help="shard name prefix: PREFIX-00000.tar (empty: 00000.tar)")
+    ap.add_argument("--image-col", default=None, help=f"table column of image paths (None: first of {IMAGE_COLS})")
+    ap.add_argument("--caption-col", default=None, help=f"table column of captions (None: first of {CAPTION_COLS})")
     ap.add_argument("--images-only", action="store_true",
                     help="image-only shards from a folder (no captions; class sub-folders give cls + classnames.txt)")
     ap.add_argument("--classes", choices=("auto", "folders", "none"), default="auto",
                     help="with --images-only: read class sub-folders (folders), never (none), or when the folder "
                          "is ImageNet-style (auto)")
     ap.add_argument("--shuffle-seed", type=int, default=None,
-                    help="write the inputs in a random order from this seed (default: input order)")
+                    help="write the inputs in a random order from this seed (None: input order)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     if a.samples_per_shard < 1:
         ap.error("--samples-per-shard must be >= 1")
-    if a.max_side is not None and a.max_side < 1:
-        ap.error("--max-side must be >= 1")
+    if a.max_shorter_side is not None and a.max_shorter_side < 1:
+        ap.error("--max-shorter-side must be >= 1")
     if not os.path.exists(a.input):
         ap.error(f"input not found: {a.input}")
     classnames = None
@@ -267,9 +326,18 @@ def main(argv=None) -> int:
                                                                                      a.caption_col)
     if not items:
         ap.error(f"no images found in {a.input}")
+    if not a.images_only and os.path.isdir(a.input) and all(cap is None for _, cap in items):
+        ap.error(f"{a.input} holds {len(items)} images and no captions (no .txt next to any image): for image-only "
+                 "shards (masked image modeling, k-NN) pass --images-only")
+    try:
+        removed = prepare_output(a.output, a.overwrite)
+    except ValueError as e:
+        ap.error(str(e))
+    if removed:
+        print(f"--overwrite: removed {len(removed)} files an earlier make_shards run wrote in {a.output}")
     if a.shuffle_seed is not None:
         random.Random(a.shuffle_seed).shuffle(items)
-    s = make_shards(items, a.output, a.samples_per_shard, a.max_side, a.format, a.quality, not a.no_dedup,
+    s = make_shards(items, a.output, a.samples_per_shard, a.max_shorter_side, a.format, a.quality, not a.no_dedup,
                     a.workers, a.prefix, show_progress=not a.quiet, images_only=a.images_only,
                     classnames=classnames)
     if classnames:
@@ -279,6 +347,9 @@ def main(argv=None) -> int:
         print(f"skipped {s['skipped_total']}: " + ", ".join(f"{k}: {v}" for k, v in sorted(s["skipped"].items())))
         for e in s["skipped_examples"]:
             print(f"  {e['path']}: {e['reason']}")
+        if s["skipped"].get("empty caption") and os.path.isdir(a.input):
+            print("  (empty caption: an image without a non-empty .txt next to it; --images-only writes image-only "
+                  "shards)")
     if s["written"] == 0:
         print("error: nothing written", file=sys.stderr)
         return 1

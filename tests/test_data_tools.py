@@ -276,3 +276,85 @@ def test_make_demo_is_deterministic(tmp_path, demo):
     assert digest(train0(a)) == digest(train0(b))
     # the held-out sets depend on the seed only, not on the number of training copies
     assert digest(zs0(a)) == digest(zs0(b)) == digest(zs0(info))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a reused output folder; image-only shards in the tools; --help
+# ----------------------------------------------------------------------------------------------------------------------
+def _captioned_folder(root, n):
+    rng = np.random.default_rng(n)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / f"im{i}.png")
+        (root / f"im{i}.txt").write_text(f"caption {i}")
+    return root
+
+
+def test_make_shards_refuses_a_reused_output_folder_and_overwrite_removes_only_its_own_files(tmp_path, capsys):
+    """The issue's case: a rerun with fewer shards into the same folder left the earlier shards beside the new
+    sizes.json. Now it is refused; --overwrite removes what make_shards wrote there (nothing else), and
+    inspect_shards names a tar its folder's sizes.json does not list."""
+    out = tmp_path / "out"
+    args = ["--samples-per-shard", "2", "--workers", "1", "--quiet"]
+    assert make_shards.main([str(_captioned_folder(tmp_path / "a", 6)), str(out), *args]) == 0
+    assert sorted(json.loads((out / "sizes.json").read_text())) == ["00000.tar", "00001.tar", "00002.tar"]
+    (out / "notes.md").write_text("mine")
+    small = _captioned_folder(tmp_path / "b", 2)
+    with pytest.raises(SystemExit) as e:
+        make_shards.main([str(small), str(out), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is not empty" in err and "--overwrite" in err
+    assert make_shards.main([str(small), str(out), *args, "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["00000.tar", "notes.md", "sizes.json", "summary.json"]
+    from evaclip.data.shards import expand_spec
+
+    assert expand_spec(str(out)) == [[str(out / "00000.tar")]]  # what a folder spec trains on: the new shard only
+    # a tar the index does not list (an earlier run's leftover, copied in by hand) is reported; --strict fails
+    (out / "00007.tar").write_bytes((out / "00000.tar").read_bytes())
+    capsys.readouterr()
+    assert inspect_shards.main([str(out), "--quiet", "--workers", "1", "--strict"]) == 1
+    assert f"NOT IN sizes.json: {out / '00007.tar'}" in capsys.readouterr().out
+    assert inspect_shards.inspect(str(out / "00000.tar"), show_progress=False)["not_in_sizes_json"] == [
+        str(out / "00007.tar")]
+
+
+def test_image_only_shards_in_the_tools(tmp_path, capsys):
+    """make_shards on an uncaptioned folder says to pass --images-only; inspect_shards takes the image-only shards
+    as good (sizes and classes reported and plotted); `evaclip eval --zeroshot` finds the classnames.txt beside them."""
+    src = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (src / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (10, 14, 3), dtype=np.uint8)).save(src / c / f"{i}.png")
+    with pytest.raises(SystemExit):
+        make_shards.main([str(src), str(tmp_path / "o"), "--workers", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert "no captions" in err and "--images-only" in err
+    out = tmp_path / "img"
+    assert make_shards.main([str(src), str(out), "--images-only", "--workers", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    png = tmp_path / "h.png"
+    assert inspect_shards.main([str(out), "--quiet", "--workers", "1", "--strict", "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "6 samples in 1 shard(s) (image-only: no captions): 6 good, 0 bad" in printed
+    assert "classes: 2" in printed and "BAD" not in printed
+    r = inspect_shards.inspect(str(out), show_progress=False)
+    assert r["classes"] == {0: 3, 1: 3} and r["width"]["median"] == 14
+    assert Image.open(png).size[0] > Image.open(png).size[1]  # two panels: sizes and classes
+    assert resolve_zeroshot(str(out)).classnames == ["cat", "dog"]
+    assert resolve_zeroshot(str(out / "00000.tar")).classnames == ["cat", "dog"]
+
+
+@pytest.mark.parametrize("tool", ["make_shards", "inspect_shards"])
+def test_tool_help_gives_every_option_a_help_and_its_default(tool, capsys):
+    parser = sys.modules[f"data_tools.{tool}"].build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.option_strings
+            if action.default is not None and not isinstance(action.default, bool):
+                assert f"(default: {action.default})" in " ".join(text.split()), action.option_strings
+    if tool == "make_shards":  # the size option says which side it caps; the old name still works
+        assert parser.parse_args(["a", "b", "--max-side", "64"]).max_shorter_side == 64
+        assert "SHORTER side" in text

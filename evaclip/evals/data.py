@@ -244,10 +244,13 @@ def resolve_zeroshot(path: str, classnames: Optional[str] = None, templates: Opt
                                  "folders; they must match one to one (folders sorted by name)")
             return EvalSet("folder", "classification", files=files, classnames=names,
                            templates=temps or default_templates(), num_samples=len(files))
-    # plain shards
+    # plain shards: class names from the classnames.txt beside them (what make_shards --images-only writes)
     urls = [u for src in expand_spec(path) for u in src]
     check_shards_exist(urls, path)
     check_sample_kind(urls, "classification", path)
+    folders = {os.path.dirname(u) for u in urls if is_local(u)}
+    if names is None and len(folders) == 1 and os.path.isfile(os.path.join(*folders, "classnames.txt")):
+        names = read_lines(os.path.join(*folders, "classnames.txt"), "class names")
     if names is None:
         raise ValueError(f"zero-shot data {path} is plain shards: pass --classnames FILE (one class name per line, in "
                          "class-id order), or use the clip_benchmark layout (DIR/test/nshards.txt, DIR/classnames.txt)")

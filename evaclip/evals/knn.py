@@ -25,13 +25,11 @@ is never copied between ranks.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from evaclip.data.shards import is_local
 from evaclip.evals.common import autocast, gather_cat, progress, rank_world
 from evaclip.evals.data import EvalSet, build_eval_loader, resolve_zeroshot
 from evaclip.evals.zeroshot import _check_complete, classification_metrics, target_rank
@@ -42,12 +40,8 @@ VOTES = ("weighted", "majority")
 
 
 def resolve_labelled(path: str, classnames: Optional[str] = None) -> EvalSet:
-    """A labelled image set: whatever ``resolve_zeroshot`` reads; a local folder of ``.tar`` shards with a
-    ``classnames.txt`` in it uses that file when ``classnames`` is not given."""
-    if classnames is None and is_local(path) and os.path.isdir(path):
-        names = os.path.join(path, "classnames.txt")
-        if os.path.isfile(names) and any(f.endswith(".tar") for f in os.listdir(path)):
-            classnames = names
+    """A labelled image set: whatever ``resolve_zeroshot`` reads (shards with a ``classnames.txt`` beside them use
+    that file when ``classnames`` is not given)."""
     return resolve_zeroshot(path, classnames=classnames)
 
 
