@@ -189,6 +189,9 @@ def _visual_part(sd: dict, fmt: str) -> tuple[dict, list]:
     """The image-tower keys of a checkpoint, relative to the tower, in evaclip naming; plus ignored keys."""
     prefix = {"open_clip": "visual.trunk.", "eva_clip": "visual.", "evaclip": "visual.", "timm": "", "eva_mim": ""}
     if fmt not in prefix:
+        if "visual.conv1.weight" in sd:  # (openai_vit.is_openai_vit; that module imports this one)
+            raise CheckpointError("its image tower is an OpenAI-layout ViT (visual.conv1), not an EVA tower: it can be "
+                                  "a MIM teacher (mim.teacher), and its text tower a model.text_init")
         raise CheckpointError(f"a '{fmt}' checkpoint has no image tower")
     p = prefix[fmt]
     sub, ignored = {}, []

@@ -14,7 +14,8 @@ and ``evaclip.models.convert.to_eva_mim_state_dict`` writes the released layout 
 
 Teacher (``MIMTeacher``): any CLIP image tower evaclip loads, frozen, in eval mode, without gradients, seeing the full
 unmasked image. Target: the final layer's patch tokens (CLS dropped) through the tower's final norm and its CLIP
-projection ``head``, per token, not L2-normalised (EVA-02 with EVA01-CLIP-g/14: ``norm`` then ``head``).
+projection ``head``, per token, not L2-normalised (EVA-02 with EVA01-CLIP-g/14: ``norm`` then ``head``). EVA-01's
+teacher, OpenAI CLIP-L/14 (an OpenAI-layout file, ``evaclip.models.openai_vit``): CLS dropped, ``ln_post``, ``@ proj``.
 Different geometry: images whose size is not the teacher's are resized to it (bicubic, antialiased) before the
 teacher; a teacher grid other than the student's is resized to the student's grid (``resize_target_map``: bilinear,
 antialiased when shrinking, or area), so every student patch has a target from the same image region.
@@ -22,6 +23,7 @@ antialiased when shrinking, or area), so every student patch has a target from t
 from __future__ import annotations
 
 import math
+import pickle
 import re
 from pathlib import Path
 from typing import Callable, Literal, Optional, Union
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attend
+from .openai_vit import Act, OpenAIVisionTower, is_openai_vit, openai_vision_tower
 from .registry import CLIPCfg, VisionCfg, get_model_config
 from .vision import EVAVisionTransformer, SwiGLU
 
@@ -295,6 +298,8 @@ class _PatchTargets(nn.Module):
         self.tower = tower
 
     def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.tower, EVAVisionTransformer):  # OpenAI layout: its own EVA-01 targets
+            return self.tower.patch_targets(images_BCHW)
         tokens = self.tower.forward_features(images_BCHW)
         return self.tower.head(tokens[:, self.tower.num_prefix:])
 
@@ -303,7 +308,7 @@ class MIMTeacher(nn.Module):
     """A frozen CLIP image tower that gives the MIM targets (see the module docstring). Always in eval mode (``train()``
     leaves it there), no parameter requires a gradient, ``forward`` runs without autograd."""
 
-    def __init__(self, tower: EVAVisionTransformer, resize: Resize = "bilinear"):
+    def __init__(self, tower: Union[EVAVisionTransformer, OpenAIVisionTower], resize: Resize = "bilinear"):
         super().__init__()
         if resize not in ("bilinear", "area"):
             raise ValueError(f"target resize mode must be 'bilinear' or 'area', got {resize!r}")
@@ -322,6 +327,8 @@ class MIMTeacher(nn.Module):
     @property
     def feature_dim(self) -> int:
         """T: the CLIP embedding size, the student's ``lm_head`` output."""
+        if isinstance(self.tower, OpenAIVisionTower):
+            return self.tower.feature_dim
         return self.tower.head.out_features
 
     @property
@@ -345,18 +352,25 @@ class MIMTeacher(nn.Module):
 
 
 def load_teacher(path: Union[str, Path], model_name: Optional[str] = None, *, attn_backend: str = "auto",
-                 resize: Resize = "bilinear") -> MIMTeacher:
+                 resize: Resize = "bilinear", openai_act: Act = "quick_gelu") -> MIMTeacher:
     """A MIM teacher (on the CPU) from anything evaclip loads as a CLIP image tower: an ``evaclip export`` folder (its
     ``image/`` encoder), an evaclip run folder or checkpoint, an evaclip / EVA-CLIP release / open_clip EVA02 file
-    (``model_name`` names the architecture when no ``config.yaml`` says it), or a file holding the image tower alone
-    (``model_name`` required; its CLIP head must be in it)."""
-    from .convert import CheckpointError
+    (``model_name`` names the architecture when no ``config.yaml`` says it), a file holding the image tower alone
+    (``model_name`` required; its CLIP head must be in it), or an OpenAI-layout ViT file (OpenAI's CLIP release
+    layout, or an open_clip non-timm ViT: ``visual.conv1``): EVA-01's teacher, whose architecture is read off the
+    weights (no ``model_name``) and whose activation is ``openai_act`` (QuickGELU for OpenAI's models)."""
+    from .convert import CheckpointError, load_state_dict_file
 
     p = Path(path)
     if (p / "config.json").is_file() or (p / "image" / "config.json").is_file():
         from evaclip.encoder import load_encoder
 
         return MIMTeacher(load_encoder(p, "image").tower, resize)
+    if p.is_file() and _peek_is_openai_vit(p):
+        if model_name is not None:
+            raise CheckpointError(f"{path} is an OpenAI-layout ViT CLIP (visual.conv1), whose architecture is read off "
+                                  f"its weights: do not name one (got {model_name!r}; set mim.teacher_model=null)")
+        return MIMTeacher(openai_vision_tower(load_state_dict_file(p), openai_act, str(p)), resize)
     from evaclip.evals.common import load_model
 
     try:
@@ -373,3 +387,19 @@ def load_teacher(path: Union[str, Path], model_name: Optional[str] = None, *, at
             raise CheckpointError(f"{path} has no CLIP projection head for the image tower: it cannot be a MIM "
                                   "teacher (the targets are the tower's features through its head)") from None
     return MIMTeacher(clip.visual, resize)
+
+
+def _peek_is_openai_vit(path: Path) -> bool:
+    """Whether the file holds an OpenAI-layout ViT, from its key names only (safetensors header; a torch file mapped,
+    not read); unreadable files answer False and fail later with their own error."""
+    from .convert import CheckpointError, unwrap_state_dict
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return is_openai_vit(dict.fromkeys(f.keys()))
+        return is_openai_vit(unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True)))
+    except (CheckpointError, RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError):
+        return False

@@ -32,9 +32,13 @@ from evaclip.tasks.base import StepContext, Task
 @dataclass
 class MIMCfg:
     # the teacher: a CLIP whose image tower gives the targets (EVA-CLIP release file, open_clip EVA02 checkpoint,
-    # evaclip run folder / checkpoint / export); required
+    # OpenAI-layout ViT CLIP file, evaclip run folder / checkpoint / export); required
     teacher: Optional[str] = None
     teacher_model: Optional[str] = None  # its registered architecture when the file does not say (no config.yaml)
+    # an OpenAI-layout teacher (OpenAI's CLIP release layout or an open_clip non-timm ViT, `visual.conv1`: EVA-01's
+    # OpenAI CLIP-L/14) has its architecture read off the weights, but not its activation: OpenAI's models use
+    # QuickGELU, open_clip models trained without "-quickgelu" in their name GELU
+    teacher_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
     teacher_shard: bool = False  # FSDP2-shard the frozen teacher over the ranks (memory) instead of a full replica
     # teacher grid != student grid: the target map is resized to the student's grid (see evaclip.models.mim)
     target_resize: Literal["bilinear", "area"] = "bilinear"
@@ -232,7 +236,7 @@ class MIMTask(Task):
 
         m = self.cfg.mim
         with torch.random.fork_rng(devices=[]):
-            return load_teacher(m.teacher, m.teacher_model, resize=m.target_resize)
+            return load_teacher(m.teacher, m.teacher_model, resize=m.target_resize, openai_act=m.teacher_act)
 
     def build_model(self) -> nn.Module:
         from evaclip.models.mim import build_student
