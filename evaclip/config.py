@@ -127,6 +127,7 @@ class TrainCfg:
     dist: DistCfg = field(default_factory=DistCfg)
     mim: MIMCfg = field(default_factory=MIMCfg)  # task: mim (evaclip/tasks/mim.py)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tf32: bool = True  # precision=fp32 on CUDA: matmuls on TF32 tensor cores (false: exact fp32; see engine/precision)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     epochs: int = 1
     max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs)

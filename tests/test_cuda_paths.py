@@ -294,3 +294,30 @@ def test_cuda_env_script_exits_1_with_the_reason_on_a_machine_without_gpu():
                           timeout=120)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith("gpu-check: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------- 9. TF32
+def test_fp32_on_cuda_gets_tf32_matmuls_unless_switched_off(monkeypatch):
+    from evaclip.engine.precision import set_tf32
+
+    seen = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", seen.append)
+    cuda = torch.device("cuda")  # a device object needs no GPU
+    assert set_tf32("fp32", cuda) and seen == ["high"]  # before: fp32 on CUDA stayed at "highest"
+    assert not set_tf32("fp32", cuda, enabled=False) and seen[-1] == "highest"
+    seen.clear()
+    assert not set_tf32("bf16", cuda) and not set_tf32("fp32", torch.device("cpu")) and seen == []
+
+
+def test_the_training_loop_applies_the_tf32_key(monkeypatch, tmp_path):
+    from evaclip.config import load_config
+    from evaclip.engine import loop
+    from evaclip.train import main
+
+    calls = []
+    monkeypatch.setattr(loop, "set_tf32", lambda *a: calls.append(a) or False)
+    cfg = load_config("demo_cpu", ["model.name=EVA02-CLIP-tiny", "data.synthetic=true", "data.batch_size=2",
+                                   "max_steps=1", "optim.warmup_steps=0", "device=cpu", f"output_dir={tmp_path}",
+                                   "name=run", "log.tensorboard=false", "eval.zeroshot=null", "tf32=false"])
+    main(cfg)
+    assert calls == [("fp32", torch.device("cpu"), False)]

@@ -20,7 +20,7 @@ from evaclip import checkpoint as ckpt
 from evaclip import distributed as du
 from evaclip.config import ConfigError, TrainCfg, to_dict, to_yaml
 from evaclip.engine import run_dir as rd
-from evaclip.engine.precision import autocast_for, make_grad_scaler
+from evaclip.engine.precision import autocast_for, make_grad_scaler, set_tf32
 from evaclip.engine.rng import fresh_iter, host_rng_untouched, next_batch, seed_all
 from evaclip.engine.signals import StopSignal
 from evaclip.engine.state import TrainerState
@@ -195,6 +195,8 @@ def _setup(cfg: TrainCfg, task, env: du.DistEnv) -> _Run:
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     scaler = make_grad_scaler(cfg.precision, cfg.dist.strategy, env.device)  # FSDP2: inf check over all shards
+    if set_tf32(cfg.precision, env.device, cfg.tf32):
+        log.info("precision fp32 on CUDA: matmuls in TF32 (tf32=false for exact fp32)")
     ctx = step_context(autocast_for(cfg.precision, env.device), scaler, env.device)
     state = TrainerState(steps_per_epoch, cfg.accum_freq, cfg.data.batch_size * cfg.accum_freq * env.world_size)
     run = _Run(cfg, task, env, data, model, optimizer, scheduler, scaler, ctx, state, total_steps, resume_from)

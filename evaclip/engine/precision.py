@@ -40,6 +40,19 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextMa
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def set_tf32(precision: Union[str, torch.dtype, None], device: torch.device, enabled: bool = True) -> bool:
+    """On CUDA, let fp32 matmuls use TF32 tensor cores (``torch.set_float32_matmul_precision("high")``: 10-bit
+    mantissa inputs, fp32 accumulation, several times the fp32 rate on Ampere and later) for ``precision=fp32`` when
+    ``enabled`` (the config's ``tf32``), else exact fp32 ("highest"). bf16 / fp16 runs compute their matmuls under
+    autocast and are left alone, and so is the CPU. Returns whether TF32 is on."""
+    if device.type != "cuda":
+        return False
+    on = bool(enabled) and precision_name(precision) == "fp32"
+    if on or precision_name(precision) == "fp32":
+        torch.set_float32_matmul_precision("high" if on else "highest")
+    return on
+
+
 def make_grad_scaler(precision: str, strategy: str, device: torch.device):
     """The loss scaler of a run: enabled for fp16 only; FSDP2 runs get ``ShardedGradScaler``.
 
