@@ -112,7 +112,7 @@ def commented_yaml(cfg, defaults, indent: int = 0) -> list[str]:
             continue
         text = f"{pad}{f.name}: {_yaml_value(value)}"
         comment = notes.get(f.name, "")
-        if value != default:
+        if value != default and "(default:" not in comment:  # a comment may give the default in words
             comment = f"{comment} (default: {_yaml_value(default)})".strip()
         lines.append(text + (f"  # {comment}" if comment else ""))
     return lines

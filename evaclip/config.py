@@ -149,6 +149,12 @@ def _one_line(e: OmegaConfBaseException, prefix: str = "") -> ConfigError:
     where = getattr(getattr(e, "object_type", None), "__name__", None)
     if msg.startswith("Key '") and " not in " in msg:  # "Key 'lrr' not in 'OptimCfg'. Did you mean: 'lr'?"
         hint = msg.split("Did you mean:", 1)[1].strip().rstrip("?") if "Did you mean:" in msg else None
+        cls = getattr(e, "object_type", None)
+        if hint is None and dataclasses.is_dataclass(cls):  # OmegaConf suggests nothing for top-level keys
+            import difflib
+
+            close = difflib.get_close_matches(key.rsplit(".", 1)[-1], [f.name for f in dataclasses.fields(cls)], n=1)
+            hint = f"'{close[0]}'" if close else None
         text = f"config key '{key}': not in {where or 'the config'}"
         return ConfigError(text + (f"; did you mean {hint}?" if hint else ""))
     return ConfigError(f"config key '{key}': {msg}")
@@ -272,6 +278,11 @@ def validate(cfg: TrainCfg) -> TrainCfg:
         raise ConfigError(f"config key 'log.every' must be >= 1, got {cfg.log.every}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"config key 'max_steps' must be >= 1, got {cfg.max_steps}")
+    until = cfg.model.token_drop_until
+    if cfg.model.token_drop > 0 and until is not None and cfg.max_steps is not None and until >= cfg.max_steps:
+        raise ConfigError(f"config key 'model.token_drop_until' ({until}) is not below max_steps ({cfg.max_steps}): "
+                          "the unmasked phase would never run; set it below max_steps, or to null to drop tokens to "
+                          "the end")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"config key 'data.batch_size' must be >= 1, got {cfg.data.batch_size}")
     if cfg.data.resampled and not cfg.data.synthetic and not cfg.data.train_num_samples:

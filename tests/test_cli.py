@@ -81,6 +81,9 @@ def test_config_prints_the_resolved_config_as_a_valid_recipe(capsys, tmp_path):
     # the output works as a recipe
     (tmp_path / "r.yaml").write_text(out)
     assert to_dict(load_config(str(tmp_path / "r.yaml"))) == to_dict(load_config(args[0], args[1:]))
+    # a comment that gives the default in words gets no second, different one
+    name = next(ln for ln in lines if ln.startswith("name:"))
+    assert name.count("default") == 1 and "(default: recipe name)" in name
     # no recipe: the defaults (overrides alone work too)
     assert main(["config", "max_steps=7"]) == 0
     assert yaml.safe_load(capsys.readouterr().out) == to_dict(load_config(None, ["max_steps=7"]))
@@ -92,3 +95,13 @@ def test_config_errors_are_one_line(capsys):
     assert len(err.splitlines()) == 1 and err.startswith("evaclip config: error:") and "optim.lrr" in err
     assert main(["config", "no_such_recipe"]) == 2
     assert "recipe not found" in capsys.readouterr().err
+
+
+def test_train_help_lists_every_key_a_resume_may_change(capsys):
+    from evaclip.engine.run_dir import RESUME_MUTABLE
+
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for key in RESUME_MUTABLE:
+        assert (key + "*" if key.endswith(".") else key) in text, key
+    assert "optim.extend" in text and "RUN/config.yaml" in text

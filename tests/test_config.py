@@ -38,6 +38,17 @@ def test_unknown_override_key_is_named():
         load_config("demo_cpu", ["modle.name=x"])
     with pytest.raises(ConfigError, match="'optim.lr.x'"):
         load_config("demo_cpu", ["optim.lr.x=1"])
+    # a top-level key gets its suggestion too (OmegaConf gives none there)
+    with pytest.raises(ConfigError, match=r"^config key 'maxsteps': not in TrainCfg; did you mean 'max_steps'\?$"):
+        load_config("demo_cpu", ["maxsteps=3"])
+
+
+def test_a_token_drop_phase_that_never_ends_before_max_steps_is_refused():
+    """demo_cpu unmasks at step 260: a 200-step run of it would never run its unmasked phase."""
+    with pytest.raises(ConfigError, match=r"'model.token_drop_until' \(260\) is not below max_steps \(200\)"):
+        load_config("demo_cpu", ["max_steps=200"])
+    assert load_config("demo_cpu", ["max_steps=200", "model.token_drop_until=160"]).max_steps == 200
+    assert load_config("demo_cpu", ["max_steps=200", "model.token_drop=0"]).max_steps == 200
 
 
 def test_unknown_recipe_key_is_named(tmp_path):

@@ -169,6 +169,26 @@ def test_a_second_ctrl_c_waits_for_the_checkpoint_write(tmp_path, monkeypatch):
     assert not stale.exists()
 
 
+def test_the_ctrl_c_line_names_the_step_that_saves(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during step 3 (its stop flag already read): the line says the checkpoint is step 4's, and it is."""
+    from evaclip.engine import loop
+
+    real_step, calls = loop.train_step, {"n": 0}
+
+    def step_with_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step_with_ctrl_c)
+    assert cli(_args(tmp_path, "max_steps=50")) == 128 + signal.SIGINT
+    out = capsys.readouterr()
+    assert "received SIGINT: saving a checkpoint at the end of step 4," in out.out + out.err
+    assert "stopped by SIGINT at step 4" in out.err
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "ckpt")][0] == "step_00000004"
+
+
 def test_stop_signal_defers_a_second_interrupt_inside_critical():
     with StopSignal() as stop:
         stop._handle(signal.SIGINT, None)

@@ -255,6 +255,7 @@ def _loop(run: _Run) -> TrainResult:
     meter = Throughput(state.step, run.total_steps)
     model.train()
     with StopSignal() as stop:
+        stop.start_at(state.step)
         while state.step < run.total_steps:
             if state.epoch != epoch:
                 _log_epoch_skips(data, epoch, logger, state.step)
@@ -264,7 +265,7 @@ def _loop(run: _Run) -> TrainResult:
             task.before_step(model, state.step, logger)
             micro = [task.to_device(next_batch(batches, epoch)) for _ in range(cfg.accum_freq)]
             out, upd = train_step(task, model, micro, run.ctx, run.optimizer, run.scaler, cfg.optim.grad_clip_norm,
-                                  stop.requested is not None)
+                                  stop.poll(state.step + 1))
             if upd.bad:
                 consecutive_bad += 1
                 state.bad_steps_total += 1

@@ -26,6 +26,7 @@ class StopSignal:
         self._previous: dict = {}
         self._critical = 0
         self._interrupt_pending = False
+        self._polled = 0  # the last step whose stop flag was read (its value fixed before the step ran)
 
     def __enter__(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():
@@ -45,8 +46,22 @@ class StopSignal:
                 return
             raise KeyboardInterrupt
         self.requested = signum
-        log.warning("received %s: saving a checkpoint at the end of this step, then exiting (Ctrl-C again to stop "
-                    "at once)", signal.Signals(signum).name)
+        # the step in flight read its flag before the signal came (every rank must stop at the same step): the
+        # next one reads it, and the checkpoint is that step's
+        log.warning("received %s: saving a checkpoint at the end of step %d, then exiting (Ctrl-C again to stop "
+                    "at once)", signal.Signals(signum).name, self._polled + 1)
+
+    def poll(self, step: int) -> bool:
+        """Whether a stop was requested, read for ``step`` (1-based, the step about to run: it saves and stops if so);
+        a later signal is announced for ``step + 1``."""
+        requested = self.requested is not None
+        self._polled = step
+        return requested
+
+    def start_at(self, steps_done: int) -> None:
+        """The run resumes after ``steps_done`` steps: a signal before the first step stops after step
+        ``steps_done + 1``."""
+        self._polled = steps_done
 
     @contextlib.contextmanager
     def critical(self):
