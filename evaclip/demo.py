@@ -20,8 +20,12 @@ stage 1's final zero-shot top-1 within its (three times fewer) steps, 1 when it 
 (``--mim max_steps=50``). A second invocation resumes each run (``resume=auto``): finished stages are not retrained.
 
 ``--seeds`` runs the bootstrap once per seed (each seed its own teacher, student and EVA-CLIP, in ``RUNS/seed<N>/``)
-plus two controls per seed: the EVA-CLIP recipe for 300 steps (as long as the teacher) and the EVA-CLIP recipe from
-scratch (no inits); the table goes to stdout and, with ``--table FILE``, between the ``demo-seeds`` markers of FILE.
+plus, per seed, the EVA-CLIP recipe with other inits: the teacher's image tower copied (the shapes match here), the
+image tower from scratch with the teacher's text tower (text-only init), no init; and EVA-02's setting, where the
+teacher is wider and deeper than the student (``EVA02-CLIP-demo-wide``, so no copy is possible): that teacher, a
+student of the demo's shape distilled from it, the EVA-CLIP from both and its text-only control. The table goes to
+stdout and, with ``--table FILE``, between the ``demo-seeds`` markers of FILE. One run of EVA-02's setting alone:
+``python -m evaclip.demo --teacher model.name=EVA02-CLIP-demo-wide``.
 """
 from __future__ import annotations
 
@@ -37,9 +41,7 @@ TEACHER, MIM, EVA_CLIP = "demo_cpu", "demo_mim_cpu", "demo_eva_clip_cpu"  # stag
 TEACHER_EVAL_EVERY = 50
 TOP1 = "eval/zeroshot/top1"
 KNN = "eval/knn/top1"
-# --seeds: the controls, run with the EVA-CLIP recipe. Long: as long as the teacher, its unmasked phase at the
-# teacher's (the last 40 steps); scratch: no init, the same 100 steps
-LONG_STEPS, LONG_DROP_UNTIL = 300, 260
+WIDE_TEACHER = "EVA02-CLIP-demo-wide"  # --seeds: EVA-02's setting, a teacher wider and deeper than the student
 TABLE_BEGIN, TABLE_END = "<!-- demo-seeds:begin -->", "<!-- demo-seeds:end -->"
 
 
@@ -233,57 +235,74 @@ def demo(info: dict, runs: Path, common: list[str], per_stage: dict[str, list[st
 # ----------------------------------------------------------------------------------------------------------------------
 # --seeds: the 5-seed table
 # ----------------------------------------------------------------------------------------------------------------------
+def control_overrides(info: dict, base: Path, common: list[str], per_stage: dict[str, list[str]]) -> dict:
+    """The runs of one seed beyond the bootstrap, each ``(recipe, overrides)``: the EVA-CLIP recipe with other inits
+    (same shapes: the teacher's own image tower copied, the image tower from scratch with the teacher's text tower,
+    no init at all), and EVA-02's setting: a wider and deeper teacher (``WIDE_TEACHER``), a student of the demo's shape
+    distilled from it, the EVA-CLIP from that student and the wide teacher's text tower, and its text-only control."""
+    eva = stage_overrides(EVA_CLIP, info, base) + common + per_stage[EVA_CLIP]
+    wide_teacher, wide_mim = base / f"{TEACHER}_wide", base / f"{MIM}_wide"
+    teacher = stage_overrides(TEACHER, info, base) + common + per_stage[TEACHER]
+    mim = stage_overrides(MIM, info, base) + common + per_stage[MIM]
+    return {
+        "copy": (EVA_CLIP, eva + [f"name={EVA_CLIP}_copy", f"model.image_init={base / TEACHER}"]),
+        "text_only": (EVA_CLIP, eva + [f"name={EVA_CLIP}_textonly", "model.image_init=null"]),
+        "scratch": (EVA_CLIP, eva + [f"name={EVA_CLIP}_scratch", "model.image_init=null", "model.text_init=null"]),
+        "wide_teacher": (TEACHER, teacher + [f"name={wide_teacher.name}", f"model.name={WIDE_TEACHER}"]),
+        "wide_mim": (MIM, mim + [f"name={wide_mim.name}", f"mim.teacher={wide_teacher}"]),
+        "wide_eva": (EVA_CLIP, eva + [f"name={EVA_CLIP}_wide", f"model.image_init={wide_mim}",
+                                      f"model.text_init={wide_teacher}"]),
+        "wide_text_only": (EVA_CLIP, eva + [f"name={EVA_CLIP}_wide_textonly", "model.image_init=null",
+                                            f"model.text_init={wide_teacher}"]),
+    }
+
+
 def seed_runs(info: dict, runs: Path, seed: int, common: list[str], per_stage: dict[str, list[str]]) -> dict:
-    """One seed: the bootstrap, then the EVA-CLIP recipe for ``LONG_STEPS`` (as long as the teacher) and from
-    scratch."""
+    """One seed: the bootstrap, its controls and EVA-02's setting (``control_overrides``), each run once."""
     base = runs / f"seed{seed}"
     common = common + [f"seed={seed}"]
     stages = bootstrap(info, base, common, per_stage)
-    eva = stage_overrides(EVA_CLIP, info, base) + common + per_stage[EVA_CLIP]
-    print(f"\n[demo] seed {seed}: {EVA_CLIP} for {LONG_STEPS} steps")
-    long = run_stage(EVA_CLIP, eva + [f"name={EVA_CLIP}_{LONG_STEPS}", f"max_steps={LONG_STEPS}",
-                                      f"model.token_drop_until={LONG_DROP_UNTIL}"])
-    print(f"\n[demo] seed {seed}: {EVA_CLIP} from scratch")
-    scratch = run_stage(EVA_CLIP, eva + [f"name={EVA_CLIP}_scratch", "model.image_init=null", "model.text_init=null"])
-    return {"seed": seed, "stages": stages + [long, scratch],
-            "teacher": curve(base / TEACHER), "knn": curve(base / MIM, KNN), "eva": curve(base / EVA_CLIP),
-            "eva_long": curve(Path(long["run"])), "scratch_same_recipe": curve(Path(scratch["run"]))}
+    row = {"seed": seed, "teacher": curve(base / TEACHER), "knn": curve(base / MIM, KNN), "eva": curve(base / EVA_CLIP)}
+    for key, (recipe, overrides) in control_overrides(info, base, common, per_stage).items():
+        print(f"\n[demo] seed {seed}: {key} -> {base / stage_config(recipe, overrides).name}")
+        stages.append(run_stage(recipe, overrides))
+        row[key] = curve(Path(stages[-1]["run"]), KNN if key == "wide_mim" else TOP1)
+    return {**row, "stages": stages}
+
+
+def _final(c: dict) -> Optional[float]:
+    return c[max(c)] if c else None
 
 
 def seeds_table(rows: list[dict]) -> str:
-    """The markdown of the 5-seed table and its verdict lines."""
-    def final(c: dict) -> Optional[float]:
-        return c[max(c)] if c else None
-
-    head = ["| seed | from scratch 100 / 300 steps (stage 1) | MIM k-NN | EVA-init 25 / 50 / 100 steps | first step >= "
-            "stage 1's 300-step top-1 | EVA recipe from scratch, 100 steps | EVA-init, 300 steps | beats its teacher |",
-            "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    """The markdown of the seeds table and its verdict lines."""
+    head = ["| seed | teacher 300 steps | MIM k-NN | **EVA-init** | teacher copy | text-only init | no init | wide "
+            "teacher 300 steps | MIM k-NN (wide) | **EVA-init (wide)** | text-only init (wide) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    cols = ("teacher", "knn", "eva", "copy", "text_only", "scratch", "wide_teacher", "wide_mim", "wide_eva",
+            "wide_text_only")
     for r in rows:
-        t300, e300 = final(r["teacher"]), final(r["eva_long"])
-        reach = crossing(r["eva"], t300) if t300 is not None else None
-        beats = "-" if None in (t300, e300) else ("yes" if e300 > t300 else "no")
-        head.append(f"| {r['seed']} | {_pct(r['teacher'].get(100))} / {_pct(t300)} | {_pct(final(r['knn']))} | "
-                    + " / ".join(_pct(r["eva"].get(s)) for s in (25, 50, 100))
-                    + f" | {reach if reach is not None else 'not reached'} | {_pct(final(r['scratch_same_recipe']))} | "
-                    f"{_pct(e300)} | {beats} |")
+        head.append(f"| {r['seed']} | " + " | ".join(_pct(_final(r[c])) for c in cols) + " |")
     lines = head + [""]
 
-    def stats(values: list) -> str:
-        values = [v for v in values if v is not None]
-        return f"worst {_pct(min(values))} %, mean {_pct(sum(values) / len(values))} %" if values else "-"
+    def stats(key: str) -> str:
+        values = [v for v in (_final(r[key]) for r in rows) if v is not None]
+        return f"mean {_pct(sum(values) / len(values))} %, worst {_pct(min(values))} %" if values else "-"
+
+    def count(a: str, b: str) -> int:
+        return sum(1 for r in rows if None not in (_final(r[a]), _final(r[b])) and _final(r[a]) > _final(r[b]))
 
     n = len(rows)
-    pairs = [(final(r["teacher"]), final(r["eva_long"])) for r in rows]
-    reached = sum(1 for r in rows if r["teacher"] and crossing(r["eva"], final(r["teacher"])) is not None)
-    beats = sum(1 for t, e in pairs if None not in (t, e) and e > t)
-    gains = [e - t for t, e in pairs if None not in (t, e)]
-    lines += [f"- EVA-initialised CLIP, 100 steps: {stats([final(r['eva']) for r in rows])} ({n} seeds).",
-              f"- From scratch (stage 1, the teacher), 300 steps: {stats([t for t, _ in pairs])}; the EVA-CLIP recipe "
-              f"from scratch, 100 steps: {stats([final(r['scratch_same_recipe']) for r in rows])}.",
-              f"- The EVA-initialised CLIP reaches its teacher's 300-step top-1 within 100 CLIP steps in {reached} of "
-              f"{n} seeds.",
-              f"- Trained as long as its teacher (300 steps), it beats its teacher in {beats} of {n} seeds"
-              + (f" (by {100 * min(gains):+.1f} to {100 * max(gains):+.1f} points)." if gains else ".")]
+    lines += [f"- Same shapes, EVA-CLIP recipe for 100 steps: EVA-init (MIM student + teacher text) {stats('eva')}; "
+              f"teacher copy (its image tower + its text) {stats('copy')}; text-only init {stats('text_only')}; no "
+              f"init {stats('scratch')}. The EVA-init beats the teacher copy in {count('eva', 'copy')} of {n} seeds, "
+              f"the text-only init in {count('eva', 'text_only')} of {n}, its 300-step teacher in "
+              f"{count('eva', 'teacher')} of {n}.",
+              f"- EVA-02's setting (teacher image tower {WIDE_TEACHER}: wider and deeper; no copy possible): the "
+              f"teacher {stats('wide_teacher')}; EVA-init {stats('wide_eva')}; text-only init "
+              f"{stats('wide_text_only')}. The student's CLIP beats its larger teacher in "
+              f"{count('wide_eva', 'wide_teacher')} of {n} seeds, the text-only init in "
+              f"{count('wide_eva', 'wide_text_only')} of {n}."]
     return "\n".join(lines)
 
 

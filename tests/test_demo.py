@@ -36,6 +36,25 @@ def _metrics(run: Path, points: dict[int, float]) -> None:
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
 
 
+def test_seed_controls_are_wired(tmp_path):
+    """--seeds: the teacher copy loads the teacher's whole image tower, the text-only controls no image init, and
+    EVA-02's setting has a teacher wider and deeper than the student, whose student and text tower the EVA-CLIP loads."""
+    runs = {k: demo.stage_config(r, o) for k, (r, o) in demo.control_overrides(STUB, tmp_path, [], {
+        demo.TEACHER: [], demo.MIM: [], demo.EVA_CLIP: []}).items()}
+    assert runs["copy"].model.image_init == str(tmp_path / demo.TEACHER)
+    assert runs["copy"].model.text_init == str(tmp_path / demo.TEACHER)
+    assert runs["text_only"].model.image_init is None and runs["text_only"].model.text_init is not None
+    assert runs["scratch"].model.image_init is None and runs["scratch"].model.text_init is None
+    wide = get_model_config(runs["wide_teacher"].model.name).vision
+    student = get_model_config(runs["wide_mim"].model.name).vision
+    assert wide.width > student.width and wide.depth > student.depth
+    assert runs["wide_mim"].mim.teacher == str(tmp_path / f"{demo.TEACHER}_wide")
+    assert runs["wide_eva"].model.image_init == str(tmp_path / f"{demo.MIM}_wide")
+    assert runs["wide_eva"].model.text_init == runs["wide_text_only"].model.text_init == runs["wide_mim"].mim.teacher
+    assert len({Path(c.output_dir) / c.name for c in runs.values()}) == len(runs)  # each its own run folder
+    assert {c.max_steps for k, c in runs.items() if c.task == "clip" and "teacher" not in k} == {100}
+
+
 def test_tables(tmp_path):
     _metrics(tmp_path / "t", {50: 0.2, 100: 0.5, 300: 0.9})
     _metrics(tmp_path / "e", {25: 0.8, 50: 0.91, 100: 0.95})
@@ -43,11 +62,13 @@ def test_tables(tmp_path):
     assert demo.crossing(demo.curve(tmp_path / "e"), 0.96) is None
     table = demo.comparison_table(tmp_path / "t", tmp_path / "e").splitlines()
     assert table[2:] == ["| 25 | - | 80.0 |", "| 50 | 20.0 | 91.0 |", "| 100 | 50.0 | 95.0 |", "| 300 | 90.0 | - |"]
-    row = {"seed": 3, "teacher": demo.curve(tmp_path / "t"), "knn": {100: 0.97}, "eva": demo.curve(tmp_path / "e"),
-           "eva_long": {300: 0.96}, "scratch_same_recipe": {100: 0.4}}
+    row = {"seed": 3, "teacher": demo.curve(tmp_path / "t"), "knn": {400: 0.7}, "eva": demo.curve(tmp_path / "e"),
+           "copy": {100: 0.97}, "text_only": {100: 0.6}, "scratch": {100: 0.4}, "wide_teacher": {300: 0.93},
+           "wide_mim": {400: 0.75}, "wide_eva": {100: 0.94}, "wide_text_only": {100: 0.62}}
     text = demo.seeds_table([row])
-    assert "| 3 | 50.0 / 90.0 | 97.0 | 80.0 / 91.0 / 95.0 | 50 | 40.0 | 96.0 | yes |" in text
-    assert "worst 95.0 %" in text
+    assert "| 3 | 90.0 | 70.0 | 95.0 | 97.0 | 60.0 | 40.0 | 93.0 | 75.0 | 94.0 | 62.0 |" in text
+    assert "beats the teacher copy in 0 of 1 seeds, the text-only init in 1 of 1, its 300-step teacher in 1 of 1" in text
+    assert "beats its larger teacher in 1 of 1 seeds" in text
     doc = tmp_path / "DEMO.md"
     doc.write_text(f"intro\n{demo.TABLE_BEGIN}\nold\n{demo.TABLE_END}\nafter\n")
     demo.write_table(doc, "new")
