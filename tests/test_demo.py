@@ -38,7 +38,8 @@ def _metrics(run: Path, points: dict[int, float]) -> None:
 
 def test_seed_controls_are_wired(tmp_path):
     """--seeds: the teacher copy loads the teacher's whole image tower, the text-only controls no image init, and
-    EVA-02's setting has a teacher wider and deeper than the student, whose student and text tower the EVA-CLIP loads."""
+    EVA-02's setting has a teacher wider and deeper than the student, whose student and text tower the EVA-CLIP
+    loads."""
     runs = {k: demo.stage_config(r, o) for k, (r, o) in demo.control_overrides(STUB, tmp_path, [], {
         demo.TEACHER: [], demo.MIM: [], demo.EVA_CLIP: []}).items()}
     assert runs["copy"].model.image_init == str(tmp_path / demo.TEACHER)
@@ -67,7 +68,8 @@ def test_tables(tmp_path):
            "wide_mim": {400: 0.75}, "wide_eva": {100: 0.94}, "wide_text_only": {100: 0.62}}
     text = demo.seeds_table([row])
     assert "| 3 | 90.0 | 70.0 | 95.0 | 97.0 | 60.0 | 40.0 | 93.0 | 75.0 | 94.0 | 62.0 |" in text
-    assert "beats the teacher copy in 0 of 1 seeds, the text-only init in 1 of 1, its 300-step teacher in 1 of 1" in text
+    assert "beats the teacher copy in 0 of 1 seeds, the text-only init in 1 of 1, its 300-step teacher in 1 of 1" \
+        in text
     assert "beats its larger teacher in 1 of 1 seeds" in text
     doc = tmp_path / "DEMO.md"
     doc.write_text(f"intro\n{demo.TABLE_BEGIN}\nold\n{demo.TABLE_END}\nafter\n")
