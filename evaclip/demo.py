@@ -315,13 +315,13 @@ def seconds_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_table(path: Path, text: str) -> None:
+def write_table(path: Path, text: str, begin: str = TABLE_BEGIN, end: str = TABLE_END) -> None:
     """Replace what lies between the markers in ``path`` (append the marked block when there are none)."""
-    block = f"{TABLE_BEGIN}\n{text}\n{TABLE_END}"
+    block = f"{begin}\n{text}\n{end}"
     old = path.read_text() if path.is_file() else ""
-    if TABLE_BEGIN in old and TABLE_END in old:
-        head, rest = old.split(TABLE_BEGIN, 1)
-        new = head + block + rest.split(TABLE_END, 1)[1]
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1]
     else:
         new = old + ("\n" if old and not old.endswith("\n") else "") + block + "\n"
     path.write_text(new)

@@ -90,7 +90,8 @@ def offload_policy(cpu_offload: bool, device: torch.device):
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of ``model``: the children of every ``nn.ModuleList`` whose members share one class.
+    """The transformer blocks of ``model``: the children of every ``nn.ModuleList`` whose members share one class,
+    or what a module's own ``fsdp_units()`` lists (a timm tower: its conv stages as one unit, then each block).
 
     This matches ``visual.blocks`` and ``text.transformer.resblocks`` without naming them, so a new tower layout
     needs no change here. Lists nested inside an already found block are left to that block's unit.
@@ -98,12 +99,16 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     blocks: list[nn.Module] = []
     inside: set[int] = set()
     for _, mod in model.named_modules():
-        if id(mod) in inside or not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+        if id(mod) in inside:
             continue
-        kinds = {type(m) for m in mod}
-        if len(kinds) != 1 or not any(True for _ in mod.parameters()):
+        if callable(getattr(mod, "fsdp_units", None)):
+            units = list(mod.fsdp_units())
+        elif isinstance(mod, nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1 \
+                and any(True for _ in mod.parameters()):
+            units = list(mod)
+        else:
             continue
-        for blk in mod:
+        for blk in units:
             blocks.append(blk)
             inside.update(id(m) for m in blk.modules())
     return blocks

@@ -67,13 +67,13 @@ def _entry(rank: int, fn, world: int, port: int, args) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # model, data, one training loop
 # ----------------------------------------------------------------------------------------------------------------------
-def make_model(seed: int = 0, **overrides) -> nn.Module:
-    """The registered tiny EVA02 CLIP with a fixed init (same weights on every rank and in every run)."""
+def make_model(seed: int = 0, name: str = MODEL, **overrides) -> nn.Module:
+    """A registered tiny CLIP (the EVA02 one by default) with a fixed init (same weights on every rank and run)."""
     from evaclip.models import create_model
 
     torch.manual_seed(seed)
     overrides.setdefault("attn_backend", "eager")
-    return create_model(MODEL, **overrides)
+    return create_model(name, **overrides)
 
 
 def global_batch(step: int, G: int, vocab: int = VOCAB, context: int = CONTEXT):
@@ -218,6 +218,36 @@ def resume_losses(ckpt: str, start: int, steps: int, G: int) -> list[float]:
     optimizer = build_optimizer(model, optim_cfg("lamb"))
     load_sharded(ckpt, model, optimizer)
     return train_steps(model, optimizer, range(start, steps), G)
+
+
+def tower_worker(rank: int, world: int, out: str, ckpt: str, steps: int, G: int, name: str) -> None:
+    """Another image tower (``name``, e.g. ViTamin-tiny) through the EVA towers' checks, LAMB throughout: DDP losses
+    (with ``world`` 1 the single-process reference), and with 2 ranks FSDP2 losses, a sharded checkpoint at
+    ``steps // 2`` resumed into a differently initialised FSDP2 model, and FSDP2 + grad checkpointing + 50 % token
+    dropping + per-unit torch.compile (aot_eager) vs DDP with the same model options."""
+    from evaclip.checkpoint_sharded import load_sharded, save_sharded
+    from evaclip.optim import build_optimizer
+
+    half, res = steps // 2, {}
+    model = wrap(make_model(name=name), "ddp")
+    res["ddp"] = train_steps(model, build_optimizer(model, optim_cfg("lamb")), range(steps), G)
+    if world > 1:
+        model = wrap(make_model(name=name), "fsdp")
+        optimizer = build_optimizer(model, optim_cfg("lamb"))
+        res["fsdp"] = train_steps(model, optimizer, range(half), G)
+        save_sharded(ckpt, model, optimizer)
+        res["fsdp"] += train_steps(model, optimizer, range(half, steps), G)
+        model = wrap(make_model(seed=123, name=name), "fsdp")
+        optimizer = build_optimizer(model, optim_cfg("lamb"))
+        load_sharded(ckpt, model, optimizer)
+        res["resumed"] = train_steps(model, optimizer, range(half, steps), G)
+        compose = dict(token_drop=0.5, grad_checkpointing=True)
+        for strategy, kw in (("ddp", {}), ("fsdp", dict(compile=True, compile_kwargs=dict(backend="aot_eager")))):
+            model = wrap(make_model(name=name, **compose), strategy, **kw)
+            optimizer = build_optimizer(model, optim_cfg("lamb"))
+            torch.manual_seed(100 + rank)
+            res[f"compose/{strategy}"] = train_steps(model, optimizer, range(3), G)
+    _write(out, rank, res)
 
 
 def resume_worker(rank: int, world: int, out: str, ckpt: str, start: int, steps: int, G: int) -> None:

@@ -260,3 +260,90 @@ def test_tiny_vitamin_exports_load_encoder_onnx_and_open_clip(tmp_path):
         torch.testing.assert_close(oc.encode_image(images_BCHW), ref_img, rtol=0, atol=1e-5)
         torch.testing.assert_close(oc.encode_text(tokens_BL), ref_txt, rtol=0, atol=1e-5)
     assert (tmp_path / "out" / "image" / "model.onnx").is_file()
+
+
+def test_ltt_training_keeps_the_text_tower_and_trains_the_logit_scale(tmp_path):
+    """``evaclip train`` with ``model.text_init`` + ``optim.lock_text`` (the LTT recipe's keys) on ViTamin-tiny: the
+    text tower is bitwise the source CLIP's after training, and the logit scale trained from the source's value."""
+    from evaclip.config import load_config
+    from evaclip.train import main
+
+    src, path = _source_clip(tmp_path, "EVA02-CLIP-tiny", math.log(30.0))
+    cfg = load_config("demo_vitamin_ltt_cpu", [
+        "model.name=ViTamin-tiny", f"model.text_init={path}", "data.synthetic=true", "data.batch_size=4",
+        "max_steps=2", f"output_dir={tmp_path}", "name=ltt", "eval.zeroshot=null", "optim.warmup_steps=1"])
+    result = main(cfg)
+    sd = torch.load(result.checkpoint / "model.pt", weights_only=True)
+    ref = src.state_dict()
+    assert all(torch.equal(sd[k], ref[k]) for k in ref if k.startswith("text."))
+    assert float(sd["logit_scale"]) != pytest.approx(math.log(30.0), abs=0)
+    assert abs(float(sd["logit_scale"]) - math.log(30.0)) < 0.1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# parallelism: FSDP2 units, 1 process = 2 processes, FSDP2 resume, composition (gloo, CPU)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_fsdp_units_are_the_conv_stages_then_each_block():
+    from evaclip.fsdp import towers, transformer_blocks
+
+    model = create_model("ViTamin-tiny")
+    names = {id(m): n for n, m in model.named_modules()}
+    units = [names[id(b)] for b in transformer_blocks(model)]
+    assert units[:3] == ["visual.trunk.patch_embed", "visual.trunk.blocks.0", "visual.trunk.blocks.1"]
+    assert units[3:] == ["text.transformer.resblocks.0", "text.transformer.resblocks.1"]
+    assert [names[id(t)] for t in towers(model, transformer_blocks(model))] == ["visual", "text"]
+
+
+@pytest.fixture(scope="module")
+def vitamin_runs(tmp_path_factory):
+    import json
+
+    import fsdp_harness as h
+
+    d = tmp_path_factory.mktemp("vitamin_fsdp")
+    out = {}
+    for world in (1, 2):
+        h.launch(h.tower_worker, world, str(d / f"w{world}.json"), str(d / "ckpt"), 6, 8, "ViTamin-tiny")
+        out[world] = json.loads((d / f"w{world}.json").read_text())
+    return out
+
+
+@pytest.mark.slow
+def test_vitamin_one_process_equals_two_and_fsdp_equals_ddp(vitamin_runs):
+    """Global mean loss per step: 1 process (batch 8) = 2 gloo processes (4 each) under DDP and under FSDP2 (fp32
+    rounding only: tests/test_fsdp.py's LOSS_RTOL), and the run trains."""
+    one, two = vitamin_runs[1]["ddp"], vitamin_runs[2]
+    assert one[-1] < one[0]
+    assert two["ddp"] == pytest.approx(one, rel=1e-4)
+    assert two["fsdp"] == pytest.approx(two["ddp"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_vitamin_fsdp_resume_is_bitwise(vitamin_runs):
+    """Sharded checkpoint at step 3 of 6 by 2 ranks, loaded into a differently initialised 2-rank model: the next
+    losses are bitwise the uninterrupted run's."""
+    two = vitamin_runs[2]
+    assert two["resumed"] == two["fsdp"][3:]
+
+
+@pytest.mark.slow
+def test_vitamin_fsdp_composes_with_grad_checkpointing_token_drop_and_compile(vitamin_runs):
+    two = vitamin_runs[2]
+    assert two["compose/fsdp"] == pytest.approx(two["compose/ddp"], rel=1e-4)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    """timm's checkpointing (each conv stage, each block) recomputes exactly: same loss and gradients."""
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = create_model("ViTamin-tiny", grad_checkpointing=ckpt, **{"vision.drop_path": 0.0}).train()
+        _perturb(model)
+        images_BCHW, tokens_BL = _inputs(model.cfg)
+        out = model(images_BCHW, tokens_BL)
+        (out.image_features @ out.text_features.T).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert model.visual.trunk.grad_checkpointing and model.visual.trunk.patch_embed.backbone.grad_checkpointing
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)

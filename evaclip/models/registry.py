@@ -141,8 +141,10 @@ _MODELS: dict[str, CLIPCfg] = {
     # ViTamin at 32 px: stem + one MBConv-LN block per stage + 2 TFB blocks on the 2 x 2 stride-16 grid
     "ViTamin-tiny": CLIPCfg(32, _vitamin("vitamin_small_224", 32, 64, 2, 2, 32, (32, 48), (1, 1), drop_path=0.0),
                             TextCfg(width=64, heads=2, layers=2)),
-    # the demo's ViTamin (docs/DEMO.md, LTT): the text tower of EVA02-CLIP-demo, so stage 1's text tower loads
-    "ViTamin-demo": CLIPCfg(128, _vitamin("vitamin_small_224", 32, 128, 4, 4, 32, (32, 64), (1, 2), drop_path=0.0),
+    # the demo's ViTamin (docs/DEMO.md, LTT): EVA02-CLIP-demo's text tower, so stage 1's text tower loads; conv
+    # stages sized so a training step costs what EVA02-CLIP-demo's does (286.6 vs 288.8 MFLOPs per sample, text
+    # locked, no token drop: python -m evaclip.demo_ltt --flops)
+    "ViTamin-demo": CLIPCfg(128, _vitamin("vitamin_small_224", 32, 128, 4, 4, 48, (48, 96), (2, 2), drop_path=0.0),
                             TextCfg(context_length=16, width=128, heads=4, layers=4)),
     # image-dominated 224 px model for the CPU benchmark (ViT-S/16 sized image tower, small text tower)
     "EVA02-CLIP-S-16": CLIPCfg(384, _eva02(224, 16, 384, 12, head_width=64),
