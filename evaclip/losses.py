@@ -170,16 +170,26 @@ def mim_cosine_loss(pred: torch.Tensor, target_BPT: torch.Tensor, mask_BP: torch
     as ``MIMStudent`` returns them); ``target_BPT``: the teacher's features; ``mask_BP``: bool, True = masked (B x S x S
     is flattened). ``denom``: divide the summed loss by this count instead of M, e.g. the masked patches of a whole
     step over every micro-batch and rank, so that accumulation and data parallelism give the exact global mean.
+
+    With B x P x T predictions (the training step's) the masked patches are selected by weights, not by boolean
+    indexing: every shape is static, so the step reads nothing back to the host (``x[mask]`` needs the count of True,
+    a sync) and ``torch.compile`` does not recompile as the count changes from batch to batch.
     """
     mask_BP = mask_BP.flatten(1)
-    pred_MT = pred[mask_BP] if pred.ndim == 3 else pred
+    if denom is None:
+        denom = mask_BP.sum().clamp(min=1)
+    if pred.ndim == 3:
+        if pred.shape[:2] != mask_BP.shape or pred.shape != target_BPT.shape:
+            raise ValueError(f"predictions {tuple(pred.shape)}, targets {tuple(target_BPT.shape)} and mask "
+                             f"{tuple(mask_BP.shape)} do not match")
+        cos_BP = F.cosine_similarity(pred.float(), target_BPT.float(), dim=-1)
+        return -(cos_BP * mask_BP).sum() / denom
+    pred_MT = pred
     target_MT = target_BPT[mask_BP]
     if pred_MT.shape != target_MT.shape:
         raise ValueError(f"{pred_MT.shape[0]} predictions of dim {pred_MT.shape[-1]} for {target_MT.shape[0]} masked "
                          f"targets of dim {target_MT.shape[-1]}")
     neg_cos = -F.cosine_similarity(pred_MT.float(), target_MT.float(), dim=-1).sum()
-    if denom is None:
-        denom = mask_BP.sum().clamp(min=1)
     return neg_cos / denom
 
 

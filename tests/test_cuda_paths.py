@@ -321,3 +321,101 @@ def test_the_training_loop_applies_the_tf32_key(monkeypatch, tmp_path):
                                    "name=run", "log.tensorboard=false", "eval.zeroshot=null", "tf32=false"])
     main(cfg)
     assert calls == [("fp32", torch.device("cpu"), False)]
+
+
+# ------------------------------------------------------------------- 5, 7. the MIM task on a GPU (meta stands in)
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    from evaclip.models import create_model
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(create_model("EVA02-CLIP-tiny", attn_backend="sdpa").state_dict(), path)
+    return str(path)
+
+
+def _mim_task(tmp_path, teacher, precision, backend, device):
+    from evaclip.config import load_config
+    from evaclip.distributed import DistEnv
+    from evaclip.tasks.mim import MIMTask
+
+    cfg = load_config(None, ["task=mim", f"mim.teacher={teacher}", "mim.teacher_model=EVA02-CLIP-tiny",
+                             "model.name=EVA02-CLIP-tiny", f"model.attn_backend={backend}", "data.synthetic=true",
+                             f"precision={precision}", "device=cpu", f"output_dir={tmp_path}", "eval.zeroshot=null",
+                             "model.token_drop=0.0"])
+    return MIMTask(cfg, DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device(device)))
+
+
+@pytest.fixture
+def flash_on_meta(monkeypatch):
+    """A flash kernel that runs on the meta device (the GPU stand-in) and nowhere else."""
+    from evaclip.models import attention as attn_mod
+
+    def fake_kernel(device="cuda"):
+        if device is not None and torch.device(device).type == "meta":
+            return attn_mod.FlashKernel(lambda q, k, v, causal=False: torch.empty_like(q), "FA4", False), "stand-in"
+        return None, "flash-attn runs on the stand-in GPU only"
+
+    monkeypatch.setattr(attn_mod, "flash_kernel", fake_kernel)
+
+
+@pytest.mark.parametrize("backend", ["flash_attn", "auto"])
+def test_mim_builds_student_and_teacher_for_the_runs_device_and_precision(flash_on_meta, teacher_file, tmp_path,
+                                                                         backend):
+    """Before: the student was built for the CPU (flash_attn refused there: "cannot run on cpu"), and the teacher
+    stayed an fp32 SDPA replica on the GPU."""
+    task = _mim_task(tmp_path, teacher_file, "bf16", backend, "meta")
+    student = task.build_model()
+    assert student.cls_token.device.type == "meta" and student.layout == "BNHD"  # flash_attn's layout
+    assert {m.backend for m in student.modules() if type(m).__name__ == "Attend"} == {"flash_attn"}
+    task.setup(student)
+    teacher = task.teacher
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in teacher.parameters()} == {"meta"}
+    assert all(b.dtype != torch.bfloat16 for b in teacher.buffers())  # RoPE tables stay fp32
+    attends = [m for m in teacher.modules() if type(m).__name__ == "Attend"]
+    assert attends and {(a.backend, a.precision) for a in attends} == {("flash_attn", "bf16")}
+
+
+def test_mim_fp32_run_keeps_an_fp32_sdpa_teacher(flash_on_meta, teacher_file, tmp_path):
+    task = _mim_task(tmp_path, teacher_file, "fp32", "auto", "meta")
+    task.setup(task.build_model())
+    assert {p.dtype for p in task.teacher.parameters()} == {torch.float32}
+    assert {m.backend for m in task.teacher.modules() if type(m).__name__ == "Attend"} == {"sdpa"}
+
+
+def test_mim_step_reads_nothing_back_to_the_host(teacher_file, tmp_path):
+    """Two micro-batches with different mask counts: before, x[mask] in the student and in the loss made two host
+    syncs per micro-batch (the count of True) and a shape that changes with it."""
+    import contextlib
+
+    from evaclip.engine.step import step_context
+
+    task = _mim_task(tmp_path, teacher_file, "fp32", "sdpa", "meta")
+    student = task.build_model()
+    task.setup(student)
+    size = student.cfg.image_size
+    micro = [(torch.empty(2, 3, size, size, device="meta"),
+              torch.empty(2, student.cfg.grid ** 2, dtype=torch.bool, device="meta")) for _ in range(2)]
+    ctx = step_context(contextlib.nullcontext, None, torch.device("meta"))
+    with HostSyncs() as syncs:
+        out = task.forward_backward(student, micro, ctx)
+    assert syncs.kinds == [] and out["loss"].shape == ()
+    assert student.lm_head.weight.grad is not None
+
+
+def test_mim_loss_over_every_position_equals_the_masked_rows():
+    """The weighted B x P x T form against the loss on the masked rows picked by boolean indexing (value and
+    gradient)."""
+    from evaclip.losses import mim_cosine_loss
+
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(3, 16, 8, generator=g, requires_grad=True)
+    target = torch.randn(3, 16, 8, generator=g)
+    mask = torch.rand(3, 16, generator=g) < 0.4
+    dense = mim_cosine_loss(pred, target, mask, denom=torch.tensor(7.0))
+    (g_dense,) = torch.autograd.grad(dense, pred)
+    rows = -torch.nn.functional.cosine_similarity(pred[mask], target[mask], dim=-1).sum() / 7.0
+    (g_rows,) = torch.autograd.grad(rows, pred)
+    torch.testing.assert_close(dense, rows)
+    torch.testing.assert_close(g_dense, g_rows)
+    assert (g_dense[~mask] == 0).all()

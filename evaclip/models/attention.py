@@ -299,6 +299,19 @@ class Attend(torch.nn.Module):
         return f"backend={self.backend}{extra}, precision={self.precision}"
 
 
+def configure_attention(module: torch.nn.Module, backend: str, precision: Union[str, torch.dtype, None]) -> None:
+    """Every ``Attend`` of ``module`` set to ``backend`` (as a run requests it: ``auto`` is resolved again when the
+    module moves) and ``precision``, resolved now for the device each one is on. For a module loaded apart from the
+    run's model, such as the MIM teacher, so it takes the same kernel as the student. AttentionBackendError (as
+    ``resolve_backend``) when ``backend`` cannot run there."""
+    precision = normalize_precision(precision)
+    for m in module.modules():
+        if isinstance(m, Attend):
+            device = None if m._device.type == "cpu" else m._device
+            m.precision, m.requested = precision, backend
+            m._set_backend(resolve_backend(backend, device, precision))
+
+
 _WARNED: set = set()
 
 

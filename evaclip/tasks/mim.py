@@ -243,20 +243,31 @@ class MIMTask(Task):
 
         m, mc = self.cfg.mim, self.cfg.model
         self.teacher = self.load_teacher()
+        # built for the run's device: attn_backend is resolved (and flash_attn checked) for it, not for the CPU
         student = build_student(mc.name, self.teacher.feature_dim, attn_backend=mc.attn_backend,
-                                precision=self.cfg.precision, attn_subln=m.attn_subln, init=m.init, init_std=m.init_std,
-                                patch_embed_grad_scale=m.patch_embed_grad_scale,
+                                device=self.env.device, precision=self.cfg.precision, attn_subln=m.attn_subln,
+                                init=m.init, init_std=m.init_std, patch_embed_grad_scale=m.patch_embed_grad_scale,
                                 grad_checkpointing=mc.grad_checkpointing, **dict(mc.overrides or {}))
         self._grid = student.cfg.grid
         return student
 
     def setup(self, model: nn.Module) -> None:
-        """The teacher onto this rank's device: a full fp32 replica (autocast runs it in the run's precision), or
-        FSDP2-sharded over the ranks with ``mim.teacher_shard`` (block units, low-precision gathers)."""
+        """The teacher onto this rank's device, its weights in the run's precision (bf16 / fp16: half the memory, no
+        per-step cast of frozen weights; buffers such as the RoPE tables stay fp32) and its attention the student's
+        ``model.attn_backend`` resolved for that device and precision (flash_attn on a GPU where it runs): a full
+        replica, or FSDP2-sharded over the ranks with ``mim.teacher_shard`` (block units, low-precision gathers)."""
+        from evaclip.engine.precision import amp_dtype
+        from evaclip.models.attention import configure_attention
+
         if self.teacher is None:
             self.teacher = self.load_teacher()
         self._grid = self._grid or model.cfg.grid
         self.teacher.to(self.env.device)
+        dtype = amp_dtype(self.cfg.precision)
+        if dtype is not None:
+            for p in self.teacher.parameters():
+                p.data = p.data.to(dtype)
+        configure_attention(self.teacher, self.cfg.model.attn_backend, self.cfg.precision)
         if self.cfg.mim.teacher_shard and self.env.world_size > 1:
             from evaclip.fsdp import apply_fsdp
 
@@ -281,7 +292,9 @@ class MIMTask(Task):
         def loss_of(model, mb):
             images_BCHW, mask_BP = mb
             target_BPT = self.teacher(images_BCHW, self._grid)  # the unmasked view, no gradient
-            return mim_cosine_loss(model(images_BCHW, mask_BP), target_BPT, mask_BP, denom), {}
+            # every position predicted, the loss weights the masked ones: static shapes, no host sync (see the loss)
+            pred_BPT = model(images_BCHW, mask_BP, all_positions=True)
+            return mim_cosine_loss(pred_BPT, target_BPT, mask_BP, denom), {}
 
         out = accumulate(model, micro, ctx, loss_of)
         out["masked_frac"] = masked / sum(mask.numel() for _, mask in micro)
