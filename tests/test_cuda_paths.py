@@ -318,7 +318,8 @@ def test_the_training_loop_applies_the_tf32_key(monkeypatch, tmp_path):
     monkeypatch.setattr(loop, "set_tf32", lambda *a: calls.append(a) or False)
     cfg = load_config("demo_cpu", ["model.name=EVA02-CLIP-tiny", "data.synthetic=true", "data.batch_size=2",
                                    "max_steps=1", "optim.warmup_steps=0", "device=cpu", f"output_dir={tmp_path}",
-                                   "name=run", "log.tensorboard=false", "eval.zeroshot=null", "tf32=false"])
+                                   "name=run", "log.tensorboard=false", "eval.zeroshot=null", "tf32=false",
+                                   "model.token_drop_until=null"])
     main(cfg)
     assert calls == [("fp32", torch.device("cpu"), False)]
 
