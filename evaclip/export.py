@@ -9,12 +9,17 @@ Layout written under ``--out``::
 
     image/config.json  image/model.safetensors  image/model.onnx      (load_encoder(out, "image"))
     text/config.json   text/model.safetensors   text/model.onnx       (load_encoder(out, "text"))
+    README.md          the lines that load the encoders (pooled and patch features)
     open_clip/open_clip_config.json  open_clip/open_clip_model.safetensors  open_clip/<NAME>.json  [timm_model.json]
     open_clip/README.md   the exact lines that load this export in open_clip and in clip_benchmark
 
 open_clip builds the image tower with timm and passes timm no architecture arguments, so it only knows the released
 EVA-CLIP shapes (EVA02-B-16, L-14, ...). An export of any other shape loads after ``register_open_clip(dir)`` (in
 every process that loads it); the export's README.md, its log line and ``evaclip export --help`` say so.
+
+``--format eva_mim`` (a MIM student) writes ``eva_mim.pt`` / ``eva_mim.safetensors`` in EVA-02's released layout,
+``config.json`` (the timm ``Eva`` arguments of the tower) and ``README.md`` (the lines that load it in timm).
+Every ``.safetensors`` is written readable by the group and others (0644).
 
 Every export is checked before it is reported done: safetensors round trip bit-exact, open_clip embeddings and
 ONNX (onnxruntime) outputs against the PyTorch model within tolerance. Export always builds the model with a portable
@@ -27,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -104,9 +110,32 @@ def _example_input(cfg: dict, batch: int = 2, seed: int = 0) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 # safetensors
 # ----------------------------------------------------------------------------------------------------------------------
+def save_safetensors(sd: dict, path: Path, metadata: Optional[dict] = None) -> None:
+    """``safetensors.torch.save_file``, then mode 0644: safetensors >= 0.8 creates its files 0600, which hides an
+    export from the group and others it is shared with."""
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path), metadata=metadata)
+    os.chmod(path, 0o644)
+
+
+ENCODER_README = """# evaclip encoders ({architecture})
+
+```python
+import evaclip
+image_encoder = evaclip.load_encoder("{out}", "image")  # pooled, L2-normalisable CLIP image embeddings (B x E)
+text_encoder = evaclip.load_encoder("{out}", "text")
+```
+
+`image/config.json` and `text/config.json` hold each tower's architecture, preprocessing and tokenizer.
+Patch features (one feature per image patch, for dense tasks): see `evaclip.load_encoder` and `evaclip/encoder.py`.
+"""
+
+
 def export_safetensors(model, model_cfg, architecture: str, out_dir: Path) -> list[Path]:
-    """Write ``image/`` and ``text/`` (model.safetensors + config.json); checks a bit-exact round trip."""
-    from safetensors.torch import load_file, save_file
+    """Write ``image/`` and ``text/`` (model.safetensors + config.json) and ``README.md``; checks a bit-exact round
+    trip."""
+    from safetensors.torch import load_file
 
     written = []
     for tower in ("image", "text"):
@@ -114,14 +143,15 @@ def export_safetensors(model, model_cfg, architecture: str, out_dir: Path) -> li
         d.mkdir(parents=True, exist_ok=True)
         cfg = encoder_config(model_cfg, architecture, tower)
         sd = {k: v.detach().contiguous().cpu() for k, v in _wrap(model, tower, cfg).tower.state_dict().items()}
-        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt", "evaclip_tower": tower})
+        save_safetensors(sd, d / "model.safetensors", metadata={"format": "pt", "evaclip_tower": tower})
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
         back = load_file(str(d / "model.safetensors"))
         bad = [k for k in sd if k not in back or not torch.equal(sd[k], back[k])]
         if bad or len(back) != len(sd):
             raise ExportError(f"{d / 'model.safetensors'} did not round-trip exactly: {bad[:8]}")
         written += [d / "model.safetensors", d / "config.json"]
-    return written
+    (out_dir / "README.md").write_text(ENCODER_README.format(architecture=architecture, out=out_dir.resolve()))
+    return written + [out_dir / "README.md"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -318,7 +348,6 @@ def export_open_clip(model, model_cfg, architecture: str, out_dir: Path, check: 
     ``'local-dir:' + out_dir/open_clip``; other sizes the same way after ``register_open_clip(out_dir/open_clip)``
     (which registers the timm architecture and returns the open_clip name).
     """
-    from safetensors.torch import save_file
 
     from evaclip.models.convert import to_open_clip_state_dict
 
@@ -343,7 +372,7 @@ def export_open_clip(model, model_cfg, architecture: str, out_dir: Path, check: 
         {"model_cfg": oc_cfg, "preprocess_cfg": preprocess,
          "evaclip": {"architecture": architecture, "open_clip_name": name}}, indent=2))
     sd = {k: v.detach().contiguous().cpu() for k, v in to_open_clip_state_dict(model).items()}
-    save_file(sd, str(d / "open_clip_model.safetensors"))
+    save_safetensors(sd, d / "open_clip_model.safetensors")
     (d / "README.md").write_text(open_clip_readme(d, name, architecture, custom=timm_kwargs is not None))
     written += [d / "open_clip_model.safetensors", d / f"{name}.json", d / "open_clip_config.json", d / "README.md"]
     if check:
@@ -455,7 +484,7 @@ def export_eva_mim(student, out_path: Path) -> list[Path]:
     a ``.safetensors`` path gets a flat safetensors file, any other a torch file ``{"module": state_dict}`` as the
     release ships it. EVA's code, timm (``timm.models.eva.checkpoint_filter_fn``) and ``model.image_init`` load both.
     Checks a bit-exact round trip."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from evaclip.models.convert import to_eva_mim_state_dict
 
@@ -463,7 +492,7 @@ def export_eva_mim(student, out_path: Path) -> list[Path]:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in to_eva_mim_state_dict(student).items()}
     if out_path.suffix == ".safetensors":
-        save_file(sd, str(out_path), metadata={"format": "pt", "evaclip_layout": "eva_mim"})
+        save_safetensors(sd, out_path, metadata={"format": "pt", "evaclip_layout": "eva_mim"})
         back = load_file(str(out_path))
     else:
         torch.save({"module": sd}, out_path)
@@ -471,6 +500,61 @@ def export_eva_mim(student, out_path: Path) -> list[Path]:
     if back.keys() != sd.keys() or any(not torch.equal(sd[k], back[k]) for k in sd):
         raise ExportError(f"{out_path} did not round-trip exactly")
     return [out_path]
+
+
+def timm_eva_mim_kwargs(student) -> dict:
+    """The ``timm.models.eva.Eva`` arguments of a MIM student's tower (its features, no classifier head): what
+    ``config.json`` of an ``eva_mim`` export holds (lists where timm wants tuples)."""
+    v = student.cfg
+    if abs(v.ln_eps - 1e-6) > 1e-12:
+        raise ExportError(f"eva_mim export: timm's Eva uses LayerNorm eps 1e-6, this tower {v.ln_eps}")
+    kw = dict(img_size=v.image_size, patch_size=v.patch_size, embed_dim=v.width, depth=v.depth, num_heads=v.heads,
+              mlp_ratio=v.mlp_ratio, qkv_fused=not v.subln, qkv_bias=v.qkv_bias, swiglu_mlp=v.swiglu,
+              scale_mlp=v.subln, use_rot_pos_emb=v.rope, init_values=v.layer_scale, num_classes=0, global_pool="avg")
+    if v.rope:
+        kw["ref_feat_shape"] = [v.pt_hw_seq_len, v.pt_hw_seq_len]
+    return kw
+
+
+EVA_MIM_README = """# EVA MIM student ({architecture}) in EVA-02's released layout
+
+`eva_mim.safetensors` (flat) and `eva_mim.pt` (`{{"module": state_dict}}`, as EVA's releases) hold the same weights:
+`cls_token`, `pos_embed`, `patch_embed.*`, `blocks.*`, `norm.*`, and the MIM parts `mask_token`, `lm_head.*`
+({T}-dim teacher targets), `rope.*` buffers. `config.json` holds the timm `Eva` arguments. In timm:
+
+```python
+import json
+import torch
+from safetensors.torch import load_file
+from timm.models.eva import Eva, checkpoint_filter_fn
+
+cfg = json.load(open("{out}/config.json"))
+model = Eva(**{{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["timm_eva"].items()}}).eval()
+model.load_state_dict(checkpoint_filter_fn(load_file("{out}/eva_mim.safetensors"), model))
+images = torch.randn(2, 3, {size}, {size})  # your images: {size} px, normalised with cfg["mean"] / cfg["std"]
+with torch.no_grad():
+    tokens = model.fc_norm(model.forward_features(images))  # B x (1 + {P}) x {D}: CLS + patch tokens, final norm
+```
+
+timm moves the MIM final norm to `fc_norm` (its fine-tuning head) and drops `mask_token` / `lm_head`. To start a CLIP
+image tower from it in evaclip: `model.image_init={out}/eva_mim.safetensors`.
+"""
+
+
+def write_eva_mim_card(student, architecture: str, out_dir: Path) -> list[Path]:
+    """``config.json`` (timm ``Eva`` arguments, preprocessing) and ``README.md`` (the lines that load the export in
+    timm) beside an ``eva_mim`` export."""
+    from evaclip.data.transforms import MEAN, STD
+
+    v = student.cfg
+    cfg = {"format": "eva_mim", "architecture": architecture, "timm_eva": timm_eva_mim_kwargs(student),
+           "teacher_dim": student.lm_head.out_features, "image_size": v.image_size, "mean": list(MEAN),
+           "std": list(STD)}
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    P = (v.image_size // v.patch_size) ** 2
+    (out_dir / "README.md").write_text(EVA_MIM_README.format(
+        architecture=architecture, out=out_dir.resolve(), T=cfg["teacher_dim"], size=v.image_size, P=P, D=v.width))
+    return [out_dir / "config.json", out_dir / "README.md"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -492,7 +576,9 @@ def export(checkpoint: str, out_dir: str, fmt: Sequence[str] | str = "safetensor
         from evaclip.models.mim import load_student
 
         student = load_student(checkpoint, model_name, attn_backend=EXPORT_ATTN_BACKEND)
-        return [p for ext in (".pt", ".safetensors") for p in export_eva_mim(student, Path(out_dir) / f"eva_mim{ext}")]
+        out = Path(out_dir)
+        written = [p for ext in (".pt", ".safetensors") for p in export_eva_mim(student, out / f"eva_mim{ext}")]
+        return written + write_eva_mim_card(student, model_name or str(checkpoint), out)
     model, name = load_model(checkpoint, model_name, "cpu", attn_backend=EXPORT_ATTN_BACKEND)
     model = model.float().eval()
     model_cfg = model_config_of(model, name)

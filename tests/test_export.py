@@ -70,6 +70,25 @@ def test_safetensors_round_trip_exact(tiny_ckpt, exported):
                                    rtol=0, atol=1e-5)
 
 
+def test_exports_are_readable_by_group_and_others_and_the_readme_lines_load_the_encoders(tiny_ckpt, exported):
+    """safetensors 0.8 creates its files 0600: every exported .safetensors is 0644 (a shared export is readable).
+    The export's README.md has the lines that load the encoders and points at the patch features."""
+    import re
+    import stat
+
+    files = sorted(exported.rglob("*.safetensors"))
+    assert len(files) == 3
+    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: "0o644" for f in files}
+    readme = (exported / "README.md").read_text()
+    assert "Patch features" in readme
+    ns = {}
+    exec(re.search(r"```python\n(.*?)```", readme, re.S).group(1), ns)
+    images_BCHW = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ns["image_encoder"](images_BCHW), tiny_ckpt[1].encode_image(images_BCHW),
+                                   rtol=0, atol=1e-5)
+
+
 def test_load_encoder_errors(exported, tmp_path):
     with pytest.raises(ValueError, match="holds the text encoder"):
         evaclip.load_encoder(exported / "text", "image")

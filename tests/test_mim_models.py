@@ -1,6 +1,7 @@
 """Masked image modeling, model side: the student (mask token in place, EVA-02 init, optimizer hooks), the frozen CLIP
 teacher and its targets, the loss, and the EVA-02 released MIM layout (timm, ``model.image_init``, ``evaclip export``).
 Tiny towers, CPU, fp32."""
+import json
 import math
 
 import pytest
@@ -385,12 +386,12 @@ def test_export_loads_into_timm_eva_with_same_features(tmp_path, name, overrides
         torch.testing.assert_close(back(x, _mask(), all_positions=True), student(x, _mask(), all_positions=True))
 
 
-def _fake_checkpoint(student, folder, name="EVA02-CLIP-tiny"):
+def _fake_checkpoint(student, folder, name="EVA02-CLIP-tiny", overrides="{}"):
     """A training checkpoint folder of a MIM run as the engine writes it (model.pt + config.yaml + meta.json)."""
     from evaclip.checkpoint import save_checkpoint
 
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    cfg_yaml = f"task: mim\nmodel:\n  name: {name}\n  overrides: {{}}\n"
+    cfg_yaml = f"task: mim\nmodel:\n  name: {name}\n  overrides: {overrides}\n"
     return save_checkpoint(folder / "ckpt", 3, student, opt, trainer_state={}, config_yaml=cfg_yaml)
 
 
@@ -478,7 +479,50 @@ def test_load_student_and_cli_export_from_a_run(tmp_path):
     x, mask = _images(), _mask()
     torch.testing.assert_close(back(x, mask), student(x, mask))
     files = export(str(tmp_path / "run"), str(tmp_path / "out"), "eva_mim")
-    assert sorted(f.name for f in files) == ["eva_mim.pt", "eva_mim.safetensors"]
+    assert sorted(f.name for f in files) == ["README.md", "config.json", "eva_mim.pt", "eva_mim.safetensors"]
     torch.testing.assert_close(load_student(files[0], "EVA02-CLIP-tiny")(x, mask), student(x, mask))
     with pytest.raises(ValueError, match="alone"):
         export(str(tmp_path / "run"), str(tmp_path / "out2"), ["eva_mim", "onnx"])
+
+
+@pytest.mark.parametrize("overrides", [{}, {"vision.subln": False}], ids=["eva02-subln", "eva02-ti-s"])
+def test_eva_mim_export_config_and_readme_lines_load_it_in_timm(tmp_path, overrides):
+    """The eva_mim export's README.md lines, run as written, build timm's Eva from config.json and load the export:
+    the same tokens as the student's (final norm); config.json's arguments are those the timm test above builds;
+    the .safetensors is readable by group and others."""
+    import re
+    import stat
+
+    from evaclip.export import export
+
+    student = _randomize_(_student(**overrides), std=0.1).eval()
+    _fake_checkpoint(student, tmp_path / "run", overrides="{vision: {subln: false}}" if overrides else "{}")
+    export(str(tmp_path / "run"), str(tmp_path / "out"), "eva_mim")
+    out = tmp_path / "out"
+    cfg = json.loads((out / "config.json").read_text())
+    reference = _timm_eva(student)
+    built = __import__("timm.models.eva", fromlist=["Eva"]).Eva(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["timm_eva"].items()})
+    assert [(k, v.shape) for k, v in built.state_dict().items()] == [
+        (k, v.shape) for k, v in reference.state_dict().items()]
+    ns = {}
+    exec(re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1), ns)
+    with torch.no_grad():
+        torch.testing.assert_close(ns["tokens"], student.forward_features(ns["images"]), rtol=1e-4, atol=1e-4)
+    assert oct(stat.S_IMODE((out / "eva_mim.safetensors").stat().st_mode)) == "0o644"
+
+
+def test_exporting_or_evaluating_a_mim_run_as_a_clip_names_the_eva_mim_format(tmp_path, capsys):
+    from PIL import Image
+
+    from evaclip.evals import main as eval_main
+    from evaclip.export import main as export_main
+
+    _fake_checkpoint(_student(), tmp_path / "run")
+    for c in ("a", "b"):  # a tiny ImageNet-style zero-shot set
+        (tmp_path / "zs" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "zs" / c / "0.png")
+    assert export_main([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 2
+    assert eval_main([str(tmp_path / "run"), "--zeroshot", str(tmp_path / "zs"), "--quiet"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 2 and all("MIM student" in e and "--format eva_mim" in e for e in errors), errors

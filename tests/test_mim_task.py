@@ -305,6 +305,20 @@ def test_mask_target_is_logged(tmp_path, teacher_file, caplog):
     assert "masks: 6 of 16 patches per image (37.5 %, from mim.num_masked)" in caplog.text
 
 
+def test_a_student_at_another_resolution_than_its_teacher_is_logged(tmp_path, teacher_file, caplog):
+    """The tiny teacher sees 32 px (4 x 4 patches); a 64 px student (8 x 8) trains on resized teacher targets."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="evaclip"):
+        _task(_cfg(tmp_path, teacher_file, "model.overrides.vision.image_size=64")).build_model()
+    assert ("teacher 32 px (4x4 patches), student 64 px (8x8): each batch is resized to 32 px for the teacher and its "
+            "targets to the student's 8x8 grid (mim.target_resize=bilinear)") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="evaclip"):
+        _task(_cfg(tmp_path, teacher_file)).build_model()
+    assert "differ in resolution" not in caplog.text
+
+
 def test_engine_runs_mim_and_its_checkpoint_initialises_a_clip(tmp_path, teacher_file, labelled_folder):
     from evaclip.engine import train
     from evaclip.models.convert import load_pretrained

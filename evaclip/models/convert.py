@@ -411,6 +411,10 @@ def load_text(model, sd: dict, fmt: Optional[str] = None, report: Optional[LoadR
 def load_clip_state_dict(model, sd: dict, fmt: Optional[str] = None) -> LoadReport:
     """Load a whole CLIP (both towers and the logit scale / bias) strictly from any whole-CLIP format."""
     fmt = fmt or detect_format(sd)
+    if fmt == "eva_mim":
+        raise CheckpointError("this is a MIM student (masked image modeling, EVA's layout), not a CLIP: export it "
+                              "with `evaclip export RUN --format eva_mim`, monitor it with k-NN (mim.knn_train / "
+                              "mim.knn_val), or start a CLIP's image tower from it with model.image_init=RUN")
     if fmt not in ("evaclip", "eva_clip", "open_clip"):
         raise CheckpointError(f"a '{fmt}' checkpoint holds one tower only; pass it as image_init= or text_init=")
     report = LoadReport(formats={"pretrained": fmt})

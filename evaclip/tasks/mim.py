@@ -249,6 +249,15 @@ class MIMTask(Task):
                                 init=m.init, init_std=m.init_std, patch_embed_grad_scale=m.patch_embed_grad_scale,
                                 grad_checkpointing=mc.grad_checkpointing, **dict(mc.overrides or {}))
         self._grid = student.cfg.grid
+        t, v = self.teacher, student.cfg
+        if (t.image_size, t.grid) != (v.image_size, v.grid):  # works, but changes what the student learns: say so
+            from evaclip.logging import get_logger
+
+            get_logger("evaclip.train").info(
+                "teacher and student differ in resolution: teacher %d px (%dx%d patches), student %d px (%dx%d): each "
+                "batch is resized to %d px for the teacher and its targets to the student's %dx%d grid "
+                "(mim.target_resize=%s)", t.image_size, t.grid, t.grid, v.image_size, v.grid, v.grid, t.image_size,
+                v.grid, v.grid, self.cfg.mim.target_resize)
         return student
 
     def setup(self, model: nn.Module) -> None:
