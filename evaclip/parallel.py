@@ -20,6 +20,10 @@ def wrap_model(model: nn.Module, dist_cfg, device: torch.device, *, precision: s
 
         return shard_model(model, dist_cfg, device, precision=precision, compile=compile)
     if compile:
+        # Compile, then wrap: the compiled forward runs inside DDP's forward, where dynamo's DDPOptimizer splits the
+        # graph at DDP's bucket boundaries (so the gradient all-reduce overlaps backward). Checked on torch 2.11 and
+        # 2.14 (gloo, 6 one-bucket Linear blocks): 6 subgraphs and no graph break this way; wrapping first (DDP(m)
+        # .compile() or torch.compile(DDP(m))) splits the same but adds 2-3 graph breaks in DDP's own forward.
         model.compile()
     model = model.to(device)
     if is_initialized() and torch.distributed.get_world_size() > 1:

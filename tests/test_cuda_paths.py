@@ -420,3 +420,97 @@ def test_mim_loss_over_every_position_equals_the_masked_rows():
     torch.testing.assert_close(dense, rows)
     torch.testing.assert_close(g_dense, g_rows)
     assert (g_dense[~mask] == 0).all()
+
+
+# ------------------------------------------------------------------------- 8. FA4 as a torch op; compile order
+def _attention_math(q, k, v):
+    """softmax(q k^T / sqrt(F)) v of B N H F tensors, and the row log-sum-exp B H N (what FA4 computes)."""
+    qt, kt, vt = (t.transpose(1, 2).float() for t in (q, k, v))
+    s = qt @ kt.transpose(-1, -2) / qt.shape[-1] ** 0.5
+    lse = torch.logsumexp(s, dim=-1)
+    return (torch.exp(s - lse[..., None]) @ vt).transpose(1, 2).to(q.dtype), lse
+
+
+@pytest.fixture
+def cpu_fa4(monkeypatch):
+    """flash_attn.cute whose kernels compute real attention on the CPU but, like FA4's CuTe-DSL launches, cannot be
+    traced by torch.compile (``torch.compiler.disable``); its public ``flash_attn_func`` is an autograd.Function
+    around them, as FA4's is."""
+    import sys
+    import types
+
+    @torch.compiler.disable
+    def _flash_attn_fwd(q, k, v, causal=False, return_lse=False, **kw):
+        assert not causal
+        out, lse = _attention_math(q, k, v)
+        return out, lse, None, None, None
+
+    @torch.compiler.disable
+    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, **kw):
+        qt, kt, vt, o, do = (t.transpose(1, 2).float() for t in (q, k, v, out, dout))
+        scale = qt.shape[-1] ** -0.5
+        p = torch.exp(qt @ kt.transpose(-1, -2) * scale - lse[..., None])
+        dv = p.transpose(-1, -2) @ do
+        ds = p * (do @ vt.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
+        dq, dk = ds @ kt * scale, ds.transpose(-1, -2) @ qt * scale
+        return tuple(g.transpose(1, 2).to(q.dtype) for g in (dq, dk, dv))
+
+    class FlashAttnFunc(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out, lse = _flash_attn_fwd(q, k, v)[:2]
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            return _flash_attn_bwd(*ctx.saved_tensors[:4], dout, ctx.saved_tensors[4])
+
+    pkg, cute, interface = (types.ModuleType(n) for n in ("flash_attn", "flash_attn.cute", "flash_attn.cute.interface"))
+    interface._flash_attn_fwd, interface._flash_attn_bwd = _flash_attn_fwd, _flash_attn_bwd
+    cute.flash_attn_func = lambda q, k, v, causal=False: FlashAttnFunc.apply(q, k, v)
+    cute.interface, pkg.cute, pkg.__path__ = interface, cute, []
+    for name, mod in (("flash_attn", pkg), ("flash_attn.cute", cute), ("flash_attn.cute.interface", interface)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return cute
+
+
+def _qkv(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 7, 3, 8, generator=g, requires_grad=True) for _ in range(3)]  # B N H F
+
+
+def test_fa4_op_is_registered_with_fake_and_autograd(cpu_fa4):
+    from evaclip.models.fa4_op import flash_attn_func  # noqa: F401  (registers the ops)
+
+    torch.library.opcheck(torch.ops.evaclip.fa4_fwd.default, (*_qkv(), False))
+
+
+def test_compiled_fa4_call_is_one_graph_and_matches_sdpa(cpu_fa4):
+    """Before: FA4's call (a Python autograd.Function around CuTe launches) broke the compiled graph at every
+    attention; as evaclip::fa4_fwd it compiles with fullgraph=True, and values and gradients match SDPA."""
+    from torch._dynamo.exc import Unsupported
+
+    from evaclip.models.fa4_op import flash_attn_func
+
+    def loss(attn, q, k, v):
+        return (attn(q, k, v) * torch.linspace(-1, 1, 8)).sum()
+
+    torch._dynamo.reset()
+    with pytest.raises(Unsupported):  # FA4's own entry point: a graph break (fullgraph refuses it)
+        torch.compile(lambda q, k, v: loss(cpu_fa4.flash_attn_func, q, k, v), fullgraph=True, backend="eager")(*_qkv())
+    torch._dynamo.reset()
+    q, k, v = _qkv()
+    compiled = torch.compile(lambda q, k, v: loss(flash_attn_func, q, k, v), fullgraph=True, backend="aot_eager")
+    got = compiled(q, k, v)
+    grads = torch.autograd.grad(got, (q, k, v))
+    q2, k2, v2 = _qkv()
+
+    def sdpa(q, k, v):  # B N H F in and out, as FA4
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+
+    want = loss(sdpa, q2, k2, v2)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(grads, torch.autograd.grad(want, (q2, k2, v2))):
+        torch.testing.assert_close(a, b)

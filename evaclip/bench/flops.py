@@ -73,7 +73,8 @@ def count_flops(fn: Callable[[], Any]) -> int:
     from evaclip.models.attention import untraced_attention_flops
 
     counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
-    # FA4 (flash_attn.cute) runs CuTe kernels that are no torch op: the counter cannot see them, Attend tallies them
+    # a flash kernel that is no torch op (FA2 < 2.6) is invisible to the counter: Attend tallies it (FA4 is an op,
+    # evaclip::fa4_fwd / fa4_bwd, with SDPA's formulas registered)
     with untraced_attention_flops() as attention, counter:
         fn()
     return int(counter.get_total_flops()) + attention[0]

@@ -49,7 +49,7 @@ class FlashKernel:
 
     func: Callable
     name: str  # "FA4" (flash-attn-4, flash_attn.cute) or "FA2" (flash-attn 2.x)
-    torch_op: bool  # FA2 >= 2.6 registers torch.ops.flash_attn.*; FA4's CuTe kernels are invisible to torch
+    torch_op: bool  # FA2 >= 2.6 registers torch.ops.flash_attn.*; FA4 runs as evaclip::fa4_fwd (models/fa4_op.py)
 
 
 # (module, name, minimum compute capability): FA4 first where it runs (its backward needs Hopper or newer), then
@@ -100,7 +100,12 @@ def flash_kernel(device: Union[str, torch.device, None] = "cuda") -> tuple[Optio
         if func is None:
             reasons.append(f"{name} ({module}) is not importable: {err}")
             continue
-        kernel = FlashKernel(func, name, name == "FA2" and _fa2_is_torch_op())
+        if name == "FA4":  # its CuTe kernels through evaclip's torch.library ops (fa4_op: no graph break, counted)
+            from .fa4_op import flash_attn_func
+
+            kernel = FlashKernel(flash_attn_func, name, True)
+        else:
+            kernel = FlashKernel(func, name, _fa2_is_torch_op())
         return kernel, f"{name} runs on compute capability {cap[0]}.{cap[1]}"
     return None, f"compute capability {cap[0]}.{cap[1]}: " + "; ".join(reasons)
 
@@ -154,13 +159,13 @@ def resolve_backend(name: str, device: Union[str, torch.device, None] = None,
     return name
 
 
-# FLOPs of attention kernels that torch's dispatcher cannot see (FA4): open tallies, added to by Attend.
+# FLOPs of attention kernels that torch's dispatcher cannot see (FA2 < 2.6): open tallies, added to by Attend.
 _FLOP_TALLIES: list = []
 
 
 @contextlib.contextmanager
 def untraced_attention_flops():
-    """Tally the FLOPs of attention calls that FlopCounterMode cannot count (FA4's CuTe kernels are not torch ops).
+    """Tally the FLOPs of attention calls that FlopCounterMode cannot count (a flash kernel that is no torch op).
 
     Yields a one-element list whose item is the running total: forward FLOPs when the kernel runs, backward FLOPs
     when the gradient of its output is computed (SDPA's formulas, causal counted as full, as torch counts it).
