@@ -23,7 +23,7 @@ from evaclip.demo import TEACHER, build_data, curve, run_stage, stage_overrides,
 
 RECIPE = "demo_vitamin_ltt_cpu"
 ARMS = {"ltt_vitamin": "ViTamin-demo", "ltt_eva02": "EVA02-CLIP-demo"}  # run name -> image tower
-STEPS = (50, 100, 150, 200)
+STEPS = (25, 50, 75, 100)
 TABLE_BEGIN, TABLE_END = "<!-- ltt-seeds:begin -->", "<!-- ltt-seeds:end -->"
 
 
@@ -89,9 +89,9 @@ def ltt_table(rows: list[dict], teacher: dict, flops: Optional[dict] = None) -> 
             out.append(f"- {model} + LTT, {STEPS[-1]} steps: mean {_pct(sum(finals) / len(finals))} %, worst "
                        f"{_pct(min(finals))} % ({len(finals)} seeds).")
     if teacher:
-        out.append("- The text tower's source, stage 1 (EVA02-CLIP-demo, both towers from scratch, token drop 0.5, 300 "
-                   "steps): " + " / ".join(f"{_pct(teacher.get(s))}" for s in (*STEPS, 300))
-                   + f" % at {' / '.join(str(s) for s in (*STEPS, 300))} steps.")
+        steps = sorted(teacher)
+        out.append("- The text tower's source, stage 1 (EVA02-CLIP-demo, both towers from scratch, token drop 0.5): "
+                   + " / ".join(_pct(teacher[s]) for s in steps) + f" % at {' / '.join(map(str, steps))} steps.")
     if flops:
         out.append("- Training FLOPs per sample (text locked, counted by `python -m evaclip.demo_ltt --flops`): "
                    + ", ".join(f"{m} {f / 1e6:.1f} M" for m, f in flops.items()) + ".")

@@ -347,3 +347,38 @@ def test_grad_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# benchmark: the open_clip twin and a tiny run (figures: the commands in docs/BENCHMARKS.md)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_bench_open_clip_twin_is_open_clips_vitamin_s():
+    """``bench train --model ViTamin-S --vs open_clip`` builds open_clip's own ViTamin-S (its config), with timm's
+    patch dropout at the benchmarked ratio."""
+    import open_clip
+
+    from evaclip.bench import train as train_bench
+
+    twin = train_bench.open_clip_model(train_bench.model_dims("ViTamin-S", {}), 0.5, torch.device("meta"))
+    ref = open_clip.create_model("ViTamin-S", device="meta")
+    assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert twin.visual.trunk.patch_drop.prob == 0.5
+
+
+@pytest.mark.slow
+def test_bench_train_runs_vitamin_vs_open_clip_at_tiny_settings(tmp_path):
+    from evaclip.bench.__main__ import main as bench_main
+
+    rep = bench_main(["train", "--model", "ViTamin-tiny", "--batch", "4", "--token-drop", "0", "0.5", "--vs",
+                      "open_clip", "--steps", "1", "--rounds", "1", "--warmup", "0", "--peak-size", "256",
+                      "--set", "text.vocab_size=512", "vision.image_size=64", "--out", str(tmp_path)])
+    sec = rep["sections"][0]
+    by = {(r["impl"], r["optimizer"], r["token_drop"]): r for r in sec["rows"]}
+    assert len(by) == 6 and all(r["step_ms"] > 0 for r in by.values())
+    ours, theirs = by[("evaclip", "lamb (foreach)", 0.0)], by[("open_clip", "torch_optimizer.Lamb", 0.0)]
+    assert ours["params_m"] == pytest.approx(theirs["params_m"])  # the same model on both sides
+    # the text tower's fast path (the last block for the EOT row only) is evaclip's, the image tower is timm's
+    assert ours["gflops_per_sample"] < theirs["gflops_per_sample"]
+    dropped = by[("evaclip", "lamb (foreach)", 0.5)]
+    assert dropped["gflops_per_sample"] < ours["gflops_per_sample"]
+    assert "step_time_ratio_drop0.5_vs_0" in sec["summary"]

@@ -201,7 +201,10 @@ def model_dims(model_name: str, overrides: dict) -> dict:
                 depth=v.depth, heads=v.heads, mlp_ratio=v.mlp_ratio, rope=v.rope, pt_grid=pt_grid,
                 eva02=v.swiglu and v.subln and not v.postnorm and v.layer_scale is None, text_width=t.width,
                 text_depth=t.layers, text_heads=t.heads, text_mlp_ratio=t.mlp_ratio,
-                context_length=t.context_length, vocab_size=t.vocab_size)
+                context_length=t.context_length, vocab_size=t.vocab_size,
+                # a timm-built image tower (ViTamin): open_clip's own config when it ships this exact shape
+                vision=dataclasses.asdict(v) if v.timm_model else None,
+                open_clip_name=cfg.open_clip_name if v.timm_model and not overrides else None)
 
 
 def _timm_eva_name(d: dict) -> str:
@@ -242,13 +245,32 @@ def open_clip_model(d: dict, token_drop: float, device: torch.device) -> nn.Modu
     """open_clip's EVA02 CLIP (CustomTextCLIP, timm trunk, open_clip text transformer) with the shapes in ``d``."""
     from open_clip.model import CustomTextCLIP
 
-    vision_cfg = dict(image_size=d["image_size"], timm_model_name=_timm_eva_name(d), timm_model_pretrained=False,
-                      timm_pool="token", timm_proj=None, patch_dropout=token_drop)
+    if d.get("vision"):  # ViTamin: open_clip's TimmModel with its ViTamin head (trunk avg pool, bias-free proj)
+        vision_cfg = _open_clip_timm_vision(d)
+    else:
+        vision_cfg = dict(image_size=d["image_size"], timm_model_name=_timm_eva_name(d), timm_model_pretrained=False,
+                          timm_pool="token", timm_proj=None)
+    vision_cfg["patch_dropout"] = token_drop
     text_cfg = dict(context_length=d["context_length"], vocab_size=d["vocab_size"], width=d["text_width"],
                     heads=d["text_heads"], layers=d["text_depth"], mlp_ratio=d["text_mlp_ratio"])
     model = CustomTextCLIP(d["embed_dim"], vision_cfg, text_cfg)
     model.output_dict = False
     return model.to(device).train()
+
+
+def _open_clip_timm_vision(d: dict) -> dict:
+    """open_clip's ``vision_cfg`` of a timm-built tower: its own ``ViTamin-*`` config for a released shape, the same
+    keys over a registered timm variant otherwise."""
+    import open_clip
+
+    from evaclip.models.registry import VisionCfg
+    from evaclip.models.timm_vision import register_timm_variant
+
+    if d.get("open_clip_name"):
+        return dict(open_clip.get_model_config(d["open_clip_name"])["vision_cfg"])
+    v = VisionCfg(**d["vision"])
+    return dict(image_size=v.image_size, timm_model_name=register_timm_variant(v), timm_model_pretrained=False,
+                timm_pool="", timm_proj="linear", timm_drop=0.0, timm_drop_path=v.drop_path)
 
 
 def _open_clip_loss_fn(model: nn.Module) -> Callable:

@@ -49,6 +49,35 @@ def timm_trunk_kwargs(cfg: VisionCfg) -> dict:
                 mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path, embed_cfg=embed_cfg, num_classes=0)
 
 
+def register_timm_variant(cfg: VisionCfg) -> str:
+    """A timm model name that builds the trunk ``cfg`` describes from ``timm.create_model(name)`` alone (how open_clip's
+    ``TimmModel`` calls timm: no shape arguments), registered once per shape; for twins of non-released sizes."""
+    import hashlib
+
+    import timm
+    from timm.models import register_model
+
+    kwargs = timm_trunk_kwargs(cfg)
+    for k in ("num_classes", "drop_path_rate"):  # the caller's (open_clip passes both)
+        kwargs.pop(k)
+    digest = hashlib.sha1(repr(sorted(kwargs.items())).encode()).hexdigest()[:8]
+    name = f"evaclip_{cfg.timm_model}_{digest}"
+    if timm.models.is_model(name):
+        return name
+
+    def entry(pretrained: bool = False, **kw):
+        if pretrained:
+            raise ValueError(f"{name} is an evaclip shape variant with no timm weights")
+        for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory bookkeeping
+            kw.pop(k, None)
+        return timm.create_model(cfg.timm_model, pretrained=False, **{**kwargs, **kw})
+
+    entry.__name__ = name
+    entry.__module__ = __name__
+    register_model(entry)
+    return name
+
+
 class TokenDrop(nn.Module):
     """Token dropping on the transformer tokens (timm's ``patch_drop`` slot: after the position embedding, before
     the blocks): keeps the prefix tokens and a random ``1 - ratio`` of the others per sample, in training mode only.
