@@ -382,3 +382,19 @@ def test_bench_train_runs_vitamin_vs_open_clip_at_tiny_settings(tmp_path):
     dropped = by[("evaclip", "lamb (foreach)", 0.5)]
     assert dropped["gflops_per_sample"] < ours["gflops_per_sample"]
     assert "step_time_ratio_drop0.5_vs_0" in sec["summary"]
+
+
+def test_ltt_recipes_are_the_upstream_short_schedule_and_its_lamb_twin():
+    """vitamin_b_ltt: the upstream numbers (AdamW, batch 8192, lr 5e-4, warmup 500, beta2 0.98, wd 0.2, 1.28B
+    samples, text tower locked); vitamin_b_ltt_lamb differs in the optimizer alone (LAMB), schedule included."""
+    from evaclip.config import load_config, to_dict
+
+    a, b = load_config("vitamin_b_ltt"), load_config("vitamin_b_ltt_lamb")
+    assert (a.model.name, a.optim.name, a.global_batch, a.optim.lr, a.optim.warmup_steps, a.optim.betas[1],
+            a.optim.weight_decay) == ("ViTamin-B-LTT", "adamw", 8192, 5e-4, 500, 0.98, 0.2)
+    assert a.epochs * a.data.train_num_samples == 1_280_000_000 and a.optim.lock_text and a.model.text_init
+    assert b.optim.name == "lamb"
+    da, db = to_dict(a), to_dict(b)
+    assert {k: v for k, v in da.items() if k not in ("optim", "name")} == \
+        {k: v for k, v in db.items() if k not in ("optim", "name")}
+    assert (db["optim"]["warmup_steps"], db["optim"]["schedule"], db["optim"]["lock_text"]) == (500, "cosine", True)
