@@ -104,9 +104,13 @@ gpu-check:
 # GPU_VENV over GPU_PY: that Python's packages, torch included, are used as they are (--system-site-packages), and
 # what evaclip needs beyond them comes from the wheelhouse with --no-index (from the index when WHEELS holds no wheel).
 # --without-pip: the system's pip installs into the venv (a venv's own pip would bring, before Python 3.12, an old
-# setuptools that shadows the system's and breaks torch's requirement on it).
+# setuptools that shadows the system's and breaks torch's requirement on it). When GPU_PY is itself a venv (the GPU
+# image's python3 is /opt/torch/.venv/bin/python3), --system-site-packages would reach only the interpreter beneath
+# it: gpu_py_site.pth adds GPU_PY's own site-packages, after the new venv's, so torch is found there.
 gpu-venv:
-	test -x $(GPU_VENV)/bin/python || $(GPU_PY) -m venv --system-site-packages --without-pip $(GPU_VENV)
+	test -x $(GPU_VENV)/bin/python || { $(GPU_PY) -m venv --system-site-packages --without-pip $(GPU_VENV) && \
+	  $(GPU_PY) -c "import site, sys; print(*(site.getsitepackages() if sys.prefix != sys.base_prefix else []), sep='\n')" \
+	  > "$$($(GPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/gpu_py_site.pth"; }
 	@src="--find-links $(WHEELS)"; [ -n "$$(ls $(WHEELS)/*.whl 2>/dev/null)" ] && src="--no-index $$src"; \
 	echo "gpu-venv: $(GPU_VENV) over $(GPU_PY) (torch $$($(GPU_VENV)/bin/python -c 'import torch; print(torch.__version__)'))," \
 	  "pip install $$src"; \
