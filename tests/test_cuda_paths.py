@@ -514,3 +514,47 @@ def test_compiled_fa4_call_is_one_graph_and_matches_sdpa(cpu_fa4):
     torch.testing.assert_close(got, want)
     for a, b in zip(grads, torch.autograd.grad(want, (q2, k2, v2))):
         torch.testing.assert_close(a, b)
+
+
+def _tiny_wheel(folder, name="evaclip_probe", version="1.0"):
+    """A one-module wheel, built by hand (no network, no build backend)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {f"{name}.py": "VALUE = 42\n",
+             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\n"
+                                                  "Tag: py3-none-any\n"}
+    record = [f"{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(t.encode()).digest()).rstrip(b'=').decode()},"
+              f"{len(t.encode())}" for p, t in files.items()] + [f"{name}-{version}.dist-info/RECORD,,"]
+    files[f"{name}-{version}.dist-info/RECORD"] = "\n".join(record) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as z:
+        for p, t in files.items():
+            z.writestr(p, t)
+
+
+def test_gpu_venv_over_a_venv_python_sees_its_torch_and_installs_offline(tmp_path):
+    """The GPU image's python3 is itself a venv (/opt/torch/.venv): a venv made over it with --system-site-packages
+    sees only the interpreter beneath, without torch. gpu-venv adds the venv's site-packages (this suite's Python is a
+    venv too) and installs the wheelhouse with --no-index."""
+    import os
+    import subprocess
+    import sys
+
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("this suite's Python is not a venv")
+    _tiny_wheel(tmp_path / "wh")
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_CONSTRAINT": ""}
+    proc = subprocess.run(["make", "-s", "gpu-venv", f"GPU_PY={sys.executable}", f"GPU_VENV={tmp_path / 'gv'}",
+                           f"WHEELS={tmp_path / 'wh'}", "WHEELHOUSE=evaclip_probe==1.0"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "--no-index" in proc.stdout
+    check = subprocess.run([str(tmp_path / "gv" / "bin" / "python"), "-c",
+                            "import torch, evaclip_probe; print(torch.__file__, evaclip_probe.__file__)"],
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stderr
+    torch_file, probe_file = check.stdout.split()
+    assert str(tmp_path / "gv") not in torch_file and str(tmp_path / "gv") in probe_file  # torch not reinstalled
