@@ -16,6 +16,7 @@ from evaclip import distributed as du
 from evaclip.config import ConfigError, load_config, parse_overrides
 from evaclip.engine import TrainingStopped, train
 from evaclip.engine.run_dir import reconcile_resume, run_dir_of
+from evaclip.models.convert import CheckpointError as WeightsError  # a teacher / init file of the wrong kind
 from evaclip.tasks import get_task
 
 USAGE = """usage: evaclip train RECIPE [key=value ...]
@@ -55,9 +56,9 @@ def cli(argv: Optional[list[str]] = None) -> int:
     resume_hint = f"continue with: evaclip train {run_dir_of(cfg) / 'config.yaml'} resume=auto"
     try:
         result = main(cfg)
-    except (ConfigError, TrainingStopped, ckpt.CheckpointError) as e:
+    except (ConfigError, TrainingStopped, ckpt.CheckpointError, WeightsError) as e:  # one line: what to fix
         print(f"evaclip train: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return 2 if isinstance(e, (ConfigError, WeightsError)) else 1
     except KeyboardInterrupt:
         print(f"evaclip train: interrupted; {resume_hint} (from its newest checkpoint)", file=sys.stderr)
         return 128 + signal.SIGINT

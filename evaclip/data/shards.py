@@ -70,12 +70,17 @@ def expand_spec(spec: str) -> list[list[str]]:
 
 
 def check_shards_exist(urls: Iterable[str], spec: str = "") -> None:
-    """Raise FileNotFoundError naming every missing local shard (remote URLs are checked when opened)."""
-    missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        where = f" (from spec '{spec}')" if spec else ""
-        raise FileNotFoundError(f"shard not found: {', '.join(missing[:5])}{more}{where}")
+    """Raise FileNotFoundError naming every missing local shard, ValueError naming every empty (0-byte) one: a tar
+    reader fails on it mid-epoch without naming it (remote URLs are checked when opened)."""
+    urls = [u for u in urls if is_local(u)]
+    where = f" (from spec '{spec}')" if spec else ""
+    for bad, what, err in (([u for u in urls if not os.path.isfile(u)], "shard not found", FileNotFoundError),
+                           ([u for u in urls if os.path.isfile(u) and os.path.getsize(u) == 0],
+                            "empty shard (0 bytes: an interrupted copy or write? rebuild it, or leave it out)",
+                            ValueError)):
+        if bad:
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise err(f"{what}: {', '.join(bad[:5])}{more}{where}")
 
 
 def shard_sizes(urls: Sequence[str]) -> Optional[list[int]]:

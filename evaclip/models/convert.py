@@ -16,6 +16,7 @@ tokens).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 import re
@@ -80,13 +81,20 @@ def load_state_dict_file(path: Union[str, Path]) -> dict:
         if checkpoint_weights(path) is not None:
             return unwrap_state_dict(load_full_state_dict(checkpoint_weights(path)))
         found = [path / n for n in ("model.safetensors", "model.pt") if (path / n).is_file()]
+        if not found and ((path / "image").is_dir() or (path / "text").is_dir()):
+            raise CheckpointError(f"{path} is an evaclip export (one folder per tower): pass {path / 'image'} as "
+                                  f"model.image_init (or a MIM teacher), {path / 'text'} as model.text_init")
         if not found:
             raise CheckpointError(f"{path} is a folder without model.safetensors or model.pt")
         path = found[0]
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(16)
+        head = f.read(512)
+    not_weights = _not_a_weights_file(path, head)
+    if not_weights:
+        raise CheckpointError(f"{path} is {not_weights}, not a checkpoint: expected a torch (.pt / .pth / .bin) or "
+                              ".safetensors file of weights, a run folder or an evaclip export folder")
     if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
         from safetensors.torch import load_file
 
@@ -104,6 +112,22 @@ def load_state_dict_file(path: Union[str, Path]) -> dict:
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from e
     return unwrap_state_dict(obj)
+
+
+def _not_a_weights_file(path: Path, head: bytes) -> Optional[str]:
+    """What a file that cannot hold weights is (None when it may): torch files start with a zip (``PK``) or pickle
+    (``\\x80``) header, safetensors with an 8-byte length and ``{``."""
+    if head.startswith((b"PK", b"\x80")) or (len(head) >= 9 and head[8:9] == b"{"):
+        return None
+    if not head:
+        return "empty (0 bytes)"
+    if path.suffix.lower() == ".onnx":
+        return "an ONNX model (run it with onnxruntime; an evaclip export keeps its weights in model.safetensors)"
+    try:
+        head.decode("utf-8")
+        return f"a text file ({path.suffix.lstrip('.').upper() or 'plain'} text)"
+    except UnicodeDecodeError:
+        return None if path.suffix.lower() in (".pt", ".pth", ".bin", ".ckpt") else "not a known weights format"
 
 
 def unwrap_state_dict(obj) -> dict:
@@ -192,6 +216,9 @@ def _visual_part(sd: dict, fmt: str) -> tuple[dict, list]:
         if "visual.conv1.weight" in sd:  # (openai_vit.is_openai_vit; that module imports this one)
             raise CheckpointError("its image tower is an OpenAI-layout ViT (visual.conv1), not an EVA tower: it can be "
                                   "a MIM teacher (mim.teacher), and its text tower a model.text_init")
+        if fmt == "openai_text":
+            raise CheckpointError("it holds a text tower only (a text encoder export or text checkpoint): it can be "
+                                  "a model.text_init, not an image tower")
         raise CheckpointError(f"a '{fmt}' checkpoint has no image tower")
     p = prefix[fmt]
     sub, ignored = {}, []
@@ -235,6 +262,9 @@ def _text_part(sd: dict, fmt: str) -> tuple[dict, list]:
             continue
         sub[rel] = t
     if not sub:
+        if fmt == "eva_mim":
+            raise CheckpointError("it is a MIM student (an image tower only, EVA's MIM layout): it can be a "
+                                  "model.image_init, not a text tower")
         raise CheckpointError(f"the '{fmt}' checkpoint has no text tower (no text.* or transformer.* keys)")
     return sub, ignored
 
@@ -289,8 +319,10 @@ def _adapt(src: dict, target: dict, prefix: str, report: LoadReport, num_prefix:
             bad.append(f"{prefix}{k}: checkpoint {tuple(t.shape)} vs model {tuple(want.shape)}")
             continue
         report.adapted.append(prefix + k)
-    if bad:
-        raise CheckpointError("shape mismatch: " + "; ".join(bad))
+    if bad:  # one line: the first two, and what it means (a full list of a big tower is kilobytes)
+        raise CheckpointError(f"{len(bad)} of its tensors do not fit the model's shapes ({'; '.join(bad[:2])}"
+                              f"{'; ...' if len(bad) > 2 else ''}): it is another architecture than model.name "
+                              f"(+ model.overrides) builds")
     return src
 
 
@@ -434,6 +466,34 @@ def load_pretrained(model, pretrained=None, image_init=None, text_init=None) -> 
     """``create_model``'s loader: a whole-CLIP checkpoint, then tower-wise inits (each a path or a state dict)."""
     report = LoadReport()
     read = lambda src: src if isinstance(src, dict) else load_state_dict_file(src)
+    with _naming("model.pretrained", pretrained):
+        _load_whole(model, read, pretrained, report)
+    with _naming("model.image_init", image_init):
+        if image_init is not None:
+            sd = read(image_init)
+            report.formats["image_init"] = detect_format(sd)
+            load_visual(model, sd, report.formats["image_init"], report)
+    with _naming("model.text_init", text_init):
+        if text_init is not None:
+            sd = read(text_init)
+            report.formats["text_init"] = detect_format(sd)
+            load_text(model, sd, report.formats["text_init"], report)
+            _init_logit_scale(model, sd, report)
+    return report
+
+
+@contextlib.contextmanager
+def _naming(key: str, src):
+    """A CheckpointError from loading ``src`` names the config key and the file (the path is in the message already
+    when the file itself was unreadable)."""
+    try:
+        yield
+    except CheckpointError as e:
+        where = "" if src is None or isinstance(src, dict) or str(src) in str(e) else f" {src}"
+        raise CheckpointError(f"{key}{where}: {e}") from None
+
+
+def _load_whole(model, read, pretrained, report: LoadReport) -> None:
     if pretrained is not None:
         r = load_clip_state_dict(model, read(pretrained))
         report.formats.update(r.formats)
@@ -442,16 +502,6 @@ def load_pretrained(model, pretrained=None, image_init=None, text_init=None) -> 
         report.fresh += r.fresh
         report.reinit.update(r.reinit)
         report.notes += r.notes
-    if image_init is not None:
-        sd = read(image_init)
-        report.formats["image_init"] = detect_format(sd)
-        load_visual(model, sd, report.formats["image_init"], report)
-    if text_init is not None:
-        sd = read(text_init)
-        report.formats["text_init"] = detect_format(sd)
-        load_text(model, sd, report.formats["text_init"], report)
-        _init_logit_scale(model, sd, report)
-    return report
 
 
 def _init_logit_scale(model, sd: dict, report: LoadReport) -> None:
