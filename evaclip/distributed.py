@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -51,11 +52,16 @@ def _env_int(name: str, default: int) -> int:
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; ``cuda`` without CUDA is an error."""
+    from evaclip.cuda_env import cuda_unavailable_reason, driver_cuda_version
+
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
+        if requested == "cpu" and driver_cuda_version() is not None:  # a GPU machine whose CUDA does not work
+            warnings.warn(f"device=auto runs on the CPU: {cuda_unavailable_reason()}", stacklevel=2)
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("config key 'device' is 'cuda' but no CUDA device is available (use device=cpu or auto)")
+            raise ConfigError(f"config key 'device' is 'cuda' but CUDA is not usable: {cuda_unavailable_reason()} (or "
+                              "use device=cpu / auto)")
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
         return torch.device("cuda", local_rank)

@@ -558,3 +558,19 @@ def test_gpu_venv_over_a_venv_python_sees_its_torch_and_installs_offline(tmp_pat
     assert check.returncode == 0, check.stderr
     torch_file, probe_file = check.stdout.split()
     assert str(tmp_path / "gv") not in torch_file and str(tmp_path / "gv") in probe_file  # torch not reinstalled
+
+
+def test_device_choice_says_why_cuda_is_not_usable(monkeypatch):
+    """device=cuda on a node whose driver is older than torch's CUDA names the driver; device=auto falls back to the
+    CPU with a warning on a machine that has a driver (before: "no CUDA device is available", and a silent CPU run)."""
+    from evaclip import cuda_env
+    from evaclip.distributed import resolve_device
+    from evaclip.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cuda_env, "driver_cuda_version", lambda: (12, 8))
+    with pytest.raises(ConfigError, match="driver is too old for this torch.*CUDA 13 needs >= 580"):
+        resolve_device("cuda")
+    with pytest.warns(UserWarning, match="device=auto runs on the CPU: the NVIDIA driver is too old"):
+        assert resolve_device("auto") == torch.device("cpu")
