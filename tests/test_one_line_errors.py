@@ -86,3 +86,17 @@ def test_an_image_init_of_another_architecture_is_a_short_line(tmp_path, files, 
     err = _one_line(capsys, cli(_args(tmp_path, "model.name=EVA02-CLIP-demo", f"model.image_init={files / 'clip.pt'}")),
                     "tensors do not fit the model's shapes", "another architecture", "visual.cls_token")
     assert len(err) < 500, len(err)
+
+
+@pytest.mark.parametrize("name,extra,must", [
+    ("model.onnx", [], ["is an ONNX model", "not a checkpoint", "a MIM teacher is a CLIP's image tower"]),
+    ("pairs.csv", [], ["is a text file (CSV text)", "a MIM teacher is a CLIP's image tower"]),
+    ("export/text", [], ["holds a text tower only"]),
+    ("export/text/model.safetensors", [f"mim.teacher_model={MODEL}"], ["holds a text tower only"]),
+    ("mim.safetensors", [f"mim.teacher_model={MODEL}"], ["is a MIM student", "not a CLIP"]),
+    ("clip.pt", [], ["cannot tell which architecture", "set mim.teacher_model=NAME"]),
+])
+def test_a_teacher_of_the_wrong_kind_is_one_line_in_the_words_of_training(tmp_path, files, capsys, name, extra, must):
+    err = _one_line(capsys, cli(_args(tmp_path, "task=mim", "model.token_drop=0", f"mim.teacher={files / name}",
+                                      *extra)), f"mim.teacher {files / name}", *must)
+    assert "--model" not in err and "model.pretrained" not in err and "model.image_init " not in err

@@ -91,7 +91,7 @@ def load_state_dict_file(path: Union[str, Path]) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
         head = f.read(512)
-    not_weights = _not_a_weights_file(path, head)
+    not_weights = not_a_weights_file(path, head)
     if not_weights:
         raise CheckpointError(f"{path} is {not_weights}, not a checkpoint: expected a torch (.pt / .pth / .bin) or "
                               ".safetensors file of weights, a run folder or an evaclip export folder")
@@ -114,7 +114,7 @@ def load_state_dict_file(path: Union[str, Path]) -> dict:
     return unwrap_state_dict(obj)
 
 
-def _not_a_weights_file(path: Path, head: bytes) -> Optional[str]:
+def not_a_weights_file(path: Path, head: bytes) -> Optional[str]:
     """What a file that cannot hold weights is (None when it may): torch files start with a zip (``PK``) or pickle
     (``\\x80``) header, safetensors with an 8-byte length and ``{``."""
     if head.startswith((b"PK", b"\x80")) or (len(head) >= 9 and head[8:9] == b"{"):
@@ -490,7 +490,9 @@ def _naming(key: str, src):
         yield
     except CheckpointError as e:
         where = "" if src is None or isinstance(src, dict) or str(src) in str(e) else f" {src}"
-        raise CheckpointError(f"{key}{where}: {e}") from None
+        named = CheckpointError(f"{key}{where}: {e}")
+        named.reason = getattr(e, "reason", str(e))  # without the key: a caller loading for another key names its own
+        raise named from None
 
 
 def _load_whole(model, read, pretrained, report: LoadReport) -> None:

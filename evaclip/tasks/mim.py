@@ -179,6 +179,32 @@ class _SyntheticMIMData:
         return 0
 
 
+def teacher_error(path: str, model_name: Optional[str], error: Exception) -> str:
+    """One line for a ``mim.teacher`` that cannot be loaded: what the file is and what a teacher must be (the
+    loaders speak of ``--model`` and ``model.*_init``, the command line's and the CLIP task's words)."""
+    from evaclip.models.convert import detect_format, load_state_dict_file, not_a_weights_file
+
+    p, want = Path(path), "a MIM teacher is a CLIP's image tower (a CLIP run, checkpoint or export folder, or a file)"
+    if p.is_file():
+        with open(p, "rb") as f:
+            kind = not_a_weights_file(p, f.read(512))
+        if kind:
+            return f"mim.teacher {p} is {kind}, not a checkpoint: {want}"
+    try:
+        fmt = detect_format(load_state_dict_file(p))
+    except Exception:  # unreadable: the loader's own reason below says why
+        fmt = None
+    if fmt == "openai_text" or "holds the text encoder" in str(error):
+        return f"mim.teacher {p} holds a text tower only: {want}"
+    if fmt == "eva_mim":
+        return f"mim.teacher {p} is a MIM student (EVA's MIM layout), not a CLIP: {want}"
+    if model_name is None and "which architecture" in str(error):
+        return (f"mim.teacher {p}: cannot tell which architecture it is (no config.yaml beside it): set "
+                "mim.teacher_model=NAME (see evaclip.list_models())")
+    reason = getattr(error, "reason", str(error)).replace(f"{p} ", "it ")
+    return f"mim.teacher {p}: {reason}"
+
+
 class MIMTask(Task):
     """Masked image modeling of an EVA student from a frozen CLIP teacher (EVA / EVA-02 pre-training)."""
 
@@ -235,8 +261,13 @@ class MIMTask(Task):
         from evaclip.models.mim import load_teacher
 
         m = self.cfg.mim
-        with torch.random.fork_rng(devices=[]):
-            return load_teacher(m.teacher, m.teacher_model, resize=m.target_resize, openai_act=m.teacher_act)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return load_teacher(m.teacher, m.teacher_model, resize=m.target_resize, openai_act=m.teacher_act)
+        except (ValueError, FileNotFoundError) as e:  # the loaders' errors (convert's CheckpointError included)
+            from evaclip.models.convert import CheckpointError
+
+            raise CheckpointError(teacher_error(m.teacher, m.teacher_model, e)) from None
 
     def build_model(self) -> nn.Module:
         from evaclip.models.mim import build_student
