@@ -1,12 +1,13 @@
 """Standalone image / text encoders exported by ``evaclip export``: load one tower without the training code.
 
-Shapes: B batch, C channels, H/W image height/width, L context length, E embedding dim.
+Shapes: B batch, C channels, H/W image height/width, L context length, E embedding dim, P patches, D tower width.
 
 An encoder folder holds ``config.json`` (format, tower, architecture, embed dim, image size, mean/std or tokenizer and
 context length, and the tower's full architecture config) beside ``model.safetensors`` and/or ``model.onnx``::
 
     enc = evaclip.load_encoder("export/image", "image")
     feats_BE = enc(enc.preprocess(pil_image)[None], normalize=True)
+    patches_BPD = enc.patch_features(enc.preprocess(pil_image)[None], layer=-2)  # LLaVA-style: penultimate, no CLS
 """
 from __future__ import annotations
 
@@ -48,6 +49,14 @@ class ImageEncoder(_Encoder):
         c = self.config
         return image_transform(c["image_size"], is_train=False, mean=tuple(c["mean"]), std=tuple(c["std"]),
                                interpolation=c.get("interpolation"), resize_mode=c.get("resize_mode"))
+
+
+    def patch_features(self, images_BCHW: torch.Tensor, layer: int = -1, norm: bool = False,
+                       prefix: bool = False) -> torch.Tensor:
+        """Per-patch tokens of block ``layer`` (negative from the end), B x P x D, for a multimodal model: LLaVA-style
+        ``layer=-2, norm=False`` (penultimate block, CLS dropped); the last block ``layer=-1`` without or with
+        (``norm=True``) the final norm; ``prefix=True`` keeps the CLS token first. Not projected (width D, not E)."""
+        return self.tower.patch_tokens(images_BCHW, layer, norm=norm, prefix=prefix)
 
 
 class TextEncoder(_Encoder):

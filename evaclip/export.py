@@ -157,22 +157,61 @@ def export_safetensors(model, model_cfg, architecture: str, out_dir: Path) -> li
 # ----------------------------------------------------------------------------------------------------------------------
 # ONNX
 # ----------------------------------------------------------------------------------------------------------------------
+ONNX_OUTPUTS = ("pooled", "patches")  # graph outputs "features" (B x E) and "patches" (B x P x D), in that order
+
+
+class _PooledAndPatches(torch.nn.Module):
+    """An image encoder whose ONNX graph returns the chosen outputs: the pooled embedding (``features``, B x E) and/or
+    the per-patch tokens of one block (``patches``, B x P x D; see ``EVAVisionTransformer.patch_tokens``)."""
+
+    def __init__(self, enc: ImageEncoder, outputs: Sequence[str], layer: int, norm: bool):
+        super().__init__()
+        self.enc, self.outputs, self.layer, self.norm = enc, tuple(outputs), layer, norm
+
+    def forward(self, images_BCHW: torch.Tensor):
+        if self.outputs == ("pooled",):
+            return self.enc(images_BCHW)
+        if self.outputs == ("patches",):
+            return self.enc.patch_features(images_BCHW, self.layer, self.norm)
+        tower = self.enc.tower
+        final_BND, (patches_BPD,) = tower.forward_intermediates(images_BCHW, [self.layer], norm=self.norm)
+        return tower.head(final_BND[:, 0]), patches_BPD
+
+
 def export_onnx(model, model_cfg, architecture: str, out_dir: Path, opset: Optional[int] = None,
-                check: bool = True) -> list[Path]:
-    """Write ``image/model.onnx`` and ``text/model.onnx`` (dynamic batch) and check them with onnxruntime."""
+                check: bool = True, outputs: Sequence[str] = ("pooled",), patch_layer: int = -1,
+                patch_norm: bool = False) -> list[Path]:
+    """Write ``image/model.onnx`` and ``text/model.onnx`` (dynamic batch) and check them with onnxruntime.
+
+    ``outputs`` (image encoder): ``pooled`` (graph output ``features``, B x E) and/or ``patches`` (``patches``, B x P
+    x D: block ``patch_layer``'s patch tokens, CLS dropped, through the final norm with ``patch_norm``); the text
+    encoder always gives ``features``. The image ``config.json`` records the graph's outputs and the patch settings."""
+    bad = [o for o in outputs if o not in ONNX_OUTPUTS]
+    if bad or not outputs:
+        raise ValueError(f"unknown ONNX output(s) {bad}: choose from {list(ONNX_OUTPUTS)}")
+    outputs = [o for o in ONNX_OUTPUTS if o in outputs]
     written = []
     for tower in ("image", "text"):
         d = out_dir / tower
         d.mkdir(parents=True, exist_ok=True)
         cfg = encoder_config(model_cfg, architecture, tower)
         enc = _wrap(model, tower, cfg).float().eval()
+        names = ["features"]
+        if tower == "image":
+            if "patches" in outputs:
+                model.visual._layer_index(patch_layer)  # a bad layer fails here, with the tower's depth
+            names = [{"pooled": "features", "patches": "patches"}[o] for o in outputs]
+            cfg["onnx_outputs"] = names
+            if "patches" in outputs:
+                cfg["onnx_patches"] = {"layer": patch_layer, "norm": patch_norm, "prefix": False}
+            enc = _PooledAndPatches(enc, outputs, patch_layer, patch_norm).eval()
         x = _example_input(cfg)
         name = "images" if tower == "image" else "tokens"
         path = d / "model.onnx"
         big = sum(p.numel() * 4 for p in enc.parameters()) > 1.8e9  # protobuf's 2 GB limit: weights beside it
         with torch.no_grad():
             torch.onnx.export(enc, (x,), str(path), dynamo=True, verbose=False, input_names=[name],
-                              output_names=["features"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                              output_names=names, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
                               opset_version=opset, external_data=big)
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
         written += [path, d / "config.json"]
@@ -183,7 +222,7 @@ def export_onnx(model, model_cfg, architecture: str, out_dir: Path, opset: Optio
 
 def check_onnx(module: torch.nn.Module, path: Path, x: torch.Tensor, atol: float = ONNX_ATOL) -> float:
     """Run ``path`` with onnxruntime on ``x`` (and on a batch of 1 to exercise the dynamic axis); returns the max
-    abs difference from ``module(x)``, raising ExportError above ``atol``."""
+    abs difference from ``module(x)`` over every output, raising ExportError above ``atol``."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -191,11 +230,13 @@ def check_onnx(module: torch.nn.Module, path: Path, x: torch.Tensor, atol: float
     worst = 0.0
     for xb in (x, x[:1]):
         with torch.no_grad():
-            ref = module(xb).float().numpy()
-        got = sess.run(None, {inp: xb.numpy()})[0]
-        if got.shape != ref.shape:
-            raise ExportError(f"{path}: onnxruntime output shape {got.shape} != PyTorch {ref.shape}")
-        worst = max(worst, float(abs(got - ref).max()))
+            refs = module(xb)
+        refs = refs if isinstance(refs, tuple) else (refs,)
+        for ref, got in zip(refs, sess.run(None, {inp: xb.numpy()})):
+            ref = ref.float().numpy()
+            if got.shape != ref.shape:
+                raise ExportError(f"{path}: onnxruntime output shape {got.shape} != PyTorch {ref.shape}")
+            worst = max(worst, float(abs(got - ref).max()))
     if worst > atol:
         raise ExportError(f"{path}: onnxruntime differs from PyTorch by {worst:.2e} (> {atol:.0e})")
     return worst
@@ -561,8 +602,10 @@ def write_eva_mim_card(student, architecture: str, out_dir: Path) -> list[Path]:
 # entry points
 # ----------------------------------------------------------------------------------------------------------------------
 def export(checkpoint: str, out_dir: str, fmt: Sequence[str] | str = "safetensors", *, model_name: Optional[str] = None,
-           check: bool = True, opset: Optional[int] = None) -> list[Path]:
-    """Export a checkpoint (training folder or state-dict file) in one or more formats; returns the files written."""
+           check: bool = True, opset: Optional[int] = None, onnx_outputs: Sequence[str] = ("pooled",),
+           patch_layer: int = -1, patch_norm: bool = False) -> list[Path]:
+    """Export a checkpoint (training folder or state-dict file) in one or more formats; returns the files written.
+    ``onnx_outputs`` / ``patch_layer`` / ``patch_norm``: the ONNX image encoder's outputs (see ``export_onnx``)."""
     from evaclip.evals.common import load_model
 
     fmts = [fmt] if isinstance(fmt, str) else list(fmt)
@@ -590,7 +633,8 @@ def export(checkpoint: str, out_dir: str, fmt: Sequence[str] | str = "safetensor
     if "open_clip" in fmts:
         written += export_open_clip(model, model_cfg, name, out, check=check)
     if "onnx" in fmts:
-        written += export_onnx(model, model_cfg, name, out, opset=opset, check=check)
+        written += export_onnx(model, model_cfg, name, out, opset=opset, check=check, outputs=onnx_outputs,
+                               patch_layer=patch_layer, patch_norm=patch_norm)
     return written
 
 
@@ -608,7 +652,10 @@ def main(argv: Optional[list] = None) -> int:
         "tiny model) needs, first, in every process that loads it:\n"
         "  evaclip.export.register_open_clip('OUT/open_clip')\n(open_clip passes timm no architecture arguments). "
         "OUT/open_clip/README.md holds the exact open_clip and\nclip_benchmark lines for the export.\n\n"
-        "example: evaclip export runs/demo_cpu --out export/ --format safetensors open_clip onnx")
+        "example: evaclip export runs/demo_cpu --out export/ --format safetensors open_clip onnx\n"
+        "patch tokens for a multimodal model (LLaVA-style: penultimate block, no norm, no CLS) in the ONNX graph:\n"
+        "  evaclip export runs/demo_cpu --out export/ --format safetensors onnx --outputs pooled patches "
+        "--patch-layer -2")
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", nargs="+", default=["safetensors"], choices=FORMATS, dest="formats",
@@ -616,6 +663,13 @@ def main(argv: Optional[list] = None) -> int:
                    "student, goes alone)")
     p.add_argument("--model", default=None, help="architecture name (needed for a bare state-dict file)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--outputs", nargs="+", default=["pooled"], choices=ONNX_OUTPUTS,
+                   help="the ONNX image encoder's outputs: pooled (graph output 'features', B x E) and/or patches "
+                   "('patches', B x P x D, the patch tokens of --patch-layer; default: pooled)")
+    p.add_argument("--patch-layer", type=int, default=-1, help="block whose patch tokens 'patches' gives, negative "
+                   "from the end (default -1, the last; -2 is LLaVA's penultimate)")
+    p.add_argument("--patch-norm", action="store_true", help="pass 'patches' through the final norm (default: the "
+                   "block's raw output, as LLaVA / BLIP-2 read it)")
     p.add_argument("--no-check", action="store_true", help="skip comparing each export with the PyTorch model")
     args = p.parse_args(argv)
     try:
@@ -623,7 +677,8 @@ def main(argv: Optional[list] = None) -> int:
         if str(used) != str(args.checkpoint):
             print(f"checkpoint: {used} (newest complete checkpoint of run folder {args.checkpoint})")
         files = export(str(used), args.out, args.formats, model_name=args.model, check=not args.no_check,
-                       opset=args.opset)
+                       opset=args.opset, onnx_outputs=args.outputs, patch_layer=args.patch_layer,
+                       patch_norm=args.patch_norm)
     except USER_ERRORS as e:
         print(f"evaclip export: error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -52,6 +52,12 @@ class CLIP(nn.Module):
         f = self.visual(images_BCHW)
         return F.normalize(f, dim=-1) if normalize else f
 
+    def encode_patches(self, images_BCHW: torch.Tensor, layer: int = -1, norm: bool = False,
+                       prefix: bool = False) -> torch.Tensor:
+        """Per-patch tokens of image-tower block ``layer``, B x P x D (see ``EVAVisionTransformer.patch_tokens``):
+        ``layer=-2`` for LLaVA-style features, ``layer=-1`` (``norm=True`` for the final norm) for the last block."""
+        return self.visual.patch_tokens(images_BCHW, layer, norm=norm, prefix=prefix)
+
     def encode_text(self, tokens_BL: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         f = self.text(tokens_BL)
         return F.normalize(f, dim=-1) if normalize else f

@@ -292,6 +292,52 @@ class EVAVisionTransformer(nn.Module):
         x_BND, keep_idx = self._embed(img_BCHW, patch_fn)
         return self.norm(self._blocks(x_BND, self._rope(keep_idx), cls_only_last=False))
 
+    def _layer_index(self, layer: int) -> int:
+        depth = len(self.blocks)
+        if not -depth <= layer < depth:
+            raise ValueError(f"layer must be in [{-depth}, {depth - 1}] for a tower of {depth} blocks, got {layer}")
+        return layer % depth
+
+    def forward_intermediates(self, img_BCHW: torch.Tensor, indices=None, *, norm: bool = False,
+                              prefix: bool = False, intermediates_only: bool = False):
+        """Every token's output of chosen blocks, as timm's ``forward_intermediates`` (``output_fmt='NLC'``).
+
+        ``indices``: an int n = the last n blocks, a list of block indices (negative from the end: -1 the last, -2
+        the penultimate), None = every block. Each intermediate is B x P x D (the CLS token dropped; B x (1 + P) x D
+        with ``prefix``), through the final norm with ``norm`` (as timm does), else the block's raw output. Returns
+        ``(final_BND, intermediates)`` (``final``: every token after the last block and the final norm, the input of
+        ``head``), or the list alone with ``intermediates_only`` (then the blocks after the last chosen one are not
+        run). Eval mode: no token dropping."""
+        depth = len(self.blocks)
+        if indices is None:
+            take = list(range(depth))
+        elif isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise ValueError(f"indices={indices}: the last n blocks needs 0 < n <= {depth}")
+            take = list(range(depth - indices, depth))
+        else:
+            take = [self._layer_index(int(i)) for i in indices]
+        if self.training and self.token_drop > 0:
+            raise ValueError("forward_intermediates needs every patch: call it in eval mode (model.eval())")
+        x_BND, _ = self._embed(img_BCHW)
+        rope = self._rope(None)
+        last = max(take) if intermediates_only else depth - 1
+        out: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(self.blocks[:last + 1]):
+            x_BND = blk(x_BND, rope)
+            if i in take:
+                t = self.norm(x_BND) if norm else x_BND
+                out[i] = t if prefix else t[:, self.num_prefix:]
+        intermediates = [out[i] for i in take]
+        return intermediates if intermediates_only else (self.norm(x_BND), intermediates)
+
+    def patch_tokens(self, img_BCHW: torch.Tensor, layer: int = -1, *, norm: bool = False,
+                     prefix: bool = False) -> torch.Tensor:
+        """The per-patch tokens of one block, B x P x D (B x (1 + P) x D with ``prefix``): the input a multimodal
+        model reads. LLaVA-style: ``layer=-2`` (the penultimate block), no norm, no CLS; the last block with or
+        without the final norm: ``layer=-1``, ``norm=True`` / ``False``. See ``forward_intermediates``."""
+        return self.forward_intermediates(img_BCHW, [layer], norm=norm, prefix=prefix, intermediates_only=True)[0]
+
     def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:
         """Image embeddings B x E from the CLS token; the last block computes the CLS token only (exact: pooling
         reads nothing else), which saves about three quarters of that block's FLOPs."""
