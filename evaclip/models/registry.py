@@ -136,7 +136,7 @@ _MODELS: dict[str, CLIPCfg] = {
                                TextCfg(context_length=16, width=128, heads=4, layers=4)),
     # the demo's EVA-02 setting (docs/DEMO.md): a teacher whose image tower is wider and deeper than the student's
     # (EVA01-CLIP-g teaching EVA-02 B / L), with EVA02-CLIP-demo's text tower and embedding, so its text tower loads
-    "EVA02-CLIP-demo-wide": CLIPCfg(128, _eva02(32, 4, 192, 6, head_width=32, pt_hw_seq_len=8),
+    "EVA02-CLIP-demo-wide": CLIPCfg(128, _eva02(32, 4, 160, 6, head_width=32, pt_hw_seq_len=8),
                                     TextCfg(context_length=16, width=128, heads=4, layers=4)),
     # ViTamin at 32 px: stem + one MBConv-LN block per stage + 2 TFB blocks on the 2 x 2 stride-16 grid
     "ViTamin-tiny": CLIPCfg(32, _vitamin("vitamin_small_224", 32, 64, 2, 2, 32, (32, 48), (1, 1), drop_path=0.0),
