@@ -488,8 +488,11 @@ def open_clip_readme(export_dir, name: str, architecture: str, custom: bool) -> 
     lines += ["", "clip_benchmark 1.6.2's zeroshot_classification fails under recent NumPy 2 releases (seen with 2.4: "
               "`only 0-dimensional arrays can be converted to Python scalars`, in its accuracy()); zeroshot_retrieval "
               "is unaffected."]
-    lines += ["", "`evaclip eval` on the training checkpoint gives the same zero-shot figures (it is tested against "
-              "clip_benchmark).", ""]
+    lines += ["", "`evaclip eval` on the training checkpoint gives the same zero-shot figures and, with "
+              "clip_benchmark's protocol, the same retrieval recalls (its `text_retrieval_recall@k` is evaclip's "
+              "`i2t_R@k`, `image_retrieval_recall@k` is `t2i_R@k`); both are tested against clip_benchmark. "
+              "clip_benchmark runs in autocast by default, bf16 on a CPU too, where `evaclip eval` computes in fp32: "
+              "pass `--no_amp` to compare the figures.", ""]
     return "\n".join(lines)
 
 

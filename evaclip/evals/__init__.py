@@ -99,7 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--classnames", default=None, help="class names, one per line in class-id order")
     p.add_argument("--templates", default=None, help="prompt templates, one per line, with {c} for the class name")
     p.add_argument("--retrieval", default=None, metavar="DATA",
-                   help="image-text shards: clip_benchmark retrieval folder, folder of .tar, or brace pattern")
+                   help="image-text shards: clip_benchmark retrieval folder, folder of .tar, or brace pattern; "
+                   "recall@k by clip_benchmark's protocol (i2t_R@k, t2i_R@k), ties as misses (strict_*), and "
+                   "class-aware (class_*) when samples carry cls")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default: 2; 0 = in-process)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto (CUDA if there)")
