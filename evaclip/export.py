@@ -123,12 +123,17 @@ ENCODER_README = """# evaclip encoders ({architecture})
 
 ```python
 import evaclip
+import torch
 image_encoder = evaclip.load_encoder("{out}", "image")  # pooled, L2-normalisable CLIP image embeddings (B x E)
 text_encoder = evaclip.load_encoder("{out}", "text")
+images = torch.randn(2, 3, {size}, {size})  # your images, preprocessed as image/config.json says
+features = image_encoder(images)
+patches = image_encoder.patch_features(images, layer=-2)  # Patch features: B x P x D, LLaVA-style penultimate block
 ```
 
-`image/config.json` and `text/config.json` hold each tower's architecture, preprocessing and tokenizer.
-Patch features (one feature per image patch, for dense tasks): see `evaclip.load_encoder` and `evaclip/encoder.py`.
+`image/config.json` and `text/config.json` hold each tower's architecture, preprocessing and tokenizer. Patch
+features (`ImageEncoder.patch_features(images, layer, norm, prefix)`): one token per image patch of any block, not
+projected; the ONNX export writes them too (`--outputs pooled patches`).
 """
 
 
@@ -150,7 +155,8 @@ def export_safetensors(model, model_cfg, architecture: str, out_dir: Path) -> li
         if bad or len(back) != len(sd):
             raise ExportError(f"{d / 'model.safetensors'} did not round-trip exactly: {bad[:8]}")
         written += [d / "model.safetensors", d / "config.json"]
-    (out_dir / "README.md").write_text(ENCODER_README.format(architecture=architecture, out=out_dir.resolve()))
+    (out_dir / "README.md").write_text(ENCODER_README.format(architecture=architecture, out=out_dir.resolve(),
+                                                             size=_cfg_dict(model_cfg)["vision"]["image_size"]))
     return written + [out_dir / "README.md"]
 
 

@@ -87,6 +87,8 @@ def test_exports_are_readable_by_group_and_others_and_the_readme_lines_load_the_
     with torch.no_grad():
         torch.testing.assert_close(ns["image_encoder"](images_BCHW), tiny_ckpt[1].encode_image(images_BCHW),
                                    rtol=0, atol=1e-5)
+        torch.testing.assert_close(ns["patches"], tiny_ckpt[1].encode_patches(ns["images"], layer=-2),
+                                   rtol=0, atol=1e-5)
 
 
 def test_load_encoder_errors(exported, tmp_path):
