@@ -90,6 +90,7 @@ def test_bootstrap_end_to_end_tiny(tmp_path, capsys):
     make_demo(str(tmp_path / "d"), seed=0, copies=1, show_progress=False)
     args = ["--data", str(tmp_path / "d"), "--runs", str(tmp_path / "runs"), "model.name=EVA02-CLIP-tiny",
             "data.batch_size=16", "max_steps=2", "optim.warmup_steps=1", "log.every=1", "--teacher", "eval.every=1",
+            "model.token_drop_until=1",
             "--mim", "mim.knn_train=null", "mim.knn_val=null", "--eva-clip", "eval.every=1",
             "model.token_drop_until=1"]
     demo.main(args)  # the verdict (exit code) means nothing at two steps
