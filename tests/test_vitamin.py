@@ -398,3 +398,32 @@ def test_ltt_recipes_are_the_upstream_short_schedule_and_its_lamb_twin():
     assert {k: v for k, v in da.items() if k not in ("optim", "name")} == \
         {k: v for k, v in db.items() if k not in ("optim", "name")}
     assert (db["optim"]["warmup_steps"], db["optim"]["schedule"], db["optim"]["lock_text"]) == (500, "cosine", True)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager():
+    """``model.compile`` (the DDP path's; aot_eager: dynamo + AOT autograd without a C++ compiler) through timm's
+    trunk and the token drop: the same losses as eager for the same token-drop draws."""
+    from evaclip.config import OptimCfg
+    from evaclip.losses import ClipLoss
+    from evaclip.optim import build_optimizer
+
+    losses = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = create_model("ViTamin-tiny", token_drop=0.5, **{"vision.image_size": 64}).train()
+        if compiled:
+            model.compile(backend="aot_eager")
+        optimizer = build_optimizer(model, OptimCfg(lr=1e-3))
+        images_BCHW, tokens_BL = _inputs(model.cfg)
+        torch.manual_seed(5)
+        run = []
+        for _ in range(3):
+            out = model(images_BCHW, tokens_BL)
+            loss = ClipLoss()(out.image_features, out.text_features, out.logit_scale)["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
