@@ -16,6 +16,7 @@ invocation finds finished runs.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -51,8 +52,12 @@ def train_flops_per_sample(model_name: str, batch: int = 8) -> float:
 
 
 def text_source(info: dict, runs: Path, seed: int) -> dict:
-    """The demo's stage-1 CLIP of ``seed`` (``RUNS/seed<N>/demo_cpu``): trained, or found finished."""
+    """The demo's stage-1 CLIP of ``seed`` (``RUNS/seed<N>/demo_cpu``): trained, or found finished (then only read,
+    so invocations running side by side, one per seed, do not contend for its run folder's lock)."""
     d = runs / f"seed{seed}"
+    done = d / TEACHER / "demo_stage.json"
+    if done.is_file():
+        return json.loads(done.read_text())
     return run_stage(TEACHER, stage_overrides(TEACHER, info, d) + [f"seed={seed}", "log.tensorboard=false"])
 
 

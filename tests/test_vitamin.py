@@ -49,7 +49,9 @@ def _open_clip_round_trip(name: str, tmp_path) -> None:
     export_open_clip(ours, model_config_of(ours, name), name, tmp_path, check=False)
     d = (tmp_path / "open_clip").resolve()
     assert not is_custom_open_clip(d)  # a shape open_clip ships: no register step
-    back = open_clip.create_model(f"local-dir:{d}").eval()
+    back, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{d}")
+    back.eval()
+    assert preprocess.transforms[0].size == 224
     images_BCHW, tokens_BL = _inputs(ours.cfg)
     with torch.no_grad():
         for m in (ours, back):
