@@ -429,3 +429,14 @@ def test_torch_compile_trains_like_eager():
             run.append(loss.item())
         losses.append(run)
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_patch_tokens_of_the_last_block_are_the_trunks_features():
+    """``CLIP.encode_patches`` on a ViTamin: the last block's tokens are what timm's ``forward_features`` gives
+    (B x P x D over the stride-16 grid); an earlier block's differ."""
+    model = create_model("ViTamin-tiny", **{"vision.image_size": 64}).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        last = model.encode_patches(x, -1)
+        torch.testing.assert_close(last, model.visual.trunk.forward_features(x), rtol=0, atol=0)
+        assert last.shape == (2, 16, 64) and not torch.allclose(model.encode_patches(x, 0), last)

@@ -129,6 +129,19 @@ class TimmVisionTower(nn.Module):
         """Every token's final features, B x N x D (N = the stride-16 grid, or the kept tokens when dropping)."""
         return self.trunk.forward_features(img_BCHW)
 
+    def patch_tokens(self, img_BCHW: torch.Tensor, layer: int = -1, *, norm: bool = False,
+                     prefix: bool = False) -> torch.Tensor:
+        """The tokens of transformer block ``layer`` (negative from the end), B x P x D over the stride-16 grid:
+        timm's ``forward_intermediates`` (``norm``: through the trunk's final norm, an identity in ViTamin, which
+        normalises after pooling). ViTamin has no prefix tokens, so ``prefix`` changes nothing. Eval mode."""
+        depth = len(self.trunk.blocks)
+        if not -depth <= layer < depth:
+            raise ValueError(f"layer must be in [{-depth}, {depth - 1}] for a tower of {depth} blocks, got {layer}")
+        if self.training and self.token_drop > 0:
+            raise ValueError("patch_tokens needs every token: call it in eval mode (model.eval())")
+        return self.trunk.forward_intermediates(img_BCHW, indices=[layer % depth], norm=norm, output_fmt="NLC",
+                                                intermediates_only=True)[0]
+
     def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:
         """Image embeddings B x E: the trunk's average pool and ``fc_norm``, then the projection."""
         return self.head(self.trunk(img_BCHW))
