@@ -27,7 +27,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -318,6 +318,19 @@ def find_resume_checkpoint(root: Path, checksum: bool = True) -> Optional[Path]:
         except CheckpointError as e:
             log.warning("skipping checkpoint %s: %s; trying the previous one", path.name, e)
     return None
+
+
+def resolve_checkpoint(path: Union[str, Path]) -> Path:
+    """The checkpoint a path stands for: a run folder (one holding ``ckpt/``) -> its newest complete checkpoint
+    (``RUN/ckpt/step_N``); any other path as it is. FileNotFoundError when a run folder has none. Every loader of
+    weights goes through it (``evaclip eval`` / ``export`` print the result)."""
+    path = Path(path)
+    if path.is_dir() and (path / "ckpt").is_dir():
+        newest = find_resume_checkpoint(path / "ckpt")
+        if newest is None:
+            raise FileNotFoundError(f"run folder {path} has no complete checkpoint under {path / 'ckpt'}")
+        return newest
+    return path
 
 
 def resolve_resume(resume: Optional[str], ckpt_root: Path, checksum: bool = True) -> Optional[Path]:

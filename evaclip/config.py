@@ -4,8 +4,17 @@ A run is a recipe (YAML, stating only what differs from the defaults here) plus 
 by OmegaConf onto these dataclasses (structured configs): an unknown key, a wrong type or a value outside a
 ``Literal``'s choices fails with one line naming the full key (and the nearest known key for a misspelling).
 Architecture overrides (``model.overrides.vision.width=64``) are merged onto the model's own ``CLIPCfg`` so they are
-checked the same way. Range checks OmegaConf cannot express live in ``validate``. Each task's section is defined next
-to the task's code (``evaclip/tasks/``).
+checked the same way.
+
+``TrainCfg`` holds the sections every task shares; each task declares its own schema extending it (``Task.Cfg``:
+``ClipTrainCfg`` in ``evaclip/tasks/clip.py``, ``MIMTrainCfg`` in ``evaclip/tasks/mim.py``). ``load_config`` reads
+``task`` first (override, else recipe, else ``clip``) and builds against that task's schema, so a key of another
+task's section is an unknown key. Range and cross-key rules are the schema's own ``validate()`` (a subclass adds
+its rules after ``super().validate()``), so ``evaclip config`` catches them before any run.
+
+``TASKS`` is the task registry: a name -> the task class's import path. A new objective is its task file plus one
+line there; the class is imported by name on first use (plugin loading: the config layer never imports a task
+module statically, and neither does the engine).
 """
 from __future__ import annotations
 
@@ -19,13 +28,31 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from evaclip.errors import ConfigError
-from evaclip.tasks.clip import ClipEvalCfg as EvalCfg
-from evaclip.tasks.clip import ClipLossCfg as LossCfg
-from evaclip.tasks.mim import MIMCfg
 
-__all__ = ["CkptCfg", "ConfigError", "DataCfg", "DistCfg", "EvalCfg", "LogCfg", "LossCfg", "MIMCfg", "ModelCfg",
-           "OptimCfg", "TrainCfg", "apply_overrides", "flat_diff", "from_dict", "from_yaml", "load_config", "to_dict",
-           "to_yaml", "validate"]
+__all__ = ["TASKS", "CkptCfg", "ConfigError", "DataCfg", "DistCfg", "EvalCfg", "LogCfg", "ModelCfg", "OptimCfg",
+           "TrainCfg", "apply_overrides", "flat_diff", "from_dict", "from_yaml", "get_task", "load_config", "schema_of",
+           "to_dict", "to_yaml", "validate"]
+
+# the task registry (see the module docstring): name -> "module:TaskClass"
+TASKS = {
+    "clip": "evaclip.tasks.clip:ClipTask",
+    "mim": "evaclip.tasks.mim:MIMTask",
+}
+
+
+def get_task(name: str):
+    """The task class registered as ``name`` (imported on first use); ConfigError naming ``task`` otherwise."""
+    import importlib
+
+    if name not in TASKS:
+        raise ConfigError(f"config key 'task': unknown task {name!r}; known: {sorted(TASKS)}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def schema_of(task: str) -> type:
+    """The config schema of the task named ``task`` (its ``Cfg``, a ``TrainCfg`` subclass)."""
+    return get_task(task).Cfg
 
 
 @dataclass
@@ -115,19 +142,28 @@ class DistCfg:
 
 
 @dataclass
+class EvalCfg:
+    """Evaluation cadence and loader settings every task shares (a task extends it with what it evaluates)."""
+
+    every: int = 0  # steps between evaluations during training (0: only at the end, if there is anything to run)
+    batch_size: int = 64
+    workers: int = 2  # DataLoader workers for evaluation data
+
+
+@dataclass
 class TrainCfg:
-    task: Literal["clip", "mim"] = "clip"  # the objective: contrastive CLIP, or EVA's masked image modeling
+    """The sections every task shares. A task's schema extends it (``Task.Cfg``); ``validate`` holds the rules."""
+
+    task: str = "clip"  # the objective, a name in TASKS: contrastive CLIP, or EVA's masked image modeling (mim)
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
-    loss: LossCfg = field(default_factory=LossCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     ckpt: CkptCfg = field(default_factory=CkptCfg)
     log: LogCfg = field(default_factory=LogCfg)
     dist: DistCfg = field(default_factory=DistCfg)
-    mim: MIMCfg = field(default_factory=MIMCfg)  # task: mim (evaclip/tasks/mim.py)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    tf32: bool = True  # precision=fp32 on CUDA: matmuls on TF32 tensor cores (false: exact fp32; see engine/precision)
+    tf32: bool = True  # precision=fp32 on CUDA: matmuls on TF32 tensor cores (false: exact fp32; evaclip/precision.py)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     epochs: int = 1
     max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs)
@@ -138,6 +174,45 @@ class TrainCfg:
     name: Optional[str] = None  # run name (default: recipe name)
     resume: Optional[str] = None  # auto | path to a checkpoint
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
+
+    def validate(self) -> None:
+        """Range and cross-key rules OmegaConf cannot express; ConfigError naming the key. Subclasses add theirs."""
+        if self.task not in TASKS:
+            raise ConfigError(f"config key 'task': unknown task {self.task!r}; known: {sorted(TASKS)}")
+        if not 0.0 <= self.model.token_drop < 1.0:
+            raise ConfigError(f"config key 'model.token_drop' must be in [0, 1), got {self.model.token_drop}")
+        if self.accum_freq < 1:
+            raise ConfigError(f"config key 'accum_freq' must be >= 1, got {self.accum_freq}")
+        if self.model.token_drop_until is not None and self.model.token_drop_until < 0:
+            raise ConfigError(f"config key 'model.token_drop_until' must be >= 0, got {self.model.token_drop_until}")
+        if self.max_bad_steps < 1:
+            raise ConfigError(f"config key 'max_bad_steps' must be >= 1, got {self.max_bad_steps}")
+        if self.ckpt.every < 0:
+            raise ConfigError(f"config key 'ckpt.every' must be >= 0, got {self.ckpt.every}")
+        if self.log.every < 1:
+            raise ConfigError(f"config key 'log.every' must be >= 1, got {self.log.every}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"config key 'max_steps' must be >= 1, got {self.max_steps}")
+        until = self.model.token_drop_until
+        if self.model.token_drop > 0 and until is not None and self.max_steps is not None and until >= self.max_steps:
+            raise ConfigError(f"config key 'model.token_drop_until' ({until}) is not below max_steps "
+                              f"({self.max_steps}): the unmasked phase would never run; set it below max_steps, or to "
+                              "null to drop tokens to the end")
+        if self.data.batch_size < 1:
+            raise ConfigError(f"config key 'data.batch_size' must be >= 1, got {self.data.batch_size}")
+        if self.data.resampled and not self.data.synthetic and not self.data.train_num_samples:
+            raise ConfigError("config key 'data.train_num_samples' is required when 'data.resampled' is true")
+        if len(self.optim.betas) != 2:
+            raise ConfigError(f"config key 'optim.betas' expects two numbers, got {self.optim.betas!r}")
+        if self.data.train and any(c in self.data.train for c in "*?"):
+            raise ConfigError(f"config key 'data.train': {self.data.train!r} is a glob; name shards with braces "
+                              "('shards/{00000..00099}.tar') or give the folder that holds them")
+        if self.optim.impl == "reference" and self.optim.lamb_variant != "torch_optimizer":
+            raise ConfigError("config key 'optim.lamb_variant': optim.impl=reference is torch_optimizer.Lamb, which "
+                              "has no DeepSpeed variant; use optim.impl=foreach with optim.lamb_variant=deepspeed")
+        from evaclip.fsdp import check_fsdp_config
+
+        check_fsdp_config(self.dist)  # the dist section's rules live with FSDP; checked here, before any work
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -200,9 +275,9 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def _check_path(key: str) -> None:
+def _check_path(key: str, schema: type) -> None:
     """``optim.lr.x``: a key below a value (not a section) is named as such (OmegaConf would report a type error)."""
-    cls, parts = TrainCfg, key.split(".")
+    cls, parts = schema, key.split(".")
     for i, part in enumerate(parts[:-1]):
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if part not in fields:
@@ -215,13 +290,13 @@ def _check_path(key: str) -> None:
         cls = type(value)
 
 
-def _overrides_conf(overrides: dict[str, Any]):
+def _overrides_conf(overrides: dict[str, Any], schema: type):
     """Dotted overrides as one OmegaConf mapping; string values are parsed as YAML (``1e-3`` is a float)."""
     dotlist = []
     for key, value in overrides.items():
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override '{key}={value}': the key is not a dotted config key")
-        _check_path(key)
+        _check_path(key, schema)
         if isinstance(value, str):
             try:
                 conf = OmegaConf.from_dotlist([f"{key}={value}"])
@@ -263,44 +338,8 @@ def _check_architecture(cfg: TrainCfg) -> None:
 
 
 def validate(cfg: TrainCfg) -> TrainCfg:
-    """Range checks OmegaConf cannot express; raises ConfigError naming the key."""
-    if not 0.0 <= cfg.model.token_drop < 1.0:
-        raise ConfigError(f"config key 'model.token_drop' must be in [0, 1), got {cfg.model.token_drop}")
-    if cfg.accum_freq < 1:
-        raise ConfigError(f"config key 'accum_freq' must be >= 1, got {cfg.accum_freq}")
-    if cfg.model.token_drop_until is not None and cfg.model.token_drop_until < 0:
-        raise ConfigError(f"config key 'model.token_drop_until' must be >= 0, got {cfg.model.token_drop_until}")
-    if cfg.max_bad_steps < 1:
-        raise ConfigError(f"config key 'max_bad_steps' must be >= 1, got {cfg.max_bad_steps}")
-    if cfg.ckpt.every < 0:
-        raise ConfigError(f"config key 'ckpt.every' must be >= 0, got {cfg.ckpt.every}")
-    if cfg.log.every < 1:
-        raise ConfigError(f"config key 'log.every' must be >= 1, got {cfg.log.every}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ConfigError(f"config key 'max_steps' must be >= 1, got {cfg.max_steps}")
-    until = cfg.model.token_drop_until
-    if cfg.model.token_drop > 0 and until is not None and cfg.max_steps is not None and until >= cfg.max_steps:
-        raise ConfigError(f"config key 'model.token_drop_until' ({until}) is not below max_steps ({cfg.max_steps}): "
-                          "the unmasked phase would never run; set it below max_steps, or to null to drop tokens to "
-                          "the end")
-    if cfg.data.batch_size < 1:
-        raise ConfigError(f"config key 'data.batch_size' must be >= 1, got {cfg.data.batch_size}")
-    if cfg.data.resampled and not cfg.data.synthetic and not cfg.data.train_num_samples:
-        raise ConfigError("config key 'data.train_num_samples' is required when 'data.resampled' is true")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"config key 'optim.betas' expects two numbers, got {cfg.optim.betas!r}")
-    if cfg.data.train and any(c in cfg.data.train for c in "*?"):
-        raise ConfigError(f"config key 'data.train': {cfg.data.train!r} is a glob; name shards with braces "
-                          "('shards/{00000..00099}.tar') or give the folder that holds them")
-    if cfg.optim.impl == "reference" and cfg.optim.lamb_variant != "torch_optimizer":
-        raise ConfigError("config key 'optim.lamb_variant': optim.impl=reference is torch_optimizer.Lamb, which has "
-                          "no DeepSpeed variant; use optim.impl=foreach with optim.lamb_variant=deepspeed")
-    from evaclip.fsdp import check_fsdp_config
-
-    check_fsdp_config(cfg.dist)  # the dist section's rules live with FSDP; checked here, before any work
-    if cfg.loss.local_loss and not cfg.loss.gather_with_grad:
-        raise ConfigError("config key 'loss.gather_with_grad': loss.local_loss=true needs gather_with_grad=true "
-                          "(without it the cross-rank gradient terms are lost); set both, or local_loss=false")
+    """The schema's rules (``cfg.validate()``) and the architecture overrides; raises ConfigError naming the key."""
+    cfg.validate()
     _check_architecture(cfg)
     return cfg
 
@@ -317,33 +356,62 @@ def resolve_recipe(recipe: str | Path) -> Path:
     raise ConfigError(f"recipe not found: {recipe} (a YAML file, or a name in recipes/)")
 
 
-def _build(*layers) -> TrainCfg:
-    conf = _merge(OmegaConf.structured(TrainCfg), *layers)
+def _build(schema: type, *layers) -> TrainCfg:
+    conf = _merge(OmegaConf.structured(schema), *layers)
     return validate(_to_object(conf))
 
 
+def _task_name(*mappings) -> str:
+    """The ``task`` the last mapping that sets it names (``clip`` when none does)."""
+    name = "clip"
+    for m in mappings:
+        if isinstance(m, dict) and m.get("task") is not None:
+            name = m["task"]
+    if not isinstance(name, str):
+        raise ConfigError(f"config key 'task': expects a task name, got {name!r}")
+    return name
+
+
+def _refuse_other_tasks_sections(task: str, schema: type, keys: list[str]) -> None:
+    """A top-level key that is no field of ``schema`` but a section of another task: say which task it belongs to."""
+    own = {f.name for f in dataclasses.fields(schema)}
+    for key in keys:
+        if key in own:
+            continue
+        owners = [t for t in TASKS if t != task and key in {f.name for f in dataclasses.fields(schema_of(t))}]
+        if owners:
+            raise ConfigError(f"config key '{key}': a section of task {' / '.join(owners)}, not of task={task} "
+                              f"({schema.__name__})")
+
+
 def load_config(recipe: str | Path | None = None, overrides: dict | list | None = None) -> TrainCfg:
-    """Defaults <- recipe YAML <- overrides (dict of dotted keys, or a list of ``key=value`` strings)."""
-    layers = []
-    name = None
+    """Defaults <- recipe YAML <- overrides (dict of dotted keys, or a list of ``key=value`` strings), built against
+    the schema of the task they name (``task``: the override's, else the recipe's, else ``clip``)."""
+    data, name = {}, None
     if recipe is not None:
         path = resolve_recipe(recipe)
-        layers.append(OmegaConf.create(_yaml_mapping(path.read_text(), f"recipe {path}")))
+        data = _yaml_mapping(path.read_text(), f"recipe {path}")
         name = path.stem
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    layers += _overrides_conf(overrides or {})
-    cfg = _build(*layers)
+    overrides = overrides or {}
+    task = _task_name(data, {"task": overrides.get("task")})
+    schema = schema_of(task)
+    _refuse_other_tasks_sections(task, schema, [*data, *(k.split(".")[0] for k in overrides)])
+    cfg = _build(schema, OmegaConf.create(data), *_overrides_conf(overrides, schema))
     if cfg.name is None and name is not None:
         cfg.name = name
     return cfg
 
 
 def apply_overrides(cfg: TrainCfg, overrides: dict | list) -> TrainCfg:
-    """A new config: ``cfg`` with dotted ``overrides`` applied (validated)."""
+    """A new config: ``cfg`` with dotted ``overrides`` applied (validated; a ``task`` override is refused: another
+    task is another run)."""
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    return _build(OmegaConf.structured(cfg), *_overrides_conf(overrides))
+    if "task" in overrides and overrides["task"] != cfg.task:
+        raise ConfigError(f"config key 'task': this config is task={cfg.task}; start a new run for another task")
+    return _build(type(cfg), OmegaConf.structured(cfg), *_overrides_conf(overrides, type(cfg)))
 
 
 def to_dict(cfg: TrainCfg) -> dict:
@@ -355,8 +423,29 @@ def to_yaml(cfg: TrainCfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def _drop_other_tasks_keys(data: dict, schema: type) -> dict:
+    """A stored config (a run's ``config.yaml``) as this task's schema reads it: runs written before the per-task
+    schemas also hold the other tasks' sections (a CLIP run's ``mim``, a MIM run's ``loss`` and ``eval.zeroshot``...)
+    at their defaults; they are dropped when they are no field of ``schema`` but one of another registered task's."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    others = [schema_of(t) for t in TASKS]
+    out = {}
+    for key, value in data.items():
+        if key not in fields:
+            if any(key in {f.name for f in dataclasses.fields(o)} for o in others):
+                continue
+        elif isinstance(value, dict) and dataclasses.is_dataclass(sub := getattr(schema(), key)):
+            own = {f.name for f in dataclasses.fields(sub)}
+            other_keys = {f.name for o in others for f in dataclasses.fields(getattr(o(), key, sub))}
+            value = {k: v for k, v in value.items() if k in own or k not in other_keys or v is not None}
+        out[key] = value
+    return out
+
+
 def from_dict(data: dict) -> TrainCfg:
-    return _build(OmegaConf.create(data))
+    """A validated config from a mapping that names its task (a stored run config: see ``_drop_other_tasks_keys``)."""
+    schema = schema_of(_task_name(data))
+    return _build(schema, OmegaConf.create(_drop_other_tasks_keys(data, schema)))
 
 
 def from_yaml(text: str, source: str = "config") -> TrainCfg:

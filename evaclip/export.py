@@ -615,7 +615,7 @@ def export(checkpoint: str, out_dir: str, fmt: Sequence[str] | str = "safetensor
            patch_layer: int = -1, patch_norm: bool = False) -> list[Path]:
     """Export a checkpoint (training folder or state-dict file) in one or more formats; returns the files written.
     ``onnx_outputs`` / ``patch_layer`` / ``patch_norm``: the ONNX image encoder's outputs (see ``export_onnx``)."""
-    from evaclip.evals.common import load_model
+    from evaclip.runs import load_model
 
     fmts = [fmt] if isinstance(fmt, str) else list(fmt)
     bad = [f for f in fmts if f not in FORMATS]
@@ -625,7 +625,7 @@ def export(checkpoint: str, out_dir: str, fmt: Sequence[str] | str = "safetensor
         if len(fmts) > 1:
             raise ValueError("--format eva_mim exports a MIM student (a masked-image-modeling run) and goes alone: "
                              "the other formats are for CLIP checkpoints")
-        from evaclip.models.mim import load_student
+        from evaclip.runs import load_student
 
         student = load_student(checkpoint, model_name, attn_backend=EXPORT_ATTN_BACKEND)
         out = Path(out_dir)
@@ -649,8 +649,8 @@ def export(checkpoint: str, out_dir: str, fmt: Sequence[str] | str = "safetensor
 
 def main(argv: Optional[list] = None) -> int:
     """``evaclip export RUN_OR_CKPT --out DIR --format safetensors|open_clip|onnx [...]``."""
+    from evaclip.checkpoint import resolve_checkpoint
     from evaclip.evals import CHECKPOINT_HELP, USER_ERRORS, one_line
-    from evaclip.evals.common import resolve_checkpoint
 
     p = argparse.ArgumentParser(
         prog="evaclip export", formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from evaclip.engine.precision import amp_dtype
 from evaclip.errors import ConfigError
+from evaclip.precision import amp_dtype
 
 
 def _fsdp_api():

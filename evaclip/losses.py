@@ -10,7 +10,8 @@ Every rank must hold the same batch size B (the data loader drops the last parti
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from evaclip.distributed import rank_world
+
+
+@dataclass
+class LossCfg:
+    """The contrastive loss section (``loss`` of the CLIP task's config)."""
+
+    name: Literal["clip", "siglip"] = "clip"
+    local_loss: bool = True  # each rank's logits against all texts (not the full G x G matrix on every rank)
+    gather_with_grad: bool = True  # gradients flow through the all-gather (exact; open_clip's default for big runs)
 
 
 def _all_gather_with_grad(x_BE: torch.Tensor, group=None) -> torch.Tensor:

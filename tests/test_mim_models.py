@@ -15,10 +15,9 @@ from evaclip.models.mim import (
     MIMStudent,
     MIMTeacher,
     build_student,
-    load_student,
-    load_teacher,
     resize_target_map,
 )
+from evaclip.runs import load_student, load_teacher
 
 T = 32  # the tiny CLIPs' embed dim: the teachers' feature size
 

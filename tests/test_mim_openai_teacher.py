@@ -10,7 +10,8 @@ from subprocess_runs import digits  # noqa: F401  (the shared fixture)
 
 from evaclip.config import load_config
 from evaclip.models.convert import CheckpointError
-from evaclip.models.mim import MIMTeacher, load_teacher
+from evaclip.models.mim import MIMTeacher
+from evaclip.runs import load_teacher
 
 
 def _open_clip_vit(quick_gelu: bool = True, width: int = 128, layers: int = 2, patch: int = 8, image: int = 32):

@@ -55,7 +55,7 @@ def _build(args, device: torch.device, precision: str, tmp: Path):
                              "data.batch_size": args.batch or (128 if cuda else 8),
                              "mim.teacher": str(tmp / "teacher.pt"),
                              "mim.teacher_model": teacher_name, "optim.name": "adamw", "optim.grad_clip_norm": 3.0,
-                             "eval.zeroshot": None, **overrides})
+                             **overrides})
     task = MIMTask(cfg, DistEnv(device=device))
     model = task.build_model().to(device)
     task.setup(model)
@@ -65,9 +65,9 @@ def _build(args, device: torch.device, precision: str, tmp: Path):
 def run(args: argparse.Namespace) -> dict:
     """One row: the MIM step of ``args``' student / teacher pair on synthetic images and block masks."""
     from evaclip.bench.train import resolve_device, resolve_dtype
-    from evaclip.engine.precision import autocast_for, make_grad_scaler
     from evaclip.engine.step import step_context, train_step
     from evaclip.optim import build_optimizer
+    from evaclip.precision import autocast_for, make_grad_scaler
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)

@@ -58,8 +58,8 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     """``auto`` -> bf16 on CUDA, fp32 on CPU; else fp32 | bf16 | fp16 (the trainer's dtype table)."""
-    from evaclip.engine.precision import amp_dtype
     from evaclip.errors import ConfigError
+    from evaclip.precision import amp_dtype
 
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -149,8 +149,7 @@ def _evaclip_model(cfg: TrainBenchCfg, token_drop: float, device: torch.device) 
 
 
 def _evaclip_loss_fn(model: nn.Module) -> Callable:
-    from evaclip.config import LossCfg
-    from evaclip.losses import build_loss
+    from evaclip.losses import LossCfg, build_loss
 
     loss = build_loss(LossCfg())
 
@@ -166,8 +165,8 @@ def evaclip_runner(cfg: TrainBenchCfg, token_drop: float, batch: tuple[torch.Ten
     """evaclip's model and LAMB with the engine's own ``train_step`` (``ClipTask`` + ``apply_update``) as the step."""
     from evaclip.config import load_config
     from evaclip.distributed import DistEnv
-    from evaclip.engine.precision import autocast_for, make_grad_scaler
     from evaclip.engine.step import step_context, train_step
+    from evaclip.precision import autocast_for, make_grad_scaler
     from evaclip.tasks.clip import ClipTask
 
     device = batch[0].device

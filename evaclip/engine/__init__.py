@@ -1,8 +1,8 @@
-"""The training engine: what every objective shares (see ``evaclip.tasks.base`` for what a task provides).
+"""The training engine: what every objective shares (see ``evaclip.engine.task`` for what a task provides).
 
 ``train(cfg, task_cls)`` runs a task to the end; ``evaclip.train`` is the command line around it. Submodules:
-``loop`` (the step loop), ``step`` (one optimizer step), ``state`` (trainer state), ``rng`` (RNG discipline),
-``precision`` (the dtype table, autocast, loss scaler), ``run_dir`` (run folder), ``signals`` (preemption).
+``task`` (what a task provides), ``loop`` (the step loop), ``step`` (one optimizer step), ``state`` (trainer state),
+``rng`` (RNG discipline), ``run_dir`` (run folder), ``signals`` (preemption).
 """
 from __future__ import annotations
 

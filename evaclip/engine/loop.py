@@ -20,7 +20,6 @@ from evaclip import checkpoint as ckpt
 from evaclip import distributed as du
 from evaclip.config import ConfigError, TrainCfg, to_dict, to_yaml
 from evaclip.engine import run_dir as rd
-from evaclip.engine.precision import autocast_for, make_grad_scaler, set_tf32
 from evaclip.engine.rng import fresh_iter, host_rng_untouched, next_batch, seed_all
 from evaclip.engine.signals import StopSignal
 from evaclip.engine.state import TrainerState
@@ -28,6 +27,7 @@ from evaclip.engine.step import lr_by_tower, step_context, train_step
 from evaclip.logging import MetricLogger, Throughput, get_logger, setup_console
 from evaclip.optim import build_optimizer, build_scheduler
 from evaclip.parallel import gathered, wrap_model
+from evaclip.precision import autocast_for, make_grad_scaler, set_tf32
 
 log = get_logger("evaclip.train")
 
@@ -92,7 +92,7 @@ def _log_epoch_skips(data, epoch: int, logger: MetricLogger, step: int) -> None:
 
 
 def train(cfg: TrainCfg, task_cls) -> TrainResult:
-    """Train ``task_cls`` (a ``evaclip.tasks.base.Task`` subclass) according to ``cfg`` (validated)."""
+    """Train ``task_cls`` (a ``evaclip.engine.task.Task`` subclass) according to ``cfg`` (validated)."""
     task_cls.check(cfg)
     env = du.init_distributed(cfg.device, cfg.dist)
     setup_console(env.rank)

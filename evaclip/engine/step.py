@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from evaclip import distributed as du
+from evaclip.engine.task import StepContext
 from evaclip.optim import clip_grad_norm_
-from evaclip.tasks.base import StepContext
 
 
 def grad_sync(model: nn.Module, enabled: bool):

@@ -14,16 +14,18 @@ import os
 import sys
 from typing import Callable, Optional
 
-from evaclip.evals.common import load_model, rank_world, resolve_checkpoint
+from evaclip.checkpoint import resolve_checkpoint
+from evaclip.evals.common import rank_world
 from evaclip.evals.retrieval import retrieval, retrieval_metrics, retrieval_notes
 from evaclip.evals.zeroshot import build_classifier, classification_metrics, zero_shot
 from evaclip.models.attention import AttentionBackendError
+from evaclip.runs import load_model
 
 # errors that mean "the input is wrong" (not a bug): the CLIs print them as one line
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, AttentionBackendError)
 
 __all__ = ["evaluate", "zero_shot", "retrieval", "build_classifier", "classification_metrics", "retrieval_metrics",
-           "load_model", "main"]
+           "main"]
 
 
 def evaluate(model, cfg_eval, tokenizer: Callable, preprocess: Callable, device, *, amp: bool = True,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from evaclip.cuda_env import cuda_unavailable_reason
-from evaclip.engine.precision import PRECISIONS, precision_name  # noqa: F401  (PRECISIONS re-exported)
+from evaclip.precision import PRECISIONS, precision_name  # noqa: F401  (PRECISIONS re-exported)
 
 BACKENDS = ("auto", "flash_attn", "sdpa", "eager")
 _HALF = (torch.float16, torch.bfloat16)

@@ -56,25 +56,17 @@ class LoadReport:
 # ----------------------------------------------------------------------------------------------------------------------
 # reading files
 # ----------------------------------------------------------------------------------------------------------------------
-def resolve_checkpoint(path: Union[str, Path]) -> Path:
-    """A run folder (holding ``ckpt/``) -> its newest complete checkpoint folder; any other path as it is."""
-    path = Path(path)
-    if path.is_dir() and (path / "ckpt").is_dir():
-        from evaclip.checkpoint import find_resume_checkpoint
-
-        newest = find_resume_checkpoint(path / "ckpt")
-        if newest is None:
-            raise CheckpointError(f"run folder {path} has no complete checkpoint under {path / 'ckpt'}")
-        return newest
-    return path
-
-
 def load_state_dict_file(path: Union[str, Path]) -> dict:
     """A flat ``{name: tensor}`` from a safetensors or torch file, unwrapped from ``state_dict`` / ``model`` /
     ``module`` containers and ``module.`` prefixes. Torch files are read with ``weights_only=True``: a pickle that
     would run code is refused with CheckpointError. A run folder reads its newest checkpoint, a ``dist.strategy=fsdp``
     checkpoint its DCP shards."""
-    path = resolve_checkpoint(path)
+    from evaclip.checkpoint import resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(path)
+    except FileNotFoundError as e:  # a run folder without a complete checkpoint
+        raise CheckpointError(str(e)) from None
     if path.is_dir():  # an evaclip checkpoint folder (RUN/ckpt/step_X) or an exported encoder folder
         from evaclip.checkpoint_sharded import checkpoint_weights, load_full_state_dict
 

@@ -23,9 +23,7 @@ antialiased when shrinking, or area), so every student patch has a target from t
 from __future__ import annotations
 
 import math
-import pickle
 import re
-from pathlib import Path
 from typing import Callable, Literal, Optional, Union
 
 import torch
@@ -33,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attend
-from .openai_vit import Act, OpenAIVisionTower, is_openai_vit, openai_vision_tower
+from .openai_vit import OpenAIVisionTower
 from .registry import CLIPCfg, VisionCfg, get_model_config
 from .vision import EVAVisionTransformer, SwiGLU
 
@@ -229,42 +227,6 @@ def build_student(model: Union[str, CLIPCfg], target_dim: int, *, attn_backend: 
     return student.to(device) if device is not None else student
 
 
-def _run_model_cfg(path: Path) -> tuple[Optional[str], dict]:
-    """(model name, architecture overrides) from the ``config.yaml`` of a training checkpoint, if there is one."""
-    from evaclip.evals.common import find_run_config
-
-    run_cfg = find_run_config(path)
-    if run_cfg is None:
-        return None, {}
-    return run_cfg["model"].get("name"), dict(run_cfg["model"].get("overrides") or {})
-
-
-def load_student(checkpoint: Union[str, Path], model_name: Optional[str] = None, *, attn_backend: str = "sdpa",
-                 **overrides) -> MIMStudent:
-    """A MIM student from an evaclip MIM run folder, checkpoint (DDP or FSDP) or file, or from an EVA-02 released MIM
-    checkpoint. The architecture is the run's ``config.yaml`` (``model.name`` + overrides) or ``model_name`` (+
-    ``overrides``); T and the attention sub-LN are read off the weights. Loads strictly."""
-    from .convert import CheckpointError, eva_mim_student_state, load_state_dict_file, resolve_checkpoint
-
-    path = resolve_checkpoint(checkpoint)
-    name, run_overrides = _run_model_cfg(path)
-    if model_name is not None:
-        name, run_overrides = model_name, {}
-    if name is None:
-        raise ValueError(f"cannot tell which architecture {checkpoint} is: pass the model name (see "
-                         "evaclip.list_models())")
-    sd = eva_mim_student_state(load_state_dict_file(path))
-    if "lm_head.weight" not in sd or "mask_token" not in sd:
-        raise CheckpointError(f"{checkpoint} holds no MIM student (no mask_token / lm_head.weight)")
-    student = build_student(name, sd["lm_head.weight"].shape[0], attn_backend=attn_backend, init="eva01",
-                            attn_subln=any(".attn.inner_attn_ln." in k for k in sd), **{**run_overrides, **overrides})
-    missing, unexpected = student.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{checkpoint} does not match a {name} MIM student: missing {sorted(missing)[:8]}, "
-                              f"unexpected {sorted(unexpected)[:8]}")
-    return student
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # teacher
 # ----------------------------------------------------------------------------------------------------------------------
@@ -349,57 +311,3 @@ class MIMTeacher(nn.Module):
                                         antialias=True)
         target_BPT = self.targets(images_BCHW)
         return target_BPT if grid is None else resize_target_map(target_BPT, grid, self.resize)
-
-
-def load_teacher(path: Union[str, Path], model_name: Optional[str] = None, *, attn_backend: str = "auto",
-                 resize: Resize = "bilinear", openai_act: Act = "quick_gelu") -> MIMTeacher:
-    """A MIM teacher (on the CPU) from anything evaclip loads as a CLIP image tower: an ``evaclip export`` folder (its
-    ``image/`` encoder), an evaclip run folder or checkpoint, an evaclip / EVA-CLIP release / open_clip EVA02 file
-    (``model_name`` names the architecture when no ``config.yaml`` says it), a file holding the image tower alone
-    (``model_name`` required; its CLIP head must be in it), or an OpenAI-layout ViT file (OpenAI's CLIP release
-    layout, or an open_clip non-timm ViT: ``visual.conv1``): EVA-01's teacher, whose architecture is read off the
-    weights (no ``model_name``) and whose activation is ``openai_act`` (QuickGELU for OpenAI's models)."""
-    from .convert import CheckpointError, load_state_dict_file
-
-    p = Path(path)
-    if (p / "config.json").is_file() or (p / "image" / "config.json").is_file():
-        from evaclip.encoder import load_encoder
-
-        return MIMTeacher(load_encoder(p, "image").tower, resize)
-    if p.is_file() and _peek_is_openai_vit(p):
-        if model_name is not None:
-            raise CheckpointError(f"{path} is an OpenAI-layout ViT CLIP (visual.conv1), whose architecture is read off "
-                                  f"its weights: do not name one (got {model_name!r}; set mim.teacher_model=null)")
-        return MIMTeacher(openai_vision_tower(load_state_dict_file(p), openai_act, str(p)), resize)
-    from evaclip.evals.common import load_model
-
-    try:
-        clip, _ = load_model(str(p), model_name, "cpu", attn_backend=attn_backend)
-    except CheckpointError:
-        if model_name is None:
-            raise
-        from .convert import load_pretrained
-        from .factory import create_model
-
-        clip = create_model(model_name, attn_backend=attn_backend)
-        report = load_pretrained(clip, image_init=str(p))
-        if any(k.startswith("visual.head.") for k in report.fresh):
-            raise CheckpointError(f"{path} has no CLIP projection head for the image tower: it cannot be a MIM "
-                                  "teacher (the targets are the tower's features through its head)") from None
-    return MIMTeacher(clip.visual, resize)
-
-
-def _peek_is_openai_vit(path: Path) -> bool:
-    """Whether the file holds an OpenAI-layout ViT, from its key names only (safetensors header; a torch file mapped,
-    not read); unreadable files answer False and fail later with their own error."""
-    from .convert import CheckpointError, unwrap_state_dict
-
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                return is_openai_vit(dict.fromkeys(f.keys()))
-        return is_openai_vit(unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True)))
-    except (CheckpointError, RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError):
-        return False

@@ -1,4 +1,2 @@
-"""Training objectives, one module each, all implementing ``evaclip.tasks.base.Task``."""
-from evaclip.tasks.base import StepContext, Task, get_task
-
-__all__ = ["StepContext", "Task", "get_task"]
+"""Training objectives, one module each, each a ``evaclip.engine.task.Task`` with its own config class; the registry
+that names them is ``evaclip.config.TASKS``."""

@@ -1,42 +1,49 @@
 """The contrastive (CLIP) objective: image-text pairs, cached-feature accumulation, token-drop phases, the
 logit-scale clamp and zero-shot / retrieval evaluation.
 
-Config sections it reads: ``model`` (architecture, inits, token dropping), ``data`` (image-text shards), ``loss``
-(``ClipLossCfg``, defined here), ``eval`` (``ClipEvalCfg``, defined here).
+Its config is ``ClipTrainCfg`` (defined here): the shared sections plus ``loss`` (``evaclip.losses.LossCfg``) and
+``eval`` (``ClipEvalCfg``: zero-shot / retrieval data). It reads ``model`` (architecture, inits, token dropping) and
+``data`` (image-text shards) too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
+from evaclip.config import EvalCfg, TrainCfg
 from evaclip.engine.rng import DeviceRng
+from evaclip.engine.task import StepContext, Task
 from evaclip.errors import ConfigError
 from evaclip.logging import get_logger
-from evaclip.tasks.base import StepContext, Task
+from evaclip.losses import LossCfg
 
 log = get_logger("evaclip.train")
 
 
 @dataclass
-class ClipLossCfg:
-    name: Literal["clip", "siglip"] = "clip"
-    local_loss: bool = True  # each rank's logits against all texts (not the full G x G matrix on every rank)
-    gather_with_grad: bool = True  # gradients flow through the all-gather (exact; open_clip's default for big runs)
+class ClipEvalCfg(EvalCfg):
+    zeroshot: Optional[str] = None  # clip_benchmark webdataset dir or ImageNet-style folder
+    retrieval: Optional[str] = None  # image-text shards
+    classnames: Optional[str] = None  # zero-shot class-name file (default: the data's own, or open_clip's ImageNet)
+    templates: Optional[str] = None  # zero-shot prompt-template file ({c} = class name)
 
 
 @dataclass
-class ClipEvalCfg:
-    every: int = 0  # steps between evaluations during training (0: only at the end, if data is given)
-    zeroshot: Optional[str] = None  # clip_benchmark webdataset dir or ImageNet-style folder
-    retrieval: Optional[str] = None  # image-text shards
-    batch_size: int = 64
-    workers: int = 2  # DataLoader workers for evaluation data
-    classnames: Optional[str] = None  # zero-shot class-name file (default: the data's own, or open_clip's ImageNet)
-    templates: Optional[str] = None  # zero-shot prompt-template file ({c} = class name)
+class ClipTrainCfg(TrainCfg):
+    """The CLIP task's config: the shared sections, the contrastive ``loss`` and the zero-shot / retrieval ``eval``."""
+
+    eval: ClipEvalCfg = field(default_factory=ClipEvalCfg)
+    loss: LossCfg = field(default_factory=LossCfg)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss.local_loss and not self.loss.gather_with_grad:
+            raise ConfigError("config key 'loss.gather_with_grad': loss.local_loss=true needs gather_with_grad=true "
+                              "(without it the cross-rank gradient terms are lost); set both, or local_loss=false")
 
 
 def _scale_grad(t: Optional[torch.Tensor], factor: float) -> Optional[torch.Tensor]:
@@ -99,6 +106,7 @@ class ClipTask(Task):
     """Contrastive image-text training of a CLIP model (EVA-CLIP)."""
 
     name = "clip"
+    Cfg = ClipTrainCfg
 
     def __init__(self, cfg, env):
         super().__init__(cfg, env)

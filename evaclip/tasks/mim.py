@@ -1,10 +1,10 @@
 """The masked-image-modeling (MIM) objective, EVA / EVA-02's pre-training: an EVA image tower learns to predict a frozen
 CLIP image tower's patch features at block-masked positions (negative cosine similarity).
 
-Config sections it reads: ``mim`` (``MIMCfg``, defined here), ``model`` (the student's architecture: a registered
-CLIP name whose image tower is used, with ``model.overrides`` such as ``vision.patch_size: 14``, attention backend,
-gradient checkpointing), ``data`` (image-only shards, or image-text shards with the captions ignored), ``eval``
-(``every``, ``batch_size``, ``workers`` for the monitors).
+Its config is ``MIMTrainCfg`` (defined here): the shared sections plus ``mim`` (``MIMCfg``). It reads ``model`` (the
+student's architecture: a registered CLIP name whose image tower is used, with ``model.overrides`` such as
+``vision.patch_size: 14``, attention backend, gradient checkpointing), ``data`` (image-only shards, or image-text
+shards with the captions ignored), ``eval`` (``every``, ``batch_size``, ``workers`` for the monitors).
 
 Per step: the teacher sees the full augmented view (no gradient), the student the same view with the masked patches
 replaced by its mask token. The loss is the mean over every masked patch of the step, on all micro-batches and all
@@ -25,8 +25,9 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
+from evaclip.config import TrainCfg
+from evaclip.engine.task import StepContext, Task
 from evaclip.errors import ConfigError
-from evaclip.tasks.base import StepContext, Task
 
 
 @dataclass
@@ -87,9 +88,45 @@ def _refuse_hybrid_student(model_cfg) -> None:
                           "EVA ViT student whose tokens are image patches that can be masked one by one")
 
 
+@dataclass
+class MIMTrainCfg(TrainCfg):
+    """The MIM task's config: the shared sections (``eval`` sets the monitors' cadence and loader) and ``mim``."""
+
+    mim: MIMCfg = field(default_factory=MIMCfg)
+
+    def validate(self) -> None:
+        """The shared rules, what MIM refuses in the shared sections, and the ``mim`` ranges (files: ``check``)."""
+        super().validate()
+        m, model = self.mim, self.model
+        for key in ("pretrained", "image_init", "text_init"):
+            if getattr(model, key) is not None:
+                raise ConfigError(f"config key 'model.{key}' does not apply to task=mim (the student starts from its "
+                                  "init; resume=auto continues a run)")
+        if model.token_drop:
+            raise ConfigError("config key 'model.token_drop' must be 0 for task=mim: the student sees every patch")
+        if not 0.0 < m.mask_ratio < 1.0:
+            raise ConfigError(f"config key 'mim.mask_ratio' must be in (0, 1), got {m.mask_ratio}")
+        if m.num_masked is not None and m.num_masked < 1:
+            raise ConfigError(f"config key 'mim.num_masked' must be >= 1, got {m.num_masked}")
+        for key in ("min_block_patches", "mask_tries", "knn_k"):
+            if getattr(m, key) < 1:
+                raise ConfigError(f"config key 'mim.{key}' must be >= 1, got {getattr(m, key)}")
+        _check_range("block_aspect", m.block_aspect, None)
+        _check_range("crop_scale", m.crop_scale, 1.0)
+        if not m.init_std > 0:
+            raise ConfigError(f"config key 'mim.init_std' must be > 0, got {m.init_std}")
+        if not 0.0 <= m.patch_embed_grad_scale <= 1.0:
+            raise ConfigError(f"config key 'mim.patch_embed_grad_scale' must be in [0, 1], got "
+                              f"{m.patch_embed_grad_scale}")
+        if m.knn_temperature <= 0:
+            raise ConfigError(f"config key 'mim.knn_temperature' must be > 0, got {m.knn_temperature}")
+        if (m.knn_train is None) != (m.knn_val is None):
+            raise ConfigError("config keys 'mim.knn_train' and 'mim.knn_val' go together (memory bank and queries)")
+
+
 def check_mim_cfg(cfg) -> None:
-    """Range and file checks of the ``mim`` section (and what MIM needs from ``model`` / ``data``); ConfigError names
-    the key."""
+    """The checks of a MIM config that need the registries or the filesystem (the ranges are
+    ``MIMTrainCfg.validate``'s); ConfigError names the key."""
     from evaclip.models import list_models
 
     m, model = cfg.mim, cfg.model
@@ -103,28 +140,14 @@ def check_mim_cfg(cfg) -> None:
     if m.teacher_model is not None and m.teacher_model not in list_models():
         raise ConfigError(f"config key 'mim.teacher_model': unknown model {m.teacher_model!r}; known: {list_models()}")
     if m.teacher_model is not None and Path(m.teacher).is_dir():
-        from evaclip.evals.common import find_run_config
+        from evaclip.runs import find_run_config
 
         own = (find_run_config(Path(m.teacher)) or {}).get("model", {}).get("name")
         if own is not None and own != m.teacher_model:
             raise ConfigError(f"config key 'mim.teacher_model' is {m.teacher_model!r} but the teacher {m.teacher} is "
                               f"a {own!r} run; set mim.teacher_model=null (the run's own config names it)")
-    for key in ("pretrained", "image_init", "text_init"):
-        if getattr(model, key) is not None:
-            raise ConfigError(f"config key 'model.{key}' does not apply to task=mim (the student starts from its "
-                              "init; resume=auto continues a run)")
-    if model.token_drop:
-        raise ConfigError("config key 'model.token_drop' must be 0 for task=mim: the student sees every patch")
-    for key in ("zeroshot", "retrieval"):
-        if getattr(cfg.eval, key, None) is not None:
-            raise ConfigError(f"config key 'eval.{key}' does not apply to task=mim (its monitors are mim.val and "
-                              "mim.knn_train / mim.knn_val); set it to null")
     if not cfg.data.synthetic and not cfg.data.train:
         raise ConfigError("config key 'data.train' is required (image shards), or set data.synthetic=true")
-    if not 0.0 < m.mask_ratio < 1.0:
-        raise ConfigError(f"config key 'mim.mask_ratio' must be in (0, 1), got {m.mask_ratio}")
-    if m.num_masked is not None and m.num_masked < 1:
-        raise ConfigError(f"config key 'mim.num_masked' must be >= 1, got {m.num_masked}")
     if m.num_masked is not None:  # an absolute count: a change of image or patch size changes the ratio
         from evaclip.models import get_model_config
 
@@ -133,20 +156,6 @@ def check_mim_cfg(cfg) -> None:
             raise ConfigError(f"config key 'mim.num_masked' is {m.num_masked} but the student's grid has {grid} x "
                               f"{grid} = {grid * grid} patches: set it below that (EVA-02: 105 of 256, 41 %) or use "
                               "mim.mask_ratio (num_masked=null)")
-    for key in ("min_block_patches", "mask_tries", "knn_k"):
-        if getattr(m, key) < 1:
-            raise ConfigError(f"config key 'mim.{key}' must be >= 1, got {getattr(m, key)}")
-
-    _check_range("block_aspect", m.block_aspect, None)
-    _check_range("crop_scale", m.crop_scale, 1.0)
-    if not m.init_std > 0:
-        raise ConfigError(f"config key 'mim.init_std' must be > 0, got {m.init_std}")
-    if not 0.0 <= m.patch_embed_grad_scale <= 1.0:
-        raise ConfigError(f"config key 'mim.patch_embed_grad_scale' must be in [0, 1], got {m.patch_embed_grad_scale}")
-    if m.knn_temperature <= 0:
-        raise ConfigError(f"config key 'mim.knn_temperature' must be > 0, got {m.knn_temperature}")
-    if (m.knn_train is None) != (m.knn_val is None):
-        raise ConfigError("config keys 'mim.knn_train' and 'mim.knn_val' go together (memory bank and queries)")
     for key in ("val", "knn_train", "knn_val"):
         path = getattr(m, key)
         if path is not None and "{" not in path and "://" not in path and not Path(path).exists():
@@ -209,6 +218,7 @@ class MIMTask(Task):
     """Masked image modeling of an EVA student from a frozen CLIP teacher (EVA / EVA-02 pre-training)."""
 
     name = "mim"
+    Cfg = MIMTrainCfg
 
     def __init__(self, cfg, env):
         super().__init__(cfg, env)
@@ -258,7 +268,7 @@ class MIMTask(Task):
 
     def load_teacher(self):
         """The frozen teacher on the CPU, loaded without touching the RNG streams (the student's init follows)."""
-        from evaclip.models.mim import load_teacher
+        from evaclip.runs import load_teacher
 
         m = self.cfg.mim
         try:
@@ -296,8 +306,8 @@ class MIMTask(Task):
         per-step cast of frozen weights; buffers such as the RoPE tables stay fp32) and its attention the student's
         ``model.attn_backend`` resolved for that device and precision (flash_attn on a GPU where it runs): a full
         replica, or FSDP2-sharded over the ranks with ``mim.teacher_shard`` (block units, low-precision gathers)."""
-        from evaclip.engine.precision import amp_dtype
         from evaclip.models.attention import configure_attention
+        from evaclip.precision import amp_dtype
 
         if self.teacher is None:
             self.teacher = self.load_teacher()

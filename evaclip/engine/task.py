@@ -1,18 +1,34 @@
-"""The task interface: what one training objective (CLIP, MIM, ...) provides to the engine.
+"""What the engine drives: the ``Task`` interface one training objective (CLIP, MIM, ...) implements, the
+``StepContext`` a task's step gets, and the ``TrainData`` a task's ``build_data`` returns.
 
 The engine (``evaclip.engine``) owns everything objectives share: the step loop, accumulation helpers, the finite
 check and bad-step skipping, the optimizer step, cadence of log / checkpoint / eval, preemption, exact resume and the
 run folder. A task owns one objective: its model, its data, how a batch reaches the device, the forward + backward of
 one optimizer step, what happens around a step, its evaluation and its metrics. The engine never imports a task; the
-command line looks the task up by name (``evaclip.tasks.get_task(cfg.task)``).
+command line looks the task up by name (``evaclip.config.get_task(cfg.task)``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterable, Protocol
 
 import torch
 from torch import nn
+
+from evaclip.config import TrainCfg
+
+
+class TrainData(Protocol):
+    """This rank's training stream, as ``Task.build_data`` returns it (``evaclip.data.DataInfo`` is one)."""
+
+    loader: Iterable  # the batches of the current epoch
+    num_batches: int  # batches per epoch on this rank; every rank yields exactly that many
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Position the stream at batch ``start_step`` of ``epoch`` (exact resume)."""
+
+    def skipped(self) -> int:
+        """Samples skipped so far (corrupt or missing); logged by the engine."""
 
 
 @dataclass
@@ -38,6 +54,7 @@ class Task:
     """
 
     name: str = "task"
+    Cfg: type = TrainCfg  # the task's config schema: ``TrainCfg`` or a subclass with the task's own sections
 
     def __init__(self, cfg, env):
         self.cfg = cfg
@@ -49,10 +66,8 @@ class Task:
         """Checks of ``cfg`` that need the registries or the filesystem (files named in the task's config exist, the
         model name is known); raise ``ConfigError`` naming the key. Runs before any process group or file exists."""
 
-    def build_data(self, steps_hint: int):
-        """This rank's training data: an object with ``loader`` (iterable of batches), ``num_batches`` (per epoch,
-        per rank; every rank yields exactly that many), ``set_epoch(epoch, start_step)`` (resumable position),
-        ``skipped()`` (samples skipped so far). Required."""
+    def build_data(self, steps_hint: int) -> TrainData:
+        """This rank's training data (a ``TrainData``). Required."""
         raise NotImplementedError
 
     def build_model(self) -> nn.Module:
@@ -99,20 +114,3 @@ class Task:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned."""
-
-
-_TASKS = {"clip": "evaclip.tasks.clip:ClipTask", "mim": "evaclip.tasks.mim:MIMTask"}
-
-
-def get_task(name: str):
-    """The task class registered as ``name`` (imported on first use)."""
-    import importlib
-
-    from evaclip.errors import ConfigError
-
-    if name not in _TASKS:
-        raise ConfigError(f"config key 'task': unknown task {name!r}; known: {sorted(_TASKS)}")
-    module, cls = _TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
-
-
