@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 # bottom first; a module may import its own layer and the layers before it. A name is a top-level module or package
 # of evaclip ("models" covers evaclip.models.*); "evaclip" is the package's own __init__ (the public API).
 LAYERS = [
-    ["errors", "precision", "logging"],
+    ["errors", "precision", "logging", "cuda_env"],
     ["distributed", "fsdp", "checkpoint_sharded"],
     ["checkpoint", "parallel", "optim", "losses"],
     ["models"],

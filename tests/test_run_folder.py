@@ -67,10 +67,10 @@ def test_resume_auto_keeps_the_stored_config(tmp_path, capsys):
 def test_resume_auto_with_another_recipe_or_task_is_refused_naming_both(tmp_path, capsys):
     """The recipe a resume names must be the run's: the demo_cpu recipe on a MIM run folder (or on a CLIP run
     started with other settings) is refused with the keys that differ; RUN/config.yaml continues the run."""
-    mim = ["task=mim", "model.token_drop=0", "mim.teacher_model=EVA02-CLIP-tiny", "mim.teacher=" + str(tmp_path / "t")]
+    mim = ["mim.teacher_model=EVA02-CLIP-tiny", "mim.teacher=" + str(tmp_path / "t")]
     assert cli(_args(tmp_path, "max_steps=2", "name=teacher")) == 0
     (tmp_path / "t").symlink_to(tmp_path / "teacher")
-    assert cli(_args(tmp_path, "max_steps=2", "name=mimrun", *mim)) == 0
+    assert cli(["demo_mim_cpu", *_args(tmp_path, "max_steps=2", "name=mimrun", *mim)[1:]]) == 0
     capsys.readouterr()
     assert cli(_args(tmp_path, "name=mimrun", "resume=auto", "max_steps=2")) == 2
     err = capsys.readouterr().err.strip()

@@ -262,7 +262,9 @@ def reconcile_resume(cfg: TrainCfg, overrides: dict[str, str], recipe=None) -> T
         raise ConfigError(f"resume=auto: the run in {run_dir} was started with a different {_listed(fixed)}; a "
                           f"resumed run keeps its config (start a new run with another name= to change it)")
     if recipe is not None and not _names_stored_config(recipe, run_dir):
-        differs = {k: v for k, v in flat_diff(resumed, cfg).items() if not _mutable(k)}
+        # the task first: another task's config differs in whole sections, which would hide it
+        differs = {k: v for k, v in sorted(flat_diff(resumed, cfg).items(), key=lambda kv: kv[0] != "task")
+                   if not _mutable(k)}
         if differs:
             raise ConfigError(
                 f"resume=auto: recipe {recipe} (task {cfg.task}) is not the config of the run in {run_dir} (task "
