@@ -62,8 +62,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 # evaclip config RECIPE [key=value ...]
 # ----------------------------------------------------------------------------------------------------------------------
 def field_comments(cls) -> dict[str, str]:
-    """``{field: comment}`` of a config dataclass, read from its source: the comment at the end of the field's line,
-    or the comment lines right above it. Empty when the source is not available."""
+    """``{field: comment}`` of a config dataclass, read from its source and its bases' (a task's schema inherits the
+    shared fields): the comment at the end of the field's line, or the comment lines right above it."""
+    out: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        out.update(_own_field_comments(klass))
+    return out
+
+
+def _own_field_comments(cls) -> dict[str, str]:
+    """``field_comments`` of the fields ``cls``'s own source defines (empty when the source is not available)."""
     try:
         lines, start = inspect.getsourcelines(cls)
     except (OSError, TypeError):
@@ -139,7 +147,7 @@ def config_cli(argv: Optional[list[str]] = None) -> int:
         recipe, overrides = None, [recipe, *overrides]
     try:
         cfg = load_config(recipe, overrides)
-        defaults = load_config()
+        defaults = type(cfg)()  # the task's own schema's defaults
     except ConfigError as e:
         print(f"evaclip config: error: {e}", file=sys.stderr)
         return 2

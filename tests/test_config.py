@@ -39,7 +39,7 @@ def test_unknown_override_key_is_named():
     with pytest.raises(ConfigError, match="'optim.lr.x'"):
         load_config("demo_cpu", ["optim.lr.x=1"])
     # a top-level key gets its suggestion too (OmegaConf gives none there)
-    with pytest.raises(ConfigError, match=r"^config key 'maxsteps': not in TrainCfg; did you mean 'max_steps'\?$"):
+    with pytest.raises(ConfigError, match=r"^config key 'maxsteps': not in ClipTrainCfg; did you mean 'max_steps'\?$"):
         load_config("demo_cpu", ["maxsteps=3"])
 
 

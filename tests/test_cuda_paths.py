@@ -341,7 +341,7 @@ def _mim_task(tmp_path, teacher, precision, backend, device):
 
     cfg = load_config(None, ["task=mim", f"mim.teacher={teacher}", "mim.teacher_model=EVA02-CLIP-tiny",
                              "model.name=EVA02-CLIP-tiny", f"model.attn_backend={backend}", "data.synthetic=true",
-                             f"precision={precision}", "device=cpu", f"output_dir={tmp_path}", "eval.zeroshot=null",
+                             f"precision={precision}", "device=cpu", f"output_dir={tmp_path}",
                              "model.token_drop=0.0"])
     return MIMTask(cfg, DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device(device)))
 
