@@ -440,3 +440,16 @@ def test_patch_tokens_of_the_last_block_are_the_trunks_features():
         last = model.encode_patches(x, -1)
         torch.testing.assert_close(last, model.visual.trunk.forward_features(x), rtol=0, atol=0)
         assert last.shape == (2, 16, 64) and not torch.allclose(model.encode_patches(x, 0), last)
+
+
+def test_demo_arms_cost_the_same_training_flops():
+    """docs/DEMO.md's ViTamin-vs-EVA-02 table compares at equal steps because a training step (text locked, no
+    token dropping) costs the same FLOPs in both arms: counted, within 2 %."""
+    from evaclip.demo_ltt import ARMS, ltt_table, train_flops_per_sample
+
+    vit, eva = (train_flops_per_sample(m, batch=2) for m in ARMS.values())
+    assert vit / eva == pytest.approx(1.0, abs=0.02)
+    rows = [{"seed": 0, "seconds": {"ltt_vitamin": 1.0, "ltt_eva02": 2.0},
+             "ltt_vitamin": {25: 0.5, 100: 0.9}, "ltt_eva02": {100: 0.6}}]
+    table = ltt_table(rows, {50: 0.2, 300: 0.95})
+    assert "| 0 | ViTamin-demo | 50.0 | - | - | 90.0 | 1 |" in table and "95.0 % at 50 / 300 steps" in table
