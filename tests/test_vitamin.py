@@ -453,3 +453,22 @@ def test_demo_arms_cost_the_same_training_flops():
              "ltt_vitamin": {25: 0.5, 100: 0.9}, "ltt_eva02": {100: 0.6}}]
     table = ltt_table(rows, {50: 0.2, 300: 0.95})
     assert "| 0 | ViTamin-demo | 50.0 | - | - | 90.0 | 1 |" in table and "95.0 % at 50 / 300 steps" in table
+
+
+def test_image_init_from_a_bare_timm_vitamin_trunk():
+    """A timm ``vitamin_*`` state dict (no ``visual.trunk.`` prefix, timm's own classifier) as ``model.image_init``:
+    the trunk loads strictly, timm's classifier is no CLIP projection, so ``head.proj`` stays fresh (reported)."""
+    import timm
+
+    from evaclip.models.registry import get_model_config
+    from evaclip.models.timm_vision import timm_trunk_kwargs
+
+    kwargs = {**timm_trunk_kwargs(get_model_config("ViTamin-tiny").vision), "num_classes": 10}
+    trunk = timm.create_model("vitamin_small_224", pretrained=False, **kwargs)
+    _perturb(trunk)
+    model = create_model("ViTamin-tiny")
+    report = load_pretrained(model, image_init=trunk.state_dict())
+    assert report.formats["image_init"] == "timm" and report.fresh == ["visual.head.proj.weight"]
+    assert sorted(report.ignored) == ["head.bias", "head.weight"]
+    ours = model.visual.trunk.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in trunk.state_dict().items() if not k.startswith("head."))

@@ -388,10 +388,12 @@ def _load_timm_visual(tower, sd: dict, fmt: str, report: LoadReport) -> LoadRepo
     """A timm-built image tower (ViTamin): its keys are open_clip's (``trunk.*``, ``head.proj.weight``), so an
     open_clip or evaclip checkpoint loads under ``visual.`` as it is, and a bare timm trunk (``timm``) under
     ``trunk.`` (its projection then stays fresh: timm's classifier is no CLIP projection)."""
+    classifier = []  # a bare timm trunk's own classifier: no CLIP projection, dropped (listed as ignored)
     if fmt in ("open_clip", "evaclip"):
         src = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
     elif fmt == "timm":
-        src = {f"trunk.{k}": v for k, v in sd.items() if not k.startswith(("head.", "fc."))}
+        classifier = [k for k in sd if k.startswith("head.")]
+        src = {f"trunk.{k}": v for k, v in sd.items() if k not in classifier}
     else:
         raise CheckpointError(f"a '{fmt}' checkpoint holds an EVA image tower; this model's image tower is timm's "
                               f"{tower.cfg.timm_model} (a hybrid with conv stages), which it cannot initialise")
@@ -401,7 +403,7 @@ def _load_timm_visual(tower, sd: dict, fmt: str, report: LoadReport) -> LoadRepo
     fresh_ok = ("head.",) if fmt == "timm" else ()
     src = _adapt(src, target, "visual.", report, num_prefix=tower.num_prefix)
     report.fresh += _check_keys(src, target, "visual.", f"image tower of the '{fmt}' checkpoint", fresh_ok)
-    report.ignored += [f"visual.{k}" for k in ignored]
+    report.ignored += [f"visual.{k}" for k in ignored] + classifier
     tower.load_state_dict(src, strict=False)
     return report
 
