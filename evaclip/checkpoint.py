@@ -3,10 +3,12 @@
 Layout (one folder per optimizer step, ``RUN/ckpt/step_00000100/``)::
 
     model.pt        model state dict (of the bare model; DDP / compile wrappers removed)
-    optim.pt        {"optimizer", "scheduler", "scaler"} state dicts
-    trainer.pt      step, epoch, data position, counters, resolved config (YAML text)
+    optimizer.pt    optimizer state dict
+    NAME.pt         one file per named stateful entry the caller passes (``states={"trainer": ..., "scheduler": ...,
+                    "scaler": ..., "task": ..., "ema": ...}``): its ``state_dict()``; an entry whose state holds
+                    sharded tensors (DTensors: FSDP2) is a DCP folder ``NAME/`` instead, written by every rank
     rng_rank{R}.pt  python / numpy / torch / cuda RNG states of rank R
-    config.yaml     the resolved config, for people
+    config.yaml     the resolved config, for people (also inside trainer.pt as ``config_yaml``)
     meta.json       written last: format version, step, world size, size and sha256 of every file above
 
 A save writes into ``ckpt/.tmp_step_XXXXXXXX/``, fsyncs every file, writes ``meta.json``, then renames the folder to
@@ -15,7 +17,10 @@ resume detect a checkpoint damaged later (truncated copy, bad disk) before touch
 tensors and primitives, so every load uses ``torch.load(weights_only=True)``.
 
 The model / optimizer state goes through ``get_state_io(strategy)``: DDP saves full state dicts on rank 0; the FSDP
-strategy uses ``evaclip.checkpoint_sharded`` (DCP); other strategies plug in with ``register_state_io``.
+strategy uses ``evaclip.checkpoint_sharded`` (DCP); other strategies plug in with ``register_state_io``. A named entry
+is replicated (every rank holds the same state: rank 0 writes it) unless its state holds DTensors (sharded like the
+model), which go through DCP the same way. A new engine feature (weight EMA) is one more named entry. Folders written
+before named entries (``optim.pt`` with scheduler + scaler, the task state inside ``trainer.pt``) still load.
 """
 from __future__ import annotations
 
@@ -199,15 +204,33 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _is_sharded(state: Any) -> bool:
+    """Whether a state dict holds DTensors (an entry sharded like an FSDP2 model: saved and loaded through DCP)."""
+    if isinstance(state, dict):
+        return any(_is_sharded(v) for v in state.values())
+    return hasattr(state, "device_mesh") and hasattr(state, "to_local")
+
+
+def _save_entry(folder: Path, name: str, state: dict, rank: int) -> None:
+    if _is_sharded(state):  # collective: every rank writes its shards
+        from evaclip.checkpoint_sharded import save_entry
+
+        save_entry(folder / name, state)
+    elif rank == 0:
+        atomic_torch_save(state, folder / f"{name}.pt")
+
+
+def _written_files(tmp: Path) -> list[str]:
+    return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+
+
 def save_checkpoint(
     root: Path,
     step: int,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     *,
-    scheduler=None,
-    scaler=None,
-    trainer_state: dict,
+    states: dict[str, Any],
     config_yaml: str,
     rank: int = 0,
     world_size: int = 1,
@@ -217,7 +240,9 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint of ``step`` atomically under ``root`` and prune to the newest ``keep_last``.
 
-    Collective: every rank must call it (each writes its own RNG state). Returns the final folder.
+    ``states`` are the named stateful entries besides model and optimizer (objects with ``state_dict()`` /
+    ``load_state_dict()``); ``trainer``'s state also carries ``step`` and ``config_yaml``. Collective: every rank must
+    call it (each writes its own RNG state and its shards). Returns the final folder.
     """
     root = Path(root)
     final = root / step_dir_name(step)
@@ -230,26 +255,29 @@ def save_checkpoint(
     du.barrier()
     io = get_state_io(strategy)
     io.save(tmp, model, optimizer, rank)
+    for name, obj in states.items():
+        state = obj.state_dict() if obj is not None else None
+        if name == "trainer":
+            state = dict(state or {}, step=step, config_yaml=config_yaml)
+        if state is not None:
+            _save_entry(tmp, name, state, rank)
     atomic_torch_save(get_rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
-        atomic_torch_save({"scheduler": scheduler.state_dict() if scheduler is not None else None,
-                           "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None},
-                          tmp / "optim.pt")
-        atomic_torch_save(dict(trainer_state, step=step, config_yaml=config_yaml), tmp / "trainer.pt")
         atomic_write_text(config_yaml, tmp / "config.yaml")
     du.barrier()
     if rank == 0:
-        names = io.files(world_size) + ["optim.pt", "trainer.pt", "config.yaml"]
-        names += [f"rng_rank{r}.pt" for r in range(world_size)]
+        names = _written_files(tmp)
+        expected = io.files(world_size) + ["config.yaml"] + [f"rng_rank{r}.pt" for r in range(world_size)]
+        for name in expected:
+            if name not in names:
+                raise CheckpointError(f"checkpoint save of step {step}: {name} was not written")
         files = {}
         for name in names:
             p = tmp / name
-            if not p.is_file():
-                raise CheckpointError(f"checkpoint save of step {step}: {name} was not written")
             _fsync_file(p)
             files[name] = {"size": p.stat().st_size, "sha256": sha256_file(p) if checksum else None}
         meta = {"format": FORMAT_VERSION, "step": step, "world_size": world_size, "strategy": strategy,
-                "files": files}
+                "entries": sorted(n for n, o in states.items() if o is not None), "files": files}
         atomic_write_text(json.dumps(meta, indent=1), tmp / "meta.json")
         _fsync_dir(tmp)
         if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
@@ -372,10 +400,32 @@ def _choose(resume: str, ckpt_root: Path, checksum: bool) -> Optional[Path]:
     raise CheckpointError(f"resume={resume}: no such checkpoint folder")
 
 
+# entries of folders written before named entries: (file, key)
+_LEGACY = {"scheduler": ("optim.pt", "scheduler"), "scaler": ("optim.pt", "scaler"), "task": ("trainer.pt", "task")}
+
+
+def read_entry(path: Path, name: str, template: Optional[dict] = None) -> Optional[dict]:
+    """The saved state of entry ``name`` in checkpoint folder ``path`` (None if it holds none). A sharded entry (DCP
+    folder) is read into ``template`` (the live entry's ``state_dict()``, in this run's sharding; collective)."""
+    path = Path(path)
+    if (path / f"{name}.pt").is_file():
+        return torch_load(path / f"{name}.pt")
+    if (path / name).is_dir():
+        from evaclip.checkpoint_sharded import load_entry
+
+        if template is None:
+            raise CheckpointError(f"{path}: entry {name!r} is sharded; it loads into a live object only")
+        return load_entry(path / name, template)
+    if name in _LEGACY and (path / _LEGACY[name][0]).is_file():
+        file, key = _LEGACY[name]
+        return torch_load(path / file).get(key)
+    return None
+
+
 def saved_schedule(path: Path) -> Optional[dict]:
     """The scheduler state saved in checkpoint folder ``path`` (None if it holds none): read before anything is
     built or written, to check what a resume does to the schedule."""
-    return torch_load(Path(path) / "optim.pt").get("scheduler")
+    return read_entry(path, "scheduler")
 
 
 def load_checkpoint(
@@ -383,28 +433,30 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: Optional[torch.optim.Optimizer] = None,
     *,
-    scheduler=None,
-    scaler=None,
+    states: Optional[dict[str, Any]] = None,
     rank: int = 0,
     world_size: int = 1,
     strategy: str = "ddp",
     restore_rng: bool = True,
 ) -> dict:
-    """Restore model / optimizer / scheduler / scaler / RNG from a verified folder; returns the trainer state."""
+    """Restore model / optimizer, every named entry of ``states`` and the RNG from a verified folder; returns the
+    saved trainer state (``step``, ``config_yaml``, ...). An entry the folder lacks keeps its fresh state (logged);
+    a loss scaler saved disabled (or not at all) starts fresh."""
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
-    trainer = torch_load(path / "trainer.pt")
-    optim_extra = torch_load(path / "optim.pt")
     if meta.get("strategy", "ddp") != strategy:
         raise CheckpointError(f"{path} was saved with dist.strategy={meta.get('strategy')}, this run uses {strategy}")
     get_state_io(strategy).load(path, model, optimizer)
-    if scheduler is not None and optim_extra.get("scheduler") is not None:
-        scheduler.load_state_dict(optim_extra["scheduler"])
-    if scaler is not None and scaler.is_enabled():
-        if optim_extra.get("scaler") is not None:
-            scaler.load_state_dict(optim_extra["scaler"])
-        else:
-            log.warning("%s has no loss-scaler state (saved without fp16): the scale starts fresh", path.name)
+    trainer = read_entry(path, "trainer") or {}
+    for name, obj in (states or {}).items():
+        if obj is None:
+            continue
+        state = trainer if name == "trainer" else read_entry(path, name, obj.state_dict())
+        if not state:
+            if name not in ("scaler", "task"):
+                log.warning("%s has no %r state: it starts fresh", path.name, name)
+            continue
+        obj.load_state_dict(state)
     if meta["world_size"] != world_size:
         log.warning("%s was written by %d processes, this run has %d: RNG streams and the data order restart "
                     "from the saved step, not exactly where they stopped", path.name, meta["world_size"], world_size)

@@ -191,3 +191,34 @@ def checkpoint_weights(folder: str | os.PathLike) -> Optional[Path]:
         if is_sharded_checkpoint(cand):
             return cand
     return None
+
+
+def save_entry(path: Path, state: dict) -> None:
+    """A named checkpoint entry whose state holds DTensors (sharded like the model, e.g. weight EMA) as a DCP folder
+    (collective)."""
+    dcp, _ = _dcp()
+    Path(path).mkdir(parents=True, exist_ok=True)
+    dcp.save({"state": state}, checkpoint_id=str(path))
+
+
+def load_entry(path: Path, template: dict) -> dict:
+    """Read a ``save_entry`` folder into ``template`` (the live entry's state dict, in this run's sharding); strict
+    on the keys (collective)."""
+    dcp, _ = _dcp()
+    _check_dir(Path(path))
+    saved = {k[len("state."):] for k in _saved_keys(Path(path))}
+    want = set(_flat_keys(template))
+    if saved != want:
+        raise KeyError(f"sharded entry {path} does not match: missing {_preview(sorted(want - saved))}, unexpected "
+                       f"{_preview(sorted(saved - want))}")
+    state = {"state": template}
+    dcp.load(state, checkpoint_id=str(path))
+    return state["state"]
+
+
+def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
+

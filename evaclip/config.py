@@ -29,9 +29,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from evaclip.errors import ConfigError
 
-__all__ = ["TASKS", "CkptCfg", "ConfigError", "DataCfg", "DistCfg", "EvalCfg", "LogCfg", "ModelCfg", "OptimCfg",
-           "TrainCfg", "apply_overrides", "flat_diff", "from_dict", "from_yaml", "get_task", "load_config", "schema_of",
-           "to_dict", "to_yaml", "validate"]
+__all__ = ["TASKS", "CkptCfg", "ConfigError", "DataCfg", "DistCfg", "EmaCfg", "EvalCfg", "LogCfg", "ModelCfg",
+           "OptimCfg", "TrainCfg", "apply_overrides", "flat_diff", "from_dict", "from_yaml", "get_task", "load_config",
+           "schema_of", "to_dict", "to_yaml", "validate"]
 
 # the task registry (see the module docstring): name -> "module:TaskClass"
 TASKS = {
@@ -102,6 +102,9 @@ class OptimCfg:
     text_wd: Optional[float] = None
     visual_ld: float = 1.0  # layer-wise lr decay of the image tower (1.0: none)
     text_ld: float = 1.0
+    # lr of a task's own towers by the name its model's param_tower gives them (a decoder, a head: each its own
+    # optimizer group); unset: optim.lr
+    tower_lr: dict[str, float] = field(default_factory=dict)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     clamp_value: float = 10.0
@@ -142,6 +145,18 @@ class DistCfg:
 
 
 @dataclass
+class EmaCfg:
+    """Weight EMA (``evaclip.engine.ema``): off at ``decay: 0``."""
+
+    decay: float = 0.0  # e.g. 0.9998; 0: no EMA
+    warmup: bool = False  # timm's warmup of the decay: min(decay, 1 - (1 + n / warmup_gamma) ** -warmup_power)
+    warmup_gamma: float = 1.0
+    warmup_power: float = 0.6667
+    every: int = 1  # average every N applied optimizer updates
+    eval: bool = True  # evaluate the EMA weights beside the raw ones (eval/ema/*)
+
+
+@dataclass
 class EvalCfg:
     """Evaluation cadence and loader settings every task shares (a task extends it with what it evaluates)."""
 
@@ -162,6 +177,7 @@ class TrainCfg:
     ckpt: CkptCfg = field(default_factory=CkptCfg)
     log: LogCfg = field(default_factory=LogCfg)
     dist: DistCfg = field(default_factory=DistCfg)
+    ema: EmaCfg = field(default_factory=EmaCfg)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tf32: bool = True  # precision=fp32 on CUDA: matmuls on TF32 tensor cores (false: exact fp32; evaclip/precision.py)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -210,6 +226,12 @@ class TrainCfg:
         if self.optim.impl == "reference" and self.optim.lamb_variant != "torch_optimizer":
             raise ConfigError("config key 'optim.lamb_variant': optim.impl=reference is torch_optimizer.Lamb, which "
                               "has no DeepSpeed variant; use optim.impl=foreach with optim.lamb_variant=deepspeed")
+        if not 0.0 <= self.ema.decay < 1.0:
+            raise ConfigError(f"config key 'ema.decay' must be in [0, 1), got {self.ema.decay}")
+        if self.ema.every < 1:
+            raise ConfigError(f"config key 'ema.every' must be >= 1, got {self.ema.every}")
+        if self.ema.warmup_gamma <= 0 or self.ema.warmup_power <= 0:
+            raise ConfigError("config keys 'ema.warmup_gamma' and 'ema.warmup_power' must be > 0")
         from evaclip.fsdp import check_fsdp_config
 
         check_fsdp_config(self.dist)  # the dist section's rules live with FSDP; checked here, before any work

@@ -612,9 +612,10 @@ def write_eva_mim_card(student, architecture: str, out_dir: Path) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------------------------
 def export(checkpoint: str, out_dir: str, fmt: Sequence[str] | str = "safetensors", *, model_name: Optional[str] = None,
            check: bool = True, opset: Optional[int] = None, onnx_outputs: Sequence[str] = ("pooled",),
-           patch_layer: int = -1, patch_norm: bool = False) -> list[Path]:
+           patch_layer: int = -1, patch_norm: bool = False, ema: bool = False) -> list[Path]:
     """Export a checkpoint (training folder or state-dict file) in one or more formats; returns the files written.
-    ``onnx_outputs`` / ``patch_layer`` / ``patch_norm``: the ONNX image encoder's outputs (see ``export_onnx``)."""
+    ``onnx_outputs`` / ``patch_layer`` / ``patch_norm``: the ONNX image encoder's outputs (see ``export_onnx``);
+    ``ema``: the checkpoint's weight-EMA averages instead of its raw weights."""
     from evaclip.runs import load_model
 
     fmts = [fmt] if isinstance(fmt, str) else list(fmt)
@@ -622,6 +623,8 @@ def export(checkpoint: str, out_dir: str, fmt: Sequence[str] | str = "safetensor
     if bad or not fmts:
         raise ValueError(f"unknown export format(s) {bad}: choose from {list(FORMATS)}")
     if "eva_mim" in fmts:
+        if ema:
+            raise ValueError("--ema exports a CLIP run's weight EMA; --format eva_mim (a MIM student) has no --ema")
         if len(fmts) > 1:
             raise ValueError("--format eva_mim exports a MIM student (a masked-image-modeling run) and goes alone: "
                              "the other formats are for CLIP checkpoints")
@@ -631,7 +634,7 @@ def export(checkpoint: str, out_dir: str, fmt: Sequence[str] | str = "safetensor
         out = Path(out_dir)
         written = [p for ext in (".pt", ".safetensors") for p in export_eva_mim(student, out / f"eva_mim{ext}")]
         return written + write_eva_mim_card(student, model_name or str(checkpoint), out)
-    model, name = load_model(checkpoint, model_name, "cpu", attn_backend=EXPORT_ATTN_BACKEND)
+    model, name = load_model(checkpoint, model_name, "cpu", attn_backend=EXPORT_ATTN_BACKEND, ema=ema)
     model = model.float().eval()
     model_cfg = model_config_of(model, name)
     out = Path(out_dir)
@@ -680,6 +683,8 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--patch-norm", action="store_true", help="pass 'patches' through the final norm (default: the "
                    "block's raw output, as LLaVA / BLIP-2 read it)")
     p.add_argument("--no-check", action="store_true", help="skip comparing each export with the PyTorch model")
+    p.add_argument("--ema", action="store_true", help="export the weight-EMA averages of a run trained with "
+                   "ema.decay > 0 instead of its raw weights")
     args = p.parse_args(argv)
     try:
         used = resolve_checkpoint(args.checkpoint)
@@ -687,7 +692,7 @@ def main(argv: Optional[list] = None) -> int:
             print(f"checkpoint: {used} (newest complete checkpoint of run folder {args.checkpoint})")
         files = export(str(used), args.out, args.formats, model_name=args.model, check=not args.no_check,
                        opset=args.opset, onnx_outputs=args.outputs, patch_layer=args.patch_layer,
-                       patch_norm=args.patch_norm)
+                       patch_norm=args.patch_norm, ema=args.ema)
     except USER_ERRORS as e:
         print(f"evaclip export: error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from evaclip.checkpoint import resolve_checkpoint
 from evaclip.models.mim import MIMStudent, MIMTeacher, Resize, build_student
 from evaclip.models.openai_vit import Act, is_openai_vit, openai_vision_tower
 
-__all__ = ["find_run_config", "load_model", "load_student", "load_teacher"]
+__all__ = ["ema_weights", "find_run_config", "load_model", "load_student", "load_teacher"]
 
 _WEIGHT_FILES = ("model.pt", "model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin")
 
@@ -33,8 +33,22 @@ def find_run_config(path: Path) -> Optional[dict]:
     return None
 
 
+def ema_weights(checkpoint_folder: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """The weight-EMA averages a training checkpoint holds (its ``ema`` entry: ``ema.pt``, or a DCP folder ``ema/``
+    for a ``dist.strategy=fsdp`` run) as a full ``{name: fp32 tensor}``; FileNotFoundError when it has none."""
+    from evaclip.checkpoint import torch_load
+    from evaclip.checkpoint_sharded import is_sharded_checkpoint, load_full_state_dict
+
+    folder = Path(checkpoint_folder)
+    if (folder / "ema.pt").is_file():
+        return dict(torch_load(folder / "ema.pt")["shadow"])
+    if is_sharded_checkpoint(folder / "ema"):
+        return load_full_state_dict(folder / "ema", prefix="state.shadow")
+    raise FileNotFoundError(f"{folder} holds no weight EMA (the run trained with ema.decay=0)")
+
+
 def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", attn_backend: str = "auto",
-               amp: bool = True):
+               amp: bool = True, ema: bool = False):
     """Build the model a checkpoint was trained as and load its weights strictly; returns ``(model, name)``.
 
     The model is built for ``device`` and for the precision ``autocast(device, amp)`` runs it in (bf16 on CUDA with
@@ -42,7 +56,8 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", 
 
     ``checkpoint`` is a run folder (its newest complete checkpoint is used), a training checkpoint folder (``model.pt``
     + the run's ``config.yaml``), or a state-dict file
-    (safetensors / torch) with ``model_name`` naming the architecture (or a ``config.yaml`` beside it).
+    (safetensors / torch) with ``model_name`` naming the architecture (or a ``config.yaml`` beside it). ``ema``: the
+    weight-EMA averages of a training checkpoint instead of its raw weights.
     """
     from evaclip.checkpoint_sharded import checkpoint_weights, load_full_state_dict
     from evaclip.models import create_model
@@ -71,6 +86,11 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", 
     precision = "bf16" if amp and torch.device(device).type == "cuda" else "fp32"  # what autocast() runs
     model = create_model(model_name, attn_backend=attn_backend, device=device, precision=precision, **overrides)
     sd = load_full_state_dict(weights) if sharded is not None else load_state_dict_file(weights)
+    if ema:
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: --ema needs a training checkpoint folder (or run folder)")
+        averaged = ema_weights(path)
+        sd = {k: averaged[k].to(v.dtype) if k in averaged else v for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if (missing or unexpected) and sharded is None:
         # not evaclip's own layout: an EVA-CLIP release / open_clip file, which convert.py maps (strictly)

@@ -33,10 +33,23 @@ def _trained(seed=0):
     return model, opt, sched
 
 
-def _save(root, step, model, opt, sched=None, scaler=None, keep_last=3):
-    return ckpt.save_checkpoint(root, step, model, opt, scheduler=sched, scaler=scaler,
-                                trainer_state={"epoch": 1, "batch_in_epoch": 7}, config_yaml="seed: 0\n",
-                                keep_last=keep_last)
+class Stateful:
+    """A named checkpoint entry: anything with ``state_dict()`` / ``load_state_dict()``."""
+
+    def __init__(self, state=None):
+        self.state = dict(state or {})
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)
+
+
+def _save(root, step, model, opt, sched=None, scaler=None, keep_last=3, **extra):
+    states = {"trainer": Stateful({"epoch": 1, "batch_in_epoch": 7}), "scheduler": sched, "scaler": scaler, **extra}
+    return ckpt.save_checkpoint(root, step, model, opt, states={k: v for k, v in states.items() if v is not None},
+                                config_yaml="seed: 0\n", keep_last=keep_last)
 
 
 def test_round_trip_restores_model_optimizer_schedule_scaler_and_rng(tmp_path):
@@ -48,15 +61,19 @@ def test_round_trip_restores_model_optimizer_schedule_scaler_and_rng(tmp_path):
 
     assert path.name == "step_00000030" and (path / "meta.json").is_file()
     meta = ckpt.verify_checkpoint(path)
-    assert set(meta["files"]) == {"model.pt", "optimizer.pt", "optim.pt", "trainer.pt", "config.yaml",
-                                  "rng_rank0.pt"}
-    for name in ("model.pt", "optimizer.pt", "optim.pt", "trainer.pt", "rng_rank0.pt"):
+    assert set(meta["files"]) == {"model.pt", "optimizer.pt", "scheduler.pt", "scaler.pt", "trainer.pt",
+                                  "config.yaml", "rng_rank0.pt"}
+    assert meta["entries"] == ["scaler", "scheduler", "trainer"]
+    for name in ("model.pt", "optimizer.pt", "scheduler.pt", "scaler.pt", "trainer.pt", "rng_rank0.pt"):
         torch.load(path / name, weights_only=True)  # only tensors and primitives stored
 
     model2, opt2, sched2 = _trained(seed=5)
     scaler2 = torch.amp.GradScaler("cpu", init_scale=2.0, enabled=True)
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    state = ckpt.load_checkpoint(path, model2, opt2, scheduler=sched2, scaler=scaler2)
+    trainer = Stateful()
+    state = ckpt.load_checkpoint(path, model2, opt2, states={"trainer": trainer, "scheduler": sched2,
+                                                               "scaler": scaler2})
+    assert trainer.state == state
     assert state["step"] == 30 and state["epoch"] == 1 and state["batch_in_epoch"] == 7
     assert state["config_yaml"] == "seed: 0\n"
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
@@ -130,3 +147,34 @@ def test_model_mismatch_names_keys(tmp_path):
 
     with pytest.raises(ckpt.CheckpointError, match="extra.weight"):
         ckpt.load_checkpoint(path, Other())
+
+
+def test_named_entries_round_trip_and_a_missing_one_starts_fresh(tmp_path, caplog):
+    """A new engine feature is one more named entry: saved as its own file, restored into its object; an entry the
+    folder lacks (a feature switched on at resume) keeps its fresh state, with a warning naming it."""
+    model, opt, _ = _trained()
+    shadow = {"w": torch.randn(3, 4), "count": torch.tensor(7)}
+    path = _save(tmp_path, 10, model, opt, ema=Stateful(shadow))
+    assert "ema.pt" in ckpt.verify_checkpoint(path)["files"]
+    back, fresh = Stateful(), Stateful({"n": 1})
+    with caplog.at_level(logging.WARNING, logger="evaclip"):
+        ckpt.load_checkpoint(path, _trained(seed=5)[0], states={"ema": back, "other": fresh})
+    assert back.state.keys() == shadow.keys() and all(torch.equal(back.state[k], shadow[k]) for k in shadow)
+    assert fresh.state == {"n": 1} and "has no 'other' state" in caplog.text
+
+
+def test_a_folder_written_before_named_entries_still_loads(tmp_path):
+    """Checkpoints of existing runs: scheduler and scaler inside optim.pt, the task's state inside trainer.pt."""
+    model, opt, sched = _trained()
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0, enabled=True)
+    path = _save(tmp_path, 10, model, opt)
+    for name in ("scheduler.pt", "trainer.pt"):
+        (path / name).unlink(missing_ok=True)
+    torch.save({"scheduler": sched.state_dict(), "scaler": scaler.state_dict()}, path / "optim.pt")
+    torch.save({"step": 10, "epoch": 1, "task": {"phase": 2}, "config_yaml": "seed: 0\n"}, path / "trainer.pt")
+    sched2, scaler2, task = _trained(seed=5)[2], torch.amp.GradScaler("cpu", init_scale=2.0), Stateful()
+    state = ckpt.load_checkpoint(path, _trained(seed=5)[0], states={"scheduler": sched2, "scaler": scaler2,
+                                                                     "task": task})
+    assert state["step"] == 10 and task.state == {"phase": 2}
+    assert sched2.state_dict() == sched.state_dict() and scaler2.get_scale() == 512.0
+    assert ckpt.saved_schedule(path) == sched.state_dict()

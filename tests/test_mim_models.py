@@ -391,7 +391,7 @@ def _fake_checkpoint(student, folder, name="EVA02-CLIP-tiny", overrides="{}"):
 
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     cfg_yaml = f"task: mim\nmodel:\n  name: {name}\n  overrides: {overrides}\n"
-    return save_checkpoint(folder / "ckpt", 3, student, opt, trainer_state={}, config_yaml=cfg_yaml)
+    return save_checkpoint(folder / "ckpt", 3, student, opt, states={}, config_yaml=cfg_yaml)
 
 
 def _eva02_rope_freqs(head_dim: int, grid: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -166,7 +166,6 @@ def test_accumulation_is_exact_and_the_teacher_sees_the_unmasked_image(tmp_path,
     for n, p in student.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, msg=n)
     assert float(one["masked_frac"]) == pytest.approx(float(masks.float().mean()))
-    assert task.metrics(one) == {"masked_frac": pytest.approx(float(masks.float().mean()))}
     # and the loss is the plain mean negative cosine over the masked patches
     from evaclip.losses import mim_cosine_loss
 

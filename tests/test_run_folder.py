@@ -173,15 +173,22 @@ def test_the_ctrl_c_line_names_the_step_that_saves(tmp_path, monkeypatch, capsys
     """Ctrl-C during step 3 (its stop flag already read): the line says the checkpoint is step 4's, and it is."""
     from evaclip.engine import loop
 
-    real_step, calls = loop.train_step, {"n": 0}
+    real_build, calls = loop.build_step, {"n": 0}
 
-    def step_with_ctrl_c(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step(*args, **kwargs)
+    def build_step_with_ctrl_c(*args, **kwargs):
+        step = real_build(*args, **kwargs)
+        real_call = step.task.forward_backward
 
-    monkeypatch.setattr(loop, "train_step", step_with_ctrl_c)
+        def forward_backward(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_call(*a, **k)
+
+        step.task.forward_backward = forward_backward
+        return step
+
+    monkeypatch.setattr(loop, "build_step", build_step_with_ctrl_c)
     assert cli(_args(tmp_path, "max_steps=50")) == 128 + signal.SIGINT
     out = capsys.readouterr()
     assert "received SIGINT: saving a checkpoint at the end of step 4," in out.out + out.err

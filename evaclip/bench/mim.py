@@ -1,5 +1,6 @@
 """MIM training-step benchmark (``evaclip bench mim``): images/s, step time, MFU and the frozen teacher's share of the
-step, timing the engine's own ``train_step`` on ``MIMTask`` (teacher forward, student forward + backward, the update).
+step, timing the engine's own step (``build_step``) on ``MIMTask`` (teacher forward, student forward + backward, the
+update).
 
 The teacher is a randomly initialised CLIP of the named architecture saved to a temporary file (the speed does not
 depend on its weights, and nothing is downloaded). CPU defaults: student EVA02-CLIP-S-16 (patch 16) from an
@@ -19,8 +20,9 @@ from evaclip.bench.report import section
 
 __all__ = ["COLUMNS", "DESCRIPTION", "add_args", "run"]
 
-DESCRIPTION = ("MIM training-step time of the engine's own train_step on task=mim: images/s, step time, MFU and the "
-               "frozen teacher's share of the step (a randomly initialised teacher, synthetic images and block masks).")
+DESCRIPTION = ("MIM training-step time of the engine's own step (build_step) on task=mim: images/s, step time, MFU "
+               "and the frozen teacher's share of the step (a randomly initialised teacher, synthetic images and block "
+               "masks).")
 COLUMNS = [("student", "student"), ("teacher", "teacher"), ("precision", "precision"), ("batch", "B"),
            ("images_per_s", "images/s"), ("step_ms", "step ms"), ("teacher_ms", "teacher ms"),
            ("teacher_share_pct", "teacher % of step"), ("gflops_per_image", "GFLOP/image"), ("mfu_pct", "MFU %")]
@@ -65,26 +67,24 @@ def _build(args, device: torch.device, precision: str, tmp: Path):
 def run(args: argparse.Namespace) -> dict:
     """One row: the MIM step of ``args``' student / teacher pair on synthetic images and block masks."""
     from evaclip.bench.train import resolve_device, resolve_dtype
-    from evaclip.engine.step import step_context, train_step
+    from evaclip.engine.step import build_step
     from evaclip.optim import build_optimizer
-    from evaclip.precision import autocast_for, make_grad_scaler
+    from evaclip.precision import precision_name
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    precision = precision_name(dtype)
     with tempfile.TemporaryDirectory(prefix="evaclip_bench_mim_") as tmp:
         cfg, task, model, teacher_name = _build(args, device, precision, Path(tmp))
-    optimizer = build_optimizer(model, cfg.optim)
-    scaler = make_grad_scaler(precision, "ddp", device)
-    ctx = step_context(autocast_for(precision, device), scaler, device)
+    train_step = build_step(cfg, task, model, build_optimizer(model, cfg.optim), device)  # the loop's own step
     micro = [task.to_device(next(iter(task.build_data(1).loader)))]
     images_BCHW = micro[0][0]
 
     def step():
-        train_step(task, model, micro, ctx, optimizer, scaler, cfg.optim.grad_clip_norm)
+        train_step(micro)
 
     def teacher():
-        with ctx.autocast():
+        with train_step.ctx.autocast():
             task.teacher(images_BCHW, model.cfg.grid)
 
     step()  # warm-up: allocations, kernel selection
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> dict:
            "images_per_s": batch / step_s, "step_ms": 1e3 * step_s, "teacher_ms": 1e3 * teacher_s,
            "teacher_share_pct": 100 * teacher_s / step_s, "gflops_per_image": flops / batch / 1e9,
            "mfu_pct": 100 * mfu(flops, step_s, peak)}
-    notes = [f"engine train_step of task=mim (teacher forward + student forward/backward + AdamW update, grad clip "
-             f"{cfg.optim.grad_clip_norm}); {args.rounds} rounds of {args.steps} steps, median; teacher share = the "
-             "teacher's forward alone over the whole step; MFU against a measured matmul peak"]
+    notes = [f"engine step (build_step) of task=mim (teacher forward + student forward/backward + AdamW update, "
+             f"grad clip {cfg.optim.grad_clip_norm}); {args.rounds} rounds of {args.steps} steps, median; teacher "
+             "share = the teacher's forward alone over the whole step; MFU against a measured matmul peak"]
     return section(f"MIM step: {cfg.model.name} student from a {teacher_name} teacher", COLUMNS, [row], notes)

@@ -2,7 +2,7 @@
 
 Shapes: B batch, C channels, H/W image side, L context length, D embedding dim.
 
-A step is what each trainer does per optimizer step on synthetic data. evaclip: the engine's own ``train_step``
+A step is what each trainer does per optimizer step on synthetic data. evaclip: the engine's own step (``build_step``)
 (``ClipTask.forward_backward``, then ``apply_update``: the finite check with its one host read, gradient clipping at
 the recipes' 5.0, the optimizer step; then the logit-scale clamp). open_clip: open_clip_train's step (autocast forward,
 ``ClipLoss``, backward, ``clip_grad_norm_`` at the same 5.0, optimizer step, zero_grad, logit-scale clamp).
@@ -114,8 +114,8 @@ class Runner:
         return self.batch[0].shape[0]
 
     def step(self) -> None:
-        """One optimizer step: the engine's ``train_step`` for evaclip; open_clip_train's step otherwise (forward,
-        loss, backward, gradient clipping, optimizer step, zero_grad, logit-scale clamp)."""
+        """One optimizer step: the engine's step (``build_step``) for evaclip; open_clip_train's step otherwise
+        (forward, loss, backward, gradient clipping, optimizer step, zero_grad, logit-scale clamp)."""
         if self.train_step is not None:
             self.train_step()
             return
@@ -162,23 +162,21 @@ def _evaclip_loss_fn(model: nn.Module) -> Callable:
 
 def evaclip_runner(cfg: TrainBenchCfg, token_drop: float, batch: tuple[torch.Tensor, torch.Tensor],
                    amp_dtype, impl: str = "evaclip") -> Runner:
-    """evaclip's model and LAMB with the engine's own ``train_step`` (``ClipTask`` + ``apply_update``) as the step."""
+    """evaclip's model and LAMB with the engine's own step (``build_step``: ``ClipTask`` + ``apply_update``)."""
     from evaclip.config import load_config
     from evaclip.distributed import DistEnv
-    from evaclip.engine.step import step_context, train_step
-    from evaclip.precision import autocast_for, make_grad_scaler
+    from evaclip.engine.step import build_step
+    from evaclip.precision import precision_name
     from evaclip.tasks.clip import ClipTask
 
     device = batch[0].device
     model = _evaclip_model(cfg, token_drop, device)
     optimizer = _evaclip_lamb(model)
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
-    task = ClipTask(load_config(None, {"model.name": cfg.model, "precision": precision,
-                                       "optim.grad_clip_norm": GRAD_CLIP_NORM}), DistEnv(device=device))
-    scaler = make_grad_scaler(precision, "ddp", device)
-    ctx = step_context(autocast_for(precision, device), scaler, device)
+    task_cfg = load_config(None, {"model.name": cfg.model, "precision": precision_name(amp_dtype),
+                                  "optim.grad_clip_norm": GRAD_CLIP_NORM})
+    step = build_step(task_cfg, ClipTask(task_cfg, DistEnv(device=device)), model, optimizer, device)
     runner = Runner(impl, "lamb (foreach)", model, optimizer, _evaclip_loss_fn(model), batch, token_drop, amp_dtype)
-    runner.train_step = lambda: train_step(task, model, [batch], ctx, optimizer, scaler, GRAD_CLIP_NORM)
+    runner.train_step = lambda: step([batch])
     return runner
 
 

@@ -20,14 +20,15 @@ from evaclip import checkpoint as ckpt
 from evaclip import distributed as du
 from evaclip.config import ConfigError, TrainCfg, to_dict, to_yaml
 from evaclip.engine import run_dir as rd
+from evaclip.engine.ema import WeightEMA
 from evaclip.engine.rng import fresh_iter, host_rng_untouched, next_batch, seed_all
 from evaclip.engine.signals import StopSignal
 from evaclip.engine.state import TrainerState
-from evaclip.engine.step import lr_by_tower, step_context, train_step
+from evaclip.engine.step import Step, build_step, lr_by_tower
 from evaclip.logging import MetricLogger, Throughput, get_logger, setup_console
 from evaclip.optim import build_optimizer, build_scheduler
 from evaclip.parallel import gathered, wrap_model
-from evaclip.precision import autocast_for, make_grad_scaler, set_tf32
+from evaclip.precision import set_tf32
 
 log = get_logger("evaclip.train")
 
@@ -114,9 +115,9 @@ class _Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
-    scaler: object
-    ctx: object
+    step: Step
     state: TrainerState
+    ema: Optional[WeightEMA]
     total_steps: int
     resume_from: Optional[Path]
     logger: Optional[MetricLogger] = None
@@ -125,14 +126,19 @@ class _Run:
     def run_dir(self) -> Path:
         return rd.run_dir_of(self.cfg)
 
+    @property
+    def states(self) -> dict:
+        """The named stateful entries a checkpoint holds besides model and optimizer."""
+        states = {"trainer": self.state, "scheduler": self.scheduler, "scaler": self.step.scaler, "task": self.task}
+        return states if self.ema is None else dict(states, ema=self.ema)
+
     def save(self, stop: StopSignal) -> Path:
         """A checkpoint of the current step (collective; an interrupt waits until it is complete)."""
         cfg, env = self.cfg, self.env
         with stop.critical():
             path = ckpt.save_checkpoint(self.run_dir / "ckpt", self.state.step, self.model, self.optimizer,
-                                        scheduler=self.scheduler, scaler=self.scaler,
-                                        trainer_state=dict(self.state.state_dict(), task=self.task.state_dict()),
-                                        config_yaml=to_yaml(cfg), rank=env.rank, world_size=env.world_size,
+                                        states=self.states, config_yaml=to_yaml(cfg), rank=env.rank,
+                                        world_size=env.world_size,
                                         strategy=cfg.dist.strategy, keep_last=cfg.ckpt.keep_last,
                                         checksum=cfg.ckpt.checksum)
         self.logger.event("checkpoint", step=self.state.step, path=str(path))
@@ -140,27 +146,37 @@ class _Run:
         return path
 
     def evaluate(self) -> dict:
-        """The task's evaluation, logged under ``eval/``; the training RNG streams are left where they were."""
-        with host_rng_untouched(), gathered(self.model):  # FSDP2: gathered once, ranks may run different batches
+        """The task's evaluation, logged under ``eval/`` (and, with weight EMA, the same on the averaged weights under
+        ``eval/ema/``); the training RNG streams and weights are left as they were."""
+        results = self._evaluate("eval", contextlib.nullcontext())
+        if self.ema is not None and self.cfg.ema.eval:
+            results.update({f"ema/{k}": v for k, v in
+                            self._evaluate("eval/ema", self.ema.swapped_in(du.unwrap(self.model))).items()})
+        return results
+
+    def _evaluate(self, prefix: str, weights) -> dict:
+        with weights, host_rng_untouched(), gathered(self.model):  # FSDP2: gathered once, uneven per-rank batches
             results = self.task.evaluate(du.unwrap(self.model), self.state.step)
         self.model.train()
         numeric = {k: float(v) for k, v in results.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if numeric:
-            self.logger.log_metrics(self.state.step, numeric, prefix="eval")
-            log.info("eval at step %d: %s", self.state.step, ", ".join(f"{k} {v:.4g}" for k, v in numeric.items()))
+            self.logger.log_metrics(self.state.step, numeric, prefix=prefix)
+            log.info("%s at step %d: %s", prefix, self.state.step,
+                     ", ".join(f"{k} {v:.4g}" for k, v in numeric.items()))
         return results
 
     def log_step(self, out: dict, upd, mean_loss: float, meter: Throughput) -> None:
         """The train metrics of a log step (the only host reads of the loss / logit scale / grad norm)."""
         step, state = self.state.step, self.state
-        metrics = {"loss": mean_loss, **self.task.metrics(out), "grad_norm": float(upd.grad_norm),
+        extras = {k: float(v) for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}
+        metrics = {"loss": mean_loss, **extras, "grad_norm": float(upd.grad_norm),
                    "epoch": step / state.steps_per_epoch, "samples_seen": step * state.global_batch,
                    "skipped_samples": self.data.skipped(), "bad_steps": state.bad_steps_total,
                    **{f"skipped/{k}": v for k, v in getattr(self.data, "skipped_by_reason", dict)().items()},
                    **{f"lr/{k}": v for k, v in lr_by_tower(self.optimizer).items()}}
-        if self.scaler.is_enabled():
-            metrics["loss_scale"] = self.scaler.get_scale()
+        if self.step.scaler.is_enabled():
+            metrics["loss_scale"] = self.step.scaler.get_scale()
         metrics.update(meter.update(step, state.global_batch))
         self.logger.log_metrics(step, metrics)
         self.logger.progress(step, metrics)
@@ -194,12 +210,14 @@ def _setup(cfg: TrainCfg, task, env: du.DistEnv) -> _Run:
     with as_config_error("optim"):
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    scaler = make_grad_scaler(cfg.precision, cfg.dist.strategy, env.device)  # FSDP2: inf check over all shards
     if set_tf32(cfg.precision, env.device, cfg.tf32):
         log.info("precision fp32 on CUDA: matmuls in TF32 (tf32=false for exact fp32)")
-    ctx = step_context(autocast_for(cfg.precision, env.device), scaler, env.device)
+    step = build_step(cfg, task, model, optimizer, env.device)
+    ema = WeightEMA(du.unwrap(model), cfg.ema) if cfg.ema.decay > 0 else None  # after wrapping: FSDP2 shards
+    if ema is not None:
+        step.hooks.append(ema.update)
     state = TrainerState(steps_per_epoch, cfg.accum_freq, cfg.data.batch_size * cfg.accum_freq * env.world_size)
-    run = _Run(cfg, task, env, data, model, optimizer, scheduler, scaler, ctx, state, total_steps, resume_from)
+    run = _Run(cfg, task, env, data, model, optimizer, scheduler, step, state, ema, total_steps, resume_from)
     saved_schedule = ckpt.saved_schedule(resume_from) if resume_from is not None else None
     if saved_schedule is not None:
         with as_config_error("resume"):  # a run extended past its schedule's end must say how (before any write)
@@ -211,10 +229,8 @@ def _setup(cfg: TrainCfg, task, env: du.DistEnv) -> _Run:
         rd.write_run_info(run.run_dir, cfg, env.world_size, env.device)
     du.barrier()
     if resume_from is not None:
-        saved = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler=scheduler, scaler=scaler,
-                                     rank=env.rank, world_size=env.world_size, strategy=cfg.dist.strategy)
-        state.load_state_dict(saved)
-        task.load_state_dict(saved.get("task", {}))
+        ckpt.load_checkpoint(resume_from, model, optimizer, states=run.states, rank=env.rank,
+                             world_size=env.world_size, strategy=cfg.dist.strategy)
         log.info("resumed from %s at step %d; %s", resume_from, state.step,
                  scheduler.resume_note or "the lr schedule restarts (the checkpoint saved none)")
     return run
@@ -250,7 +266,7 @@ def _loop(run: _Run) -> TrainResult:
     epoch = state.epoch
     data.set_epoch(epoch, state.batch_in_epoch)
     batches = fresh_iter(data.loader)
-    consecutive_bad, last_ckpt, status, eval_results = 0, run.resume_from, "finished", {}
+    last_ckpt, status, eval_results = run.resume_from, "finished", {}
     loss_sum, loss_n = torch.zeros((), device=run.env.device), 0
     meter = Throughput(state.step, run.total_steps)
     model.train()
@@ -264,11 +280,9 @@ def _loop(run: _Run) -> TrainResult:
                 batches = fresh_iter(data.loader)
             task.before_step(model, state.step, logger)
             micro = [task.to_device(next_batch(batches, epoch)) for _ in range(cfg.accum_freq)]
-            out, upd = train_step(task, model, micro, run.ctx, run.optimizer, run.scaler, cfg.optim.grad_clip_norm,
-                                  stop.poll(state.step + 1))
+            out, upd = run.step(micro, stop.poll(state.step + 1))
+            consecutive_bad = state.record_update(upd.bad)
             if upd.bad:
-                consecutive_bad += 1
-                state.bad_steps_total += 1
                 logger.event("bad_step", step=state.step, loss_nonfinite=upd.bad_loss, grad_nonfinite=upd.bad_grad,
                              consecutive=consecutive_bad)
                 log.warning("step %d: non-finite %s, update skipped (%d in a row, %d total)", state.step,
@@ -276,7 +290,6 @@ def _loop(run: _Run) -> TrainResult:
                 if consecutive_bad >= cfg.max_bad_steps:
                     raise TrainingStopped(_diverged_message(consecutive_bad, state.step, cfg.max_bad_steps, last_ckpt))
             else:
-                consecutive_bad = 0
                 loss_sum += out["loss"].float()
                 loss_n += 1
             run.scheduler.step()  # also on skipped steps: the schedule follows the data
@@ -295,9 +308,8 @@ def _loop(run: _Run) -> TrainResult:
                 last_ckpt = run.save(stop)
             if cfg.eval.every and step % cfg.eval.every == 0 and not last:
                 eval_results = run.evaluate()
-        if status == "finished":
-            if last_ckpt is None or last_ckpt.name != ckpt.step_dir_name(state.step):
-                last_ckpt = run.save(stop)
+        if status == "finished":  # the last step is never among the periodic saves (``not last``)
+            last_ckpt = run.save(stop)
             eval_results = run.evaluate() or eval_results
     logger.event("end", step=state.step, status=status)
     return TrainResult(run_dir=run.run_dir, step=state.step, status=status, checkpoint=last_ckpt,

@@ -12,8 +12,8 @@ adds the loss scaler's read of its inf flag.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from torch import nn
 from evaclip import distributed as du
 from evaclip.engine.task import StepContext
 from evaclip.optim import clip_grad_norm_
+from evaclip.precision import autocast_for, make_grad_scaler
 
 
 def grad_sync(model: nn.Module, enabled: bool):
@@ -100,15 +101,37 @@ def apply_update(model: nn.Module, optimizer, scaler, grad_clip_norm, loss: torc
     return Update(bad_loss=bad_loss, bad_grad=bad_grad, stop=stop, bad=bad, grad_norm=grad_norm)
 
 
-def train_step(task, model: nn.Module, micro: list, ctx: StepContext, optimizer, scaler, grad_clip_norm,
-               stop_requested: bool = False) -> tuple[dict[str, torch.Tensor], Update]:
-    """One optimizer step of ``task``: its ``forward_backward`` over the K micro-batches, ``apply_update``, and its
-    ``after_update`` when the update was not skipped. The training loop and ``evaclip bench train`` both time this."""
-    out = task.forward_backward(model, micro, ctx)
-    upd = apply_update(model, optimizer, scaler, grad_clip_norm, out["loss"], stop_requested)
-    if not upd.bad:
-        task.after_update(model)
-    return out, upd
+@dataclass
+class Step:
+    """One optimizer step of a task, assembled once (``build_step``): ``step(micro, stop_requested)`` runs the
+    task's ``forward_backward`` over the K micro-batches, ``apply_update``, then, when the update was not skipped,
+    the task's ``after_update`` and ``after_update`` hooks of the engine's features (weight EMA). The training loop
+    and both benchmarks (``evaclip bench train`` / ``mim``) call this same object."""
+
+    task: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    ctx: StepContext
+    grad_clip_norm: Optional[float]
+    hooks: list = field(default_factory=list)  # callables(model) after each applied update
+
+    def __call__(self, micro: list, stop_requested: bool = False) -> tuple[dict[str, torch.Tensor], Update]:
+        out = self.task.forward_backward(self.model, micro, self.ctx)
+        upd = apply_update(self.model, self.optimizer, self.scaler, self.grad_clip_norm, out["loss"], stop_requested)
+        if not upd.bad:
+            self.task.after_update(self.model)
+            for hook in self.hooks:
+                hook(self.model)
+        return out, upd
+
+
+def build_step(cfg, task, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> Step:
+    """The step of a run: the loss scaler and autocast of ``cfg.precision`` (FSDP2 runs get the sharded scaler),
+    gradient clipping at ``cfg.optim.grad_clip_norm``; ``model`` is the wrapped (DDP / FSDP2) model."""
+    scaler = make_grad_scaler(cfg.precision, cfg.dist.strategy, device)
+    ctx = step_context(autocast_for(cfg.precision, device), scaler, device)
+    return Step(task, model, optimizer, scaler, ctx, cfg.optim.grad_clip_norm)
 
 
 def lr_by_tower(optimizer: torch.optim.Optimizer) -> dict[str, float]:

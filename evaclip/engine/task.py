@@ -85,12 +85,20 @@ class Task:
         device sync). Required."""
         raise NotImplementedError
 
+    def loss(self, model: nn.Module, micro_batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one device micro-batch (run under autocast) and extras to log: ``(loss, {name: tensor})``.
+        The default ``forward_backward`` calls it; a task that overrides ``forward_backward`` need not."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither loss() nor forward_backward()")
+
     def forward_backward(self, model: nn.Module, micro: list, ctx: StepContext) -> dict[str, torch.Tensor]:
         """Forward + backward of one optimizer step over ``micro`` (K device micro-batches). Returns detached
-        tensors; ``"loss"`` (the step's loss, a 0-d tensor) is required, anything else is passed to ``metrics``.
-        Gradients must equal those of the whole K x B batch at once (see ``evaclip.engine.step.accumulate`` for the
-        plain loss / K scheme). Required."""
-        raise NotImplementedError
+        tensors: ``"loss"`` (the step's loss, 0-d) and extras; the engine logs every 0-d extra as ``train/<name>`` at
+        log steps. Gradients must equal those of the whole K x B batch at once. Default: plain accumulation of
+        ``loss`` (``evaclip.engine.step.accumulate``: loss / K per micro-batch, gradient sync on the last), exact for
+        losses that are means over independent samples; a loss over the whole batch (CLIP's) overrides it."""
+        from evaclip.engine.step import accumulate
+
+        return accumulate(model, micro, ctx, self.loss)
 
     def before_step(self, model: nn.Module, step: int, logger) -> None:
         """Called before the micro-batches of ``step`` are drawn (e.g. switch a token-drop phase)."""
@@ -99,10 +107,6 @@ class Task:
         """Called after a successful (not skipped) optimizer update (e.g. clamp a logit scale)."""
 
     # -- reporting -----------------------------------------------------------------------------------------------
-    def metrics(self, out: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Extra log metrics from the last step's ``forward_backward`` output (read at log steps only: host sync)."""
-        return {}
-
     def evaluate(self, model: nn.Module, step: int) -> dict[str, Any]:
         """The task's evaluation (every rank takes part); returns ``{name: value}``, logged under ``eval/``. The
         engine keeps the training RNG stream untouched around it and restores train mode."""

@@ -10,7 +10,7 @@ from torch import nn
 
 from evaclip.distributed import unwrap as unwrap_model
 
-TOWERS = ("visual", "text", "other")
+TOWERS = ("visual", "text", "other")  # a task's own modules (a decoder, a head) may name further towers
 _HOOKS = ("param_tower", "layer_id", "num_layers", "no_weight_decay")
 # Name fragments that never take weight decay even if a model's no_weight_decay() forgets them (EVA-CLIP's rules).
 _NO_WD_FRAGMENTS = ("pos_embed", "positional_embedding", "cls_token", "logit_scale", "logit_bias")
@@ -26,12 +26,16 @@ def _check_hooks(model: nn.Module) -> None:
 
 
 def tower_settings(cfg, tower: str) -> tuple[float, float, float]:
-    """(lr, weight_decay, layer_decay) of a tower; unset tower values fall back to the global ones."""
+    """(lr, weight_decay, layer_decay) of a tower; unset tower values fall back to the global ones. A task's own
+    tower (``param_tower`` naming anything but visual / text / other: a decoder, a head) takes
+    ``optim.tower_lr[tower]`` (default ``optim.lr``) in a group of its own, never the logit scale's."""
     if tower == "visual":
         return _or(cfg.visual_lr, cfg.lr), _or(cfg.visual_wd, cfg.weight_decay), cfg.visual_ld
     if tower == "text":
         return _or(cfg.text_lr, cfg.lr), _or(cfg.text_wd, cfg.weight_decay), cfg.text_ld
-    return cfg.lr, cfg.weight_decay, 1.0
+    if tower == "other":
+        return cfg.lr, cfg.weight_decay, 1.0
+    return (getattr(cfg, "tower_lr", None) or {}).get(tower, cfg.lr), cfg.weight_decay, 1.0
 
 
 def _or(value, default):
@@ -62,12 +66,12 @@ def param_rule(model: nn.Module, name: str, p, cfg, no_wd_names: set[str], wd_na
     fragments (ViTamin's ``pos_embed``, as upstream trains it).
     """
     tower = model.param_tower(name)
-    if tower not in TOWERS:
-        raise ValueError(f"param_tower({name!r}) returned {tower!r}; expected one of {list(TOWERS)}")
+    if not isinstance(tower, str) or not tower:
+        raise ValueError(f"param_tower({name!r}) returned {tower!r}; expected a tower name such as {list(TOWERS)}")
     lr, wd, ld = tower_settings(cfg, tower)
     if not 0.0 < ld <= 1.0:
         raise ValueError(f"optim.{tower}_ld must be in (0, 1], got {ld}")
-    if tower == "other":
+    if tower not in ("visual", "text"):  # the logit scale, a task's own decoder / head: no layer decay
         layer_id, scale = 0, 1.0
     else:
         depth = model.num_layers(tower)
@@ -115,6 +119,7 @@ def build_param_groups(model: nn.Module, cfg) -> list[dict]:
         g["layer_id"] = next(iter(layers)) if len(layers) == 1 else None
         g["lr"] = g["base_lr"] * g["lr_scale"]
         groups.append(g)
-    order = {t: i for i, t in enumerate(TOWERS)}
-    groups.sort(key=lambda g: (order[g["tower"]], -g["lr_scale"], g["weight_decay"] == 0))
+    order = {t: (i, "") for i, t in enumerate(TOWERS)}  # a task's own towers last, by name
+    groups.sort(key=lambda g: (order.get(g["tower"], (len(TOWERS), g["tower"])), -g["lr_scale"],
+                               g["weight_decay"] == 0))
     return groups

@@ -193,8 +193,6 @@ class ClipTask(Task):
 
         clamp_logit_scale_(model)
 
-    def metrics(self, out):
-        return {"logit_scale": float(out["logit_scale"])}
 
     def evaluate(self, model, step):
         ev = self.cfg.eval

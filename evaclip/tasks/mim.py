@@ -224,6 +224,7 @@ class MIMTask(Task):
         super().__init__(cfg, env)
         self.teacher = None  # evaclip.models.mim.MIMTeacher, loaded by build_model
         self._grid: Optional[int] = None  # the student's patch grid side
+        self._denom: Optional[torch.Tensor] = None  # masked patches of the step per micro-batch and rank
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -331,27 +332,24 @@ class MIMTask(Task):
 
     def forward_backward(self, model: nn.Module, micro: list, ctx: StepContext) -> dict[str, torch.Tensor]:
         from evaclip.distributed import all_reduce_
-        from evaclip.engine.step import accumulate
-        from evaclip.losses import mim_cosine_loss
 
         k, world = len(micro), self.env.world_size
         masked = torch.stack([mask.sum() for _, mask in micro]).sum().float()
         # every masked patch of the step counts once: accumulate() divides by k and DDP / FSDP average over ranks
-        denom = all_reduce_(masked.clone()).clamp(min=1.0) / (k * world)
-
-        def loss_of(model, mb):
-            images_BCHW, mask_BP = mb
-            target_BPT = self.teacher(images_BCHW, self._grid)  # the unmasked view, no gradient
-            # every position predicted, the loss weights the masked ones: static shapes, no host sync (see the loss)
-            pred_BPT = model(images_BCHW, mask_BP, all_positions=True)
-            return mim_cosine_loss(pred_BPT, target_BPT, mask_BP, denom), {}
-
-        out = accumulate(model, micro, ctx, loss_of)
+        self._denom = all_reduce_(masked.clone()).clamp(min=1.0) / (k * world)
+        out = super().forward_backward(model, micro, ctx)  # plain accumulation of loss()
         out["masked_frac"] = masked / sum(mask.numel() for _, mask in micro)
         return out
 
-    def metrics(self, out):
-        return {"masked_frac": float(out["masked_frac"])}
+    def loss(self, model: nn.Module, micro_batch) -> tuple[torch.Tensor, dict]:
+        """The summed negative cosine at this micro-batch's masked patches over the step's ``_denom``."""
+        from evaclip.losses import mim_cosine_loss
+
+        images_BCHW, mask_BP = micro_batch
+        target_BPT = self.teacher(images_BCHW, self._grid)  # the unmasked view, no gradient
+        # every position predicted, the loss weights the masked ones: static shapes, no host sync (see the loss)
+        pred_BPT = model(images_BCHW, mask_BP, all_positions=True)
+        return mim_cosine_loss(pred_BPT, target_BPT, mask_BP, self._denom), {}
 
     # -- evaluation ----------------------------------------------------------------------------------------------
     def _eval_preprocess(self):
