@@ -28,6 +28,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m "not gpu" -p no:cacheprovider; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m "not slow and not gpu" -p no:cacheprovider; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m gpu; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
