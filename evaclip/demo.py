@@ -289,20 +289,20 @@ def seeds_table(rows: list[dict]) -> str:
         values = [v for v in (_final(r[key]) for r in rows) if v is not None]
         return f"mean {_pct(sum(values) / len(values))} %, worst {_pct(min(values))} %" if values else "-"
 
-    def count(a: str, b: str) -> int:
-        return sum(1 for r in rows if None not in (_final(r[a]), _final(r[b])) and _final(r[a]) > _final(r[b]))
+    def count(a: str, b: str) -> str:
+        """'k of m': seeds where run ``a`` beats run ``b``, of those where both finished."""
+        pairs = [(_final(r[a]), _final(r[b])) for r in rows if None not in (_final(r[a]), _final(r[b]))]
+        return f"{sum(1 for x, y in pairs if x > y)} of {len(pairs)}"
 
-    n = len(rows)
     lines += [f"- Same shapes, EVA-CLIP recipe for 100 steps: EVA-init (MIM student + teacher text) {stats('eva')}; "
               f"teacher copy (its image tower + its text) {stats('copy')}; text-only init {stats('text_only')}; no "
-              f"init {stats('scratch')}. The EVA-init beats the teacher copy in {count('eva', 'copy')} of {n} seeds, "
-              f"the text-only init in {count('eva', 'text_only')} of {n}, its 300-step teacher in "
-              f"{count('eva', 'teacher')} of {n}.",
+              f"init {stats('scratch')}. The EVA-init beats the teacher copy in {count('eva', 'copy')} seeds, the "
+              f"text-only init in {count('eva', 'text_only')}, its 300-step teacher in {count('eva', 'teacher')}.",
               f"- EVA-02's setting (teacher image tower {WIDE_TEACHER}: wider and deeper; no copy possible): the "
               f"teacher {stats('wide_teacher')}; EVA-init {stats('wide_eva')}; text-only init "
               f"{stats('wide_text_only')}. The student's CLIP beats its larger teacher in "
-              f"{count('wide_eva', 'wide_teacher')} of {n} seeds, the text-only init in "
-              f"{count('wide_eva', 'wide_text_only')} of {n}."]
+              f"{count('wide_eva', 'wide_teacher')} seeds, the text-only init in "
+              f"{count('wide_eva', 'wide_text_only')}."]
     return "\n".join(lines)
 
 
