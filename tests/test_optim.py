@@ -287,7 +287,7 @@ def test_lamb_cuda_branch_over_all_groups_matches_torch_optimizer(monkeypatch, d
 def test_lamb_launches_per_step_do_not_grow_with_the_groups():
     """The EVA02-CLIP-B-16 recipe's real grouping (layer decay in both towers: 57 groups, 362 tensors) on meta
     tensors (the CUDA branch), kernels counted from a profiler trace: before, one pass per group, 1054 launches per
-    step; one multi-tensor pass over all groups: under 120, as for a single group."""
+    step; one multi-tensor pass over all groups: as many as a single group (95 on torch 2.14)."""
     from torch.profiler import ProfilerActivity, profile
 
     from evaclip.bench.measure import cuda_launches
@@ -311,7 +311,8 @@ def test_lamb_launches_per_step_do_not_grow_with_the_groups():
     total = launches(opt)
     one_group = launches(Lamb(model.parameters(), lr=1e-3, weight_decay=0.05, variant="deepspeed"))
     assert len(opt.param_groups) == 57
-    assert total < 120 and total <= one_group + 10, (total, one_group)
+    # torch 2.14: 95 vs 95 for one group (before: 1054); torch 2.11 records a few more ops: 160 vs 150
+    assert total <= one_group + 10 and total < 250, (total, one_group)
 
 
 def test_lamb_chunking_does_not_change_the_step():
