@@ -229,7 +229,8 @@ def demo(info: dict, runs: Path, common: list[str], per_stage: dict[str, list[st
         print(f"  exported                 {eva_run / 'export'}/ (CLIP encoders), {mim_run / 'export'}/ (student, "
               "EVA-02 MIM layout)")
     print(f"  summary                  {eva_run / 'demo_result.json'}")
-    return 0 if reach is not None else 1
+    # the verdict is a figure to report either way (docs/DEMO.md), not a failure of the command: every stage ran
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
