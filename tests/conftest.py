@@ -1,4 +1,5 @@
-"""Shared test settings: CUDA-only tests (marked ``gpu``) skip cleanly on machines without a GPU."""
+"""Shared test settings and fixtures: CUDA-only tests (marked ``gpu``) skip cleanly on machines without a GPU; the
+tiny models and files several test modules use."""
 import pytest
 import torch
 
@@ -22,3 +23,17 @@ def tiny_model():
     from evaclip.models import create_model
 
     return create_model("EVA02-CLIP-tiny", attn_backend="sdpa")
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory):
+    """A tiny CLIP's state dict (weights drawn with std 0.2, so its features are not the init's), as a MIM teacher."""
+    from evaclip.models import create_model
+
+    clip = create_model("EVA02-CLIP-tiny", attn_backend="sdpa")
+    with torch.no_grad():
+        for p in clip.parameters():
+            p.normal_(0, 0.2)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(clip.state_dict(), path)
+    return str(path)

@@ -1,5 +1,5 @@
 """Shared pieces of the end-to-end tests that launch evaclip as users do, in subprocesses: tests/test_torchrun.py
-(CLIP) and tests/test_mim_e2e.py (MIM). Not collected by pytest (no ``test_`` prefix); a test module that imports
+(CLIP) and tests/tasks/test_mim_e2e.py (MIM). Not collected by pytest (no ``test_`` prefix); a test module that imports
 ``digits`` gets the fixture.
 
 Runs use the ``demo_cpu`` recipe with the tiny model on the digits (``data_tools.make_demo``, one copy per digit),

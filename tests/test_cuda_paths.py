@@ -325,15 +325,6 @@ def test_the_training_loop_applies_the_tf32_key(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------- 5, 7. the MIM task on a GPU (meta stands in)
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    from evaclip.models import create_model
-
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(create_model("EVA02-CLIP-tiny", attn_backend="sdpa").state_dict(), path)
-    return str(path)
-
-
 def _mim_task(tmp_path, teacher, precision, backend, device):
     from evaclip.config import load_config
     from evaclip.distributed import DistEnv

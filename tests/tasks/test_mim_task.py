@@ -6,10 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from evaclip.distributed import DistEnv
 from evaclip.errors import ConfigError
@@ -18,30 +16,6 @@ from evaclip.models.mim import MIMStudent, build_student
 from evaclip.tasks.mim import MIMCfg, MIMTask
 
 MODEL = "EVA02-CLIP-tiny"
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    clip = create_model(MODEL, attn_backend="sdpa")
-    with torch.no_grad():
-        for p in clip.parameters():
-            p.normal_(0, 0.2)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(clip.state_dict(), path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def labelled_folder(tmp_path_factory):
-    """An ImageNet-style folder: 2 classes x 4 images of 32 px, dark vs bright."""
-    root = tmp_path_factory.mktemp("digits")
-    rng = np.random.default_rng(0)
-    for name, base in (("dark", 40), ("bright", 200)):
-        (root / name).mkdir()
-        for i in range(4):
-            px = np.clip(base + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(px).save(root / name / f"{i}.png")
-    return str(root)
 
 
 def _cfg(tmp_path, teacher, *overrides, **mim):
