@@ -1,5 +1,8 @@
 """Shared test settings and fixtures: CUDA-only tests (marked ``gpu``) skip cleanly on machines without a GPU; the
 tiny models and files several test modules use."""
+import sys
+import types
+
 import pytest
 import torch
 
@@ -37,3 +40,96 @@ def teacher_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     torch.save(clip.state_dict(), path)
     return str(path)
+
+
+# ------------------------------------------------------------------------------------------- GPU stand-ins
+# A GPU on a CPU: ``torch.cuda`` monkeypatched, fake ``flash_attn`` (FA2) / ``flash_attn.cute`` (FA4) modules in
+# ``sys.modules``, ``meta`` tensors for the device. Shapes: B batch, N tokens, H heads, D head dim.
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch reports a CUDA device of compute capability ``fake_cuda.capability`` (default 9.0, Hopper)."""
+    from evaclip.models import attention as attn_mod
+
+    state = types.SimpleNamespace(capability=(9, 0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state.capability)
+    monkeypatch.setattr(attn_mod, "_LOGGED", set(), raising=False)
+    monkeypatch.setattr(attn_mod, "_WARNED", set(), raising=False)
+    return state
+
+
+def _fa2_func(calls):
+    def flash_attn_func(q, k, v, causal=False, **kw):  # FA2 registers its op for CUDA only
+        calls.append(("FA2", q.device.type, q.dtype))
+        if q.device.type != "cuda":
+            raise NotImplementedError("flash_attn::_flash_attn_forward: no kernel for the CPU backend")
+        raise AssertionError("unreachable on this machine")
+    return flash_attn_func
+
+
+class _InvisibleKernel(torch.autograd.Function):
+    """FA4 stand-in: a kernel torch's dispatcher does not see (no aten matmul), output shaped like q."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    """Install fake flash-attn packages: ``fake_flash(fa2=True, fa4=False)``; returns the list of kernel calls."""
+    calls: list = []
+
+    def install(fa2: bool = True, fa4: bool = False):
+        pkg = types.ModuleType("flash_attn")
+        pkg.__path__ = []
+        if fa2:
+            pkg.flash_attn_func = _fa2_func(calls)
+        monkeypatch.setitem(sys.modules, "flash_attn", pkg)
+        if fa4:
+            cute = types.ModuleType("flash_attn.cute")
+
+            def flash_attn_func(q, k, v, causal=False, **kw):
+                calls.append(("FA4", q.device.type, q.dtype))
+                return _InvisibleKernel.apply(q, k, v)
+
+            cute.flash_attn_func = flash_attn_func
+            # the entry points evaclip's FA4 custom op calls (models/fa4_op.py), 4.0.0b36's signatures
+            interface = types.ModuleType("flash_attn.cute.interface")
+
+            def _flash_attn_fwd(q, k, v, causal=False, return_lse=False, **kw):
+                calls.append(("FA4", q.device.type, q.dtype))
+                B, N, H, _ = q.shape
+                return torch.empty_like(q), q.new_empty(B, H, N, dtype=torch.float32), None, None, None
+
+            def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, **kw):
+                calls.append(("FA4 backward", q.device.type, q.dtype))
+                return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+            interface._flash_attn_fwd, interface._flash_attn_bwd = _flash_attn_fwd, _flash_attn_bwd
+            cute.interface = interface
+            pkg.cute = cute
+            monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+            monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
+        else:
+            monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # import raises ImportError
+        return calls
+
+    return install
+
+
+@pytest.fixture
+def flash_on_meta(monkeypatch):
+    """A flash kernel that runs on the meta device (the GPU stand-in) and nowhere else."""
+    from evaclip.models import attention as attn_mod
+
+    def fake_kernel(device="cuda"):
+        if device is not None and torch.device(device).type == "meta":
+            return attn_mod.FlashKernel(lambda q, k, v, causal=False: torch.empty_like(q), "FA4", False), "stand-in"
+        return None, "flash-attn runs on the stand-in GPU only"
+
+    monkeypatch.setattr(attn_mod, "flash_kernel", fake_kernel)

@@ -5,8 +5,10 @@ No timing assertions: the machine is shared; figures live in docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
+import weakref
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from evaclip.bench import flops, measure, report
 from evaclip.bench import train as train_bench
 from evaclip.bench.__main__ import ALL_ARGS, BENCHMARKS, GPU_CHECK_ARGS, GPU_CHECK_TRAIN_ARGS, parser
 from evaclip.bench.__main__ import main as bench_main
+from evaclip.models.attention import Attend
 
 
 def test_count_flops_matches_the_analytic_linear_count():
@@ -254,3 +257,82 @@ def test_attention_bench_on_cuda_bf16():
     rows = rep["sections"][0]["rows"]
     assert {"eager", "sdpa"} <= {r["backend"] for r in rows}
     assert all(r["max_err"] < 5e-2 for r in rows)
+
+
+# ------------------------------------------------------------------------ issue 15 on a CPU: bench: one model at a time
+def _bench_cfg(monkeypatch, **kw):
+    monkeypatch.setattr(train_bench, "matmul_peak_flops", lambda *a, **k: 1e12)  # not what these tests are about
+    monkeypatch.setattr(train_bench, "_auto_batches", lambda *a, **k: {"evaclip": 2, "open_clip": 2})  # no CUDA
+
+    base = dict(model="EVA02-CLIP-tiny", batch="auto", token_drop=[0.0], device="cpu", precision="fp32", vs="open_clip",
+                steps=1, warmup=0, rounds=1, count_flops=False, peak_size=64, overrides={"text.vocab_size": 512})
+    return train_bench.TrainBenchCfg(**{**base, **kw})
+
+
+@pytest.mark.slow
+def test_bench_auto_batch_frees_each_model_before_building_the_next(monkeypatch):
+    ours, seen = [], []
+    make_ours, make_theirs = train_bench._evaclip_model, train_bench.open_clip_model
+
+    def evaclip_model(*a, **k):
+        m = make_ours(*a, **k)
+        ours.append(weakref.ref(m))
+        return m
+
+    def open_clip_model(*a, **k):
+        seen.append(sum(r() is not None for r in ours))  # evaclip models alive when open_clip's is built
+        return make_theirs(*a, **k)
+
+    monkeypatch.setattr(train_bench, "_evaclip_model", evaclip_model)
+    monkeypatch.setattr(train_bench, "open_clip_model", open_clip_model)
+    sec = train_bench.bench_train(_bench_cfg(monkeypatch))
+    assert seen == [0]  # before: the evaclip runner (weights + LAMB state) was still alive
+    assert [(r["impl"], r["optimizer"]) for r in sec["rows"]] == [
+        ("evaclip", "lamb (foreach)"), ("open_clip", "torch_optimizer.Lamb"), ("open_clip", "lamb (foreach)")]
+    assert all(r["samples_per_s"] > 0 for r in sec["rows"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", ["auto", 2])
+def test_bench_out_of_memory_is_a_reported_row(monkeypatch, batch):
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_bench, "open_clip_model", oom)
+    sec = train_bench.bench_train(_bench_cfg(monkeypatch, batch=batch))  # before: the error ended the run, no report
+    rows = sec["rows"]
+    assert rows[0]["impl"] == "evaclip" and rows[0]["samples_per_s"] > 0
+    assert [r["impl"] for r in rows[1:]] == ["open_clip", "open_clip"]
+    assert all(r["error"].startswith("out of memory") for r in rows[1:])
+    assert ["error", "error"] in sec["columns"] and sec["summary"] == {}
+    gc.collect()
+
+
+def test_cuda_launch_count_reads_the_multi_tensor_route():
+    from torch.profiler import ProfilerActivity, profile
+
+    u = [torch.empty(s, device="meta") for s in ((4, 3), (5,), (2, 2, 2))]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        torch._foreach_mul_(u, [torch.empty((), device="meta") for _ in u])  # 0-d factors: per tensor
+    assert measure.cuda_launches(prof) == (3, {"aten::_foreach_mul_": 3})
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        torch._foreach_mul_(u, 0.5)
+        torch._foreach_addcmul_(u, u, u, value=2.0)
+    assert measure.cuda_launches(prof) == (2, {})
+
+
+# ---------------------------------------------------------------------------- issue 15 on a CPU: FLOPs of FA4 attention
+def test_count_flops_sees_flash_attention_4(fake_cuda, fake_flash):
+    fake_flash(fa2=False, fa4=True)
+    b, h, n, d = 2, 3, 16, 8
+    q, k, v = (torch.empty(b, n, h, d, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    att = Attend("flash_attn")
+
+    def fwd_bwd():
+        att(q, k, v).sum().backward()
+
+    # forward 2 matmuls, backward 5, each 2·B·H·N²·D: SDPA's formulas, registered for evaclip's FA4 ops (before
+    # issue 22 Attend tallied them; before issue 15: 0, no torch op to see)
+    assert flops.count_flops(fwd_bwd) == 7 * 2 * b * h * n * n * d
+    with torch.no_grad():
+        assert flops.count_flops(lambda: att(q, k, v)) == 2 * 2 * b * h * n * n * d

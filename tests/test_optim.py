@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch_optimizer
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from evaclip.config import ConfigError, OptimCfg, load_config
 from evaclip.optim import (
@@ -546,3 +547,89 @@ def test_lamb_matches_torch_optimizer_on_cuda(debias):
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+# ------------------------------------------------------ issue 15 on a CPU: gradient norm over two devices (cpu_offload)
+def test_clip_grad_norm_with_grads_on_two_devices():
+    """FSDP2 cpu_offload: shard grads on the host, logit_scale's on the GPU (meta stands in for it)."""
+    host = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(2)]
+    gpu = torch.nn.Parameter(torch.zeros((), device="meta"))
+    for p in host:
+        p.grad = torch.randn_like(p)
+    gpu.grad = torch.ones((), device="meta")
+    total = clip_grad_norm_([host[0], gpu, host[1]], None)  # before: torch.stack of cpu + meta norms raised
+    assert total.shape == () and total.device.type == "meta"  # reduced on the accelerator
+    sq = global_sq_norms([host[0].grad, gpu.grad, host[1].grad], [host[0], gpu, host[1]])
+    assert sq.shape == (3,) and sq.device.type == "meta"
+    cpu_only = global_sq_norms([p.grad for p in host], host)  # one device: unchanged
+    torch.testing.assert_close(cpu_only, torch.stack([p.grad.norm() ** 2 for p in host]))
+
+
+# ------------------------------------------------------------- issue 15 on a CPU: LAMB scaling on the multi-tensor path
+class _ForeachRoutes(TorchDispatchMode):
+    """Records foreach calls whose tensor lists differ in shape at some index: CUDA runs those one kernel per
+    tensor (``can_use_fast_route`` needs the same sizes and strides at each index)."""
+
+    def __init__(self):
+        super().__init__()
+        self.per_tensor: list = []
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name.startswith("_foreach_"):
+            self.calls += 1
+            lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+            if any(x.shape != y.shape or x.stride() != y.stride()
+                   for other in lists[1:] for x, y in zip(lists[0], other)):
+                self.per_tensor.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _lamb_params(device="cpu"):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s).to(device)) for s in ((16, 8), (8,), (3, 4, 5), ())]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:]}], params
+
+
+def test_lamb_cuda_path_scales_updates_on_the_multi_tensor_route():
+    """meta parameters take LAMB's non-CPU (CUDA) branch: every foreach call must stay on the multi-tensor route."""
+    groups, _ = _lamb_params("meta")
+    opt = Lamb(groups, lr=1e-2)
+    routes = _ForeachRoutes()
+    with routes:
+        opt.step()
+    assert routes.calls > 0 and routes.per_tensor == []  # before: aten._foreach_mul_.List with 0-d factors
+
+
+def test_lamb_cuda_branch_computes_the_cpu_branchs_update(monkeypatch):
+    from evaclip.optim import lamb as lamb_mod
+
+    monkeypatch.setattr(Lamb, "cpu_tensorwise", False)
+    out = []
+    for multi_tensor in (True, False):  # the CUDA branch run on CPU tensors, then the CPU branch
+        monkeypatch.setattr(lamb_mod, "_multi_tensor_device", lambda t, m=multi_tensor: m)
+        groups, params = _lamb_params()
+        Lamb(groups, lr=1e-2).step()
+        out.append([p.detach().clone() for p in params])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_lamb_step_launches_counted_from_a_profiler_trace():
+    """torch.profiler CPU trace of a LAMB step on meta parameters (the CUDA branch): no foreach call off CUDA's
+    multi-tensor route (before: _foreach_mul_ with 0-d factors, one kernel per tensor)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from evaclip.bench.measure import cuda_launches
+    params = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in ((16, 8), (8,), (3, 4, 5))]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    opt = Lamb(params, lr=1e-2, weight_decay=0.1)
+    opt.step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        opt.step()
+    total, per_tensor = cuda_launches(prof)
+    assert per_tensor == {} and 0 < total < 40
