@@ -173,9 +173,10 @@ class SkipCounter:
     them twice. A row written for another epoch starts over.
     """
 
-    def __init__(self, num_workers: int = 1):
+    def __init__(self, num_workers: int = 1, reasons: Sequence[str] = _SKIP_REASONS):
         self.num_workers = max(1, num_workers)
-        self._width = 1 + len(_SKIP_REASONS)
+        self.reasons = tuple(reasons)
+        self._width = 1 + len(self.reasons)
         self._arr = mp.Array("q", [-1 if j % self._width == 0 else 0 for j in range(self.num_workers * self._width)],
                              lock=True)
 
@@ -187,16 +188,16 @@ class SkipCounter:
                 self._arr[row] = epoch
                 for j in range(1, self._width):
                     self._arr[row + j] = 0
-            j = row + 1 + _SKIP_REASONS.index(reason)
+            j = row + 1 + self.reasons.index(reason)
             self._arr[j] = max(self._arr[j], distinct)
 
     def by_reason(self, epoch: int) -> dict[str, int]:
         """Distinct skipped samples of ``epoch`` by reason, summed over the workers (zeros once rows moved on)."""
         vals = self._arr[:]
-        out = dict.fromkeys(_SKIP_REASONS, 0)
+        out = dict.fromkeys(self.reasons, 0)
         for row in range(0, len(vals), self._width):
             if vals[row] == epoch:
-                for r, v in zip(_SKIP_REASONS, vals[row + 1:row + self._width]):
+                for r, v in zip(self.reasons, vals[row + 1:row + self._width]):
                     out[r] += int(v)
         return out
 
@@ -373,7 +374,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.counter.record(self._skip_worker, self.spec.epoch, reason, len(seen))
 
     def _decoded(self, samples: Iterator[dict], min_side: Optional[int]) -> Iterator[tuple[dict, Any]]:
-        state = getattr(self, "_state", None)
         for s in samples:
             try:
                 img = decode_image(s["__image__"], min_side)
@@ -381,11 +381,23 @@ class ShardStream(torch.utils.data.IterableDataset):
                 self._skip("corrupt_image", s)
                 log.debug("skipping %s from %s: %s", s.get("__key__"), s.get("__url__"), e)
                 continue
-            if state is not None:
-                state["shards_since_valid"] = state["raw_since_valid"] = 0
+            self._mark_valid()
             yield s, img
 
-    def __iter__(self) -> Iterator:
+    def _mark_valid(self) -> None:
+        # a usable sample came out of the stream: reset the no-valid-sample guard (see _guard)
+        state = getattr(self, "_state", None)
+        if state is not None:
+            state["shards_since_valid"] = state["raw_since_valid"] = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch and the batch index to start from (read by the workers when the loader starts)."""
+        self.spec.epoch = epoch
+        self.spec.start_step = start_step
+
+    def worker_role(self) -> tuple[int, int, range]:
+        """``(logical worker, its batches before start_step, the global batch indices it produces)`` for the
+        DataLoader worker this runs in."""
         spec = self.spec
         info = torch.utils.data.get_worker_info()
         physical = info.id if info is not None else 0
@@ -394,19 +406,26 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise RuntimeError(f"stream built for {spec.num_workers} workers runs in {n_phys}; use the DataInfo loader")
         # after a restart at step k the loader's worker 0 must produce batch k: rotate the logical roles
         logical = (physical + spec.start_step) % spec.num_workers
-        self._skip_seen, self._skip_worker = {}, logical  # this pass's skipped samples (see SkipCounter)
         done_before = len(range(logical, min(spec.start_step, spec.num_batches), spec.num_workers))
-        todo = _batch_share(spec.num_batches, spec.num_workers, logical, spec.start_step)
-        if len(todo) == 0:
-            return
+        return logical, done_before, _batch_share(spec.num_batches, spec.num_workers, logical, spec.start_step)
+
+    def items(self, logical: int, done_before: int) -> Iterator:
+        """This worker's decoded samples from its first batch after ``start_step`` on, endless (exact mode cycles)."""
+        self._skip_seen, self._skip_worker = {}, logical  # this pass's skipped samples (see SkipCounter)
         valid = self._valid_samples(logical)
         # skip this worker's share of the batches before start_step: decode at the smallest JPEG draft scale only to
         # learn which samples are valid (so the stream lines up exactly); no transforms, no tokenization
-        for _ in zip(range(done_before * spec.batch_size), self._decoded(valid, min_side=1)):
+        for _ in zip(range(done_before * self.spec.batch_size), self._decoded(valid, min_side=1)):
             pass
-        decoded = self._decoded(valid, min_side=self.draft_side)
+        yield from self._decoded(valid, min_side=self.draft_side)
+
+    def __iter__(self) -> Iterator:
+        logical, done_before, todo = self.worker_role()
+        if len(todo) == 0:
+            return
+        decoded = self.items(logical, done_before)
         for bi in todo:
-            batch = [x for _, x in zip(range(spec.batch_size), decoded)]
+            batch = [x for _, x in zip(range(self.spec.batch_size), decoded)]
             yield self._collate(batch, bi)
 
     def _collate(self, batch: list[tuple[dict, Any]], batch_index: int):
@@ -487,8 +506,7 @@ class DataInfo:
             raise ValueError(f"start_step {start_step} outside [0, {self.num_batches}] for this epoch")
         if epoch != self.stream.spec.epoch:  # file the epoch that ends (the counter's rows move on)
             self._skip_history[self.stream.spec.epoch] = self.skipped_by_reason()
-        self.stream.spec.epoch = epoch
-        self.stream.spec.start_step = start_step
+        self.stream.set_epoch(epoch, start_step)
 
     def skipped(self, epoch: Optional[int] = None) -> int:
         """Distinct samples skipped in ``epoch`` (default: the current one), summed over all reasons and workers."""
@@ -515,6 +533,88 @@ def _split_keys(keys: str) -> tuple:
     return tuple(k.strip().lstrip(".") for k in keys.split(";") if k.strip())
 
 
+@dataclass
+class ShardPlan:
+    """One shard spec, checked and sized: its sources, samples per shard (None if unknown), source weights, and the
+    samples of one epoch (``total``)."""
+
+    spec: str
+    sources: list
+    sizes: Optional[list]
+    weights: Optional[list]
+    resampled: bool
+    total: int
+
+    @property
+    def flat(self) -> list:
+        return [u for s in self.sources for u in s]
+
+
+def plan_shards(spec_str: str, weights: Optional[list], resampled: bool, num_samples: Optional[int],
+                world_size: int, key: str = "data.train") -> ShardPlan:
+    """Expand, check and size the shard spec ``spec_str`` (config key ``key``) for ``world_size`` ranks.
+
+    Exact mode: an epoch is every sample (``num_samples`` caps it); resampled mode: ``num_samples``. Missing local
+    shards, empty datasets and fewer shards than ranks raise, naming the key."""
+    sources = expand_spec(spec_str)
+    flat = [u for s in sources for u in s]
+    check_shards_exist(flat, spec_str)
+    if weights is not None:
+        if len(weights) != len(sources):
+            raise ValueError(f"{key}_weights has {len(weights)} entries but {key} has {len(sources)} "
+                             f"'::'-separated sources")
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"{key}_weights must be non-negative with a positive sum, got {weights}")
+    sizes = shard_sizes(flat)
+    if resampled:
+        if not num_samples:
+            raise ValueError(f"{key}_num_samples is required in resampled mode (it defines the epoch)")
+        total = num_samples
+    else:
+        if sizes is None and all(is_local(u) for u in flat):
+            sizes = [count_tar_samples(u) for u in flat]
+        if sizes is not None:
+            total = sum(sizes)
+            if total == 0:
+                raise ValueError(f"no samples in the {len(flat)} shard(s) of '{spec_str}'")
+            if num_samples:
+                total = min(total, num_samples)
+        elif num_samples:
+            total = num_samples
+        else:
+            raise ValueError(f"cannot count the samples of '{spec_str}' (remote shards without sizes.json): "
+                             f"set {key}_num_samples")
+        if len(flat) < world_size:
+            raise ValueError(f"exact mode needs at least one shard per rank: {len(flat)} shard(s) for "
+                             f"{world_size} ranks; use more shards or data.resampled=true")
+    return ShardPlan(spec_str, sources, sizes, weights, resampled, total)
+
+
+def batches_per_rank(plan: ShardPlan, batch_size: int, world_size: int, rank: int = 0) -> int:
+    """Full global batches of ``batch_size`` rows per rank in one epoch of ``plan`` (raises when there is none)."""
+    global_batch = batch_size * world_size
+    num_batches = plan.total // global_batch
+    if num_batches == 0:
+        raise ValueError(f"{plan.total} samples are fewer than one global batch ({batch_size} x {world_size} ranks) "
+                         f"from '{plan.spec}'")
+    if plan.total % global_batch and rank == 0:
+        log.info("epoch of %d samples rounded down to %d full global batches", plan.total, num_batches)
+    return num_batches
+
+
+def worker_count(workers: int, plan: ShardPlan, world_size: int, rank: int = 0) -> int:
+    """DataLoader workers for ``plan``: ``workers``, fewer in exact mode so each one has a shard of its own."""
+    workers = max(0, workers)
+    per_rank = len(plan.flat) // world_size
+    if not plan.resampled and workers > per_rank:
+        # no idle worker: each one needs at least a shard of its own
+        if rank == 0:
+            log.warning("data.workers=%d but only %d shard(s) per rank: using %d worker(s)", workers, per_rank,
+                        per_rank)
+        workers = per_rank
+    return workers
+
+
 def build_train_loader(cfg, preprocess: Callable, tokenizer: Optional[Callable] = None, *, rank: int = 0,
                        world_size: int = 1, seed: int = 0, epoch: int = 0, start_step: int = 0,
                        pin_memory: Optional[bool] = None, mask_generator=None) -> DataInfo:
@@ -534,54 +634,10 @@ def build_train_loader(cfg, preprocess: Callable, tokenizer: Optional[Callable] 
         raise ValueError("data.synthetic is true: use evaclip.data.synthetic.synthetic_batches instead")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside [0, {world_size})")
-    spec_str = cfg.train
-    sources = expand_spec(spec_str)
-    flat = [u for s in sources for u in s]
-    check_shards_exist(flat, spec_str)
-    weights = cfg.train_weights
-    if weights is not None:
-        if len(weights) != len(sources):
-            raise ValueError(f"data.train_weights has {len(weights)} entries but data.train has {len(sources)} "
-                             f"'::'-separated sources")
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"data.train_weights must be non-negative with a positive sum, got {weights}")
-    sizes = shard_sizes(flat)
-    if cfg.resampled:
-        if not cfg.train_num_samples:
-            raise ValueError("data.train_num_samples is required in resampled mode (it defines the epoch)")
-        total = cfg.train_num_samples
-    else:
-        if sizes is None and all(is_local(u) for u in flat):
-            sizes = [count_tar_samples(u) for u in flat]
-        if sizes is not None:
-            total = sum(sizes)
-            if total == 0:
-                raise ValueError(f"no samples in the {len(flat)} shard(s) of '{spec_str}'")
-            if cfg.train_num_samples:
-                total = min(total, cfg.train_num_samples)
-        elif cfg.train_num_samples:
-            total = cfg.train_num_samples
-        else:
-            raise ValueError(f"cannot count the samples of '{spec_str}' (remote shards without sizes.json): "
-                             "set data.train_num_samples")
-        if len(flat) < world_size:
-            raise ValueError(f"exact mode needs at least one shard per rank: {len(flat)} shard(s) for "
-                             f"{world_size} ranks; use more shards or data.resampled=true")
-    global_batch = cfg.batch_size * world_size
-    num_batches = total // global_batch
-    if num_batches == 0:
-        raise ValueError(f"{total} samples are fewer than one global batch ({cfg.batch_size} x {world_size} ranks) "
-                         f"from '{spec_str}'")
-    if total % global_batch and rank == 0:
-        log.info("epoch of %d samples rounded down to %d full global batches", total, num_batches)
-    workers = max(0, cfg.workers)
-    if not cfg.resampled and workers > len(flat) // world_size:
-        # no idle worker: each one needs at least a shard of its own
-        if rank == 0:
-            log.warning("data.workers=%d but only %d shard(s) per rank: using %d worker(s)", workers,
-                        len(flat) // world_size, len(flat) // world_size)
-        workers = len(flat) // world_size
-    spec = _StreamSpec(sources=sources, sizes=sizes, weights=weights, resampled=cfg.resampled,
+    plan = plan_shards(cfg.train, cfg.train_weights, cfg.resampled, cfg.train_num_samples, world_size)
+    num_batches = batches_per_rank(plan, cfg.batch_size, world_size, rank)
+    workers = worker_count(cfg.workers, plan, world_size, rank)
+    spec = _StreamSpec(sources=plan.sources, sizes=plan.sizes, weights=plan.weights, resampled=cfg.resampled,
                        batch_size=cfg.batch_size, num_batches=num_batches, rank=rank, world_size=world_size,
                        num_workers=max(1, workers), seed=seed, shuffle_buffer=cfg.shuffle_buffer,
                        image_keys=_split_keys(cfg.image_key), text_key=cfg.text_key.strip().lstrip("."),
