@@ -99,11 +99,13 @@ def _rows(batch: DocBatch) -> list[list[int]]:
 
 
 def _check_batch(batch: DocBatch, L: int = 48) -> None:
-    """The contract: rows of L padded with pad, sot first, eot last, whole image blocks, N images = N boi tokens."""
+    """The contract: rows of L padded with pad, sot first (boi when the row opens with an image), eot last, whole
+    image blocks, N images = N boi tokens."""
     assert isinstance(batch, DocBatch) and batch.tokens_BL.shape[1] == L
     n_boi = 0
     for r in _rows(batch):
-        assert r[0] == IDS.sot and r[-1] == IDS.eot and r.count(IDS.eot) == 1
+        assert r[0] in (IDS.sot, IDS.boi) and r[-1] == IDS.eot and r.count(IDS.eot) == 1
+        assert r.count(IDS.sot) == (r[0] == IDS.sot)
         bois = [k for k, t in enumerate(r) if t == IDS.boi]
         assert bois, "every row has an image"
         for k in bois:
@@ -211,9 +213,10 @@ def test_pair_order_coin_is_seeded_by_position(data):
         for bi, b in enumerate(batches):
             _check_batch(b)
             for r, row in enumerate(_rows(b)):
-                image_first = row[1] == IDS.boi
-                # either [sot] [boi][img]xn[eoi] caption [eot] or [sot] caption [boi][img]xn[eoi] [eot]
-                assert image_first or row[-2] == IDS.eoi
+                image_first = row[0] == IDS.boi
+                # either [boi][img]xn[eoi] caption [eot] (no sot: the boi at position 0 is no contrastive pair, as
+                # in LCL) or [sot] caption [boi][img]xn[eoi] [eot]
+                assert image_first or (row[0] == IDS.sot and row[-2] == IDS.eoi)
                 assert image_first == _position_coin(seed, epoch, 0, bi, r)
                 firsts.append(image_first)
         assert 0 < sum(firsts) < len(firsts)
@@ -224,7 +227,7 @@ def test_pair_caption_is_cut_to_leave_room_for_the_image():
     long = "one two three four five six seven eight nine ten"
     for first in (True, False):
         row = b.pair(long, first)
-        assert len(row) == 12 and row.count(IDS.boi) == 1 and row[-1] == IDS.eot
+        assert len(row) == 12 - first and row.count(IDS.boi) == 1 and row[-1] == IDS.eot  # image first: no sot
         text = [t for t in row if t < IDS.sot]
         assert text == TOK.encode(long)[:12 - N_IMG - 4]
 
@@ -251,9 +254,13 @@ def test_truncation_never_cuts_an_image_block():
             assert body[:n_before + 6] == t(n_before) + b.block
         else:
             assert kept == [0, 1] and len(row) == n_before + 16
-    # a row that fits keeps everything
+    # a row that fits keeps everything; one that opens with an image has no sot (its boi is not a pair)
     row, kept = b.row([t(3), 0])
     assert row == [IDS.sot] + t(3) + b.block + [IDS.eot] and kept == [0]
+    row, kept = b.row([0, t(3), 1])
+    assert row == b.block + t(3) + b.block + [IDS.eot] and kept == [0, 1]
+    row, kept = b.row([0, t(20), 1])
+    assert row == b.block + t(20)[:L - 7] + [IDS.eot] and kept == [0]
 
 
 def test_document_cut_before_its_first_image_is_replaced(tmp_path):

@@ -6,10 +6,14 @@ Shapes: N images of a batch (every image of every row, N >= B), C/H/W image chan
 L context length.
 
 A row is ``[sot] text ... [boi] [img] x n [eoi] text ... [eot] [pad] ...`` (ids: ``evaclip.models.lcl_tokens``),
-``n`` = ``image_tokens`` latents per image.
+``n`` = ``image_tokens`` latents per image. A row that opens with an image has no ``sot``: it starts with that
+image's ``boi``, as LCL's rows do (its pair wrapper writes an image-first pair as ``[boi] ... caption [eot]``). The
+model takes the hidden state at a ``boi`` as the text side of a contrastive pair unless the ``boi`` is at position 0;
+with a ``sot`` before it, every image-first row would add a pair whose "text" is ``sot`` alone, the same vector for
+all of them.
 
 - A pair (``data.train``, the image-text shards as they are) becomes ``[sot] caption [boi][img]xn[eoi] [eot]`` or
-  ``[sot] [boi][img]xn[eoi] caption [eot]``, each with probability ``img_first_prob`` = 0.5, drawn from a generator
+  ``[boi][img]xn[eoi] caption [eot]``, each with probability ``img_first_prob`` = 0.5, drawn from a generator
   seeded by (run seed, epoch, rank, batch index, row): the sample's position in the data, so a resumed run draws the
   same. The caption is cut to leave room for the image.
 - A document (``lcl_data.docs``) is a webdataset sample ``{key}.json`` + its images ``{key}.{i}.{jpg,png,...}``; the
@@ -122,10 +126,11 @@ class RowBuilder:
         return list(self.tokenizer.encode(text))
 
     def row(self, pieces: Sequence[Any]) -> tuple[list[int], list[int]]:
-        """``[sot] pieces... [eot]`` cut to L: text is cut anywhere, an image block that does not fit whole is
-        dropped with everything after it; eot always ends the row. Returns ``(ids, the kept images' indices in block
-        order)`` (not padded)."""
-        out, budget, kept = [self.ids.sot], self.L - 2, []  # room for sot and eot
+        """``[sot] pieces... [eot]`` cut to L (no sot when the first piece is an image: see the module docstring):
+        text is cut anywhere, an image block that does not fit whole is dropped with everything after it; eot always
+        ends the row. Returns ``(ids, the kept images' indices in block order)`` (not padded)."""
+        out = [] if pieces and isinstance(pieces[0], int) else [self.ids.sot]
+        budget, kept = self.L - 1 - len(out), []  # room for eot
         for p in pieces:
             if isinstance(p, int):
                 if len(self.block) > budget:
