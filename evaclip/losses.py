@@ -1,7 +1,9 @@
-"""Contrastive losses over the global batch: ClipLoss (softmax InfoNCE) and SigLipLoss (pairwise sigmoid).
+"""Contrastive losses over the global batch: ClipLoss (softmax InfoNCE), SigLipLoss (pairwise sigmoid) and LCLLoss
+(generation + InfoNCE over a variable number of pairs per rank).
 
 Shapes: see the legend in docs/ARCHITECTURE.md (B this rank's batch, G global batch = world_size * B, E embedding
-dim; MIM: P patch tokens, S grid side, T teacher feature dim, M masked patches).
+dim; MIM: P patch tokens, S grid side, T teacher feature dim, M masked patches; LCL: n pairs, T generation targets,
+V vocabulary).
 
 Both losses work with or without a process group. Across processes, features are all-gathered with gradient
 (``torch.distributed.nn``), whose backward sums the gradients of every rank's loss; with DDP's gradient averaging the
@@ -210,3 +212,90 @@ def build_loss(cfg) -> nn.Module:
     if cfg.name == "siglip":
         return SigLipLoss()
     raise AssertionError(cfg.name)  # unreachable: config validation rejects other names
+
+
+class LCLLoss(nn.Module):
+    """LCL's loss (Latent Compression Learning, OpenGVLab): ``generation_weight`` x next-token cross-entropy +
+    ``contrastive_weight`` x symmetric InfoNCE between the LM's features at ``<boi>`` and the pooled latents of the
+    images that follow, over the global batch (defaults 1.0 and 0.1, LCL's ``--lcl-generation-loss-weight`` /
+    ``--lcl-contrastive-loss-weight``).
+
+    Reference: LCL's ``src/open_clip/loss.py``, ``LCLLoss.get_logits`` / ``LCLLoss.forward``: each rank pads its
+    variable number of pairs with zero rows to the largest count of any rank, all-gathers image and text features
+    with gradient, scores its own rows against every gathered column (local loss), fills the padded columns with
+    -inf, and averages the image->text and text->image cross-entropies; the generation term is the cross-entropy
+    over the targets ``LCL.get_generation_logits_labels`` keeps (``src/open_clip/lcl_model.py``); the temperature
+    is a learned ``logit_scale`` clamped at ln(100) after each step (``src/training/train.py``: the task's
+    ``after_update``). LCL averages each term over the rank's own pairs / targets and DDP averages the ranks; here
+    each term is averaged over the pairs / targets of the whole global batch (counts exchanged once per call), so 2
+    processes give exactly the 1-process loss and gradients on the concatenated batch even with uneven counts (the
+    same as LCL's when every rank holds as many), and a rank with no pair adds 0 instead of NaN (LCL: a mean over
+    zero rows). Both terms are always computed, the contrastive one multiplied by its weight, so with weight 0
+    every parameter still takes part in backward (DDP / FSDP2 see a full graph; LCL skipped the term and DDP
+    failed on the unused parameters).
+
+    ``forward`` returns ``loss`` (this rank's share: its backward, averaged over ranks as DDP does, is the global
+    gradient) and detached global values for logging: ``global_loss``, ``generation``, ``contrastive`` (unweighted),
+    ``pairs`` (the global pair count).
+    """
+
+    def __init__(self, generation_weight: float = 1.0, contrastive_weight: float = 0.1, group=None) -> None:
+        super().__init__()
+        if generation_weight < 0 or contrastive_weight < 0:
+            raise ValueError(f"LCL loss weights must be >= 0, got {generation_weight}, {contrastive_weight}")
+        self.generation_weight, self.contrastive_weight = float(generation_weight), float(contrastive_weight)
+        self.group = group
+
+    def _counts(self, pairs: int, targets: int, device, world_size: int) -> torch.Tensor:
+        """world x 2 (pairs, targets) of every rank, one all-gather."""
+        mine = torch.tensor([[pairs, targets]], dtype=torch.long, device=device)
+        if world_size == 1:
+            return mine
+        parts = [torch.empty_like(mine) for _ in range(world_size)]
+        dist.all_gather(parts, mine, group=self.group)
+        return torch.cat(parts)
+
+    def _contrastive_sum(self, img_NE, txt_NE, logit_scale, counts_W: torch.Tensor, rank: int, world_size: int):
+        """Summed (i2t + t2i) / 2 cross-entropy of this rank's pairs against every rank's (padding masked)."""
+        n, n_max = img_NE.shape[0], max(1, int(counts_W.max()))
+        if world_size == 1:
+            img_all, txt_all, offset = img_NE, txt_NE, 0
+            valid_C = torch.ones(n, dtype=torch.bool, device=img_NE.device)
+        else:
+            pad = img_NE.new_zeros(n_max - n, img_NE.shape[1])
+            img_all = gather_features(torch.cat([img_NE, pad]), rank, world_size, True, self.group)
+            txt_all = gather_features(torch.cat([txt_NE, pad.to(txt_NE.dtype)]), rank, world_size, True, self.group)
+            col = torch.arange(world_size * n_max, device=img_NE.device)
+            valid_C = (col % n_max) < counts_W.to(img_NE.device)[col // n_max]
+            offset = rank * n_max
+        labels = torch.arange(n, device=img_NE.device) + offset
+        logits_i2t = (logit_scale * img_NE @ txt_all.T).masked_fill(~valid_C, float("-inf"))
+        logits_t2i = (logit_scale * txt_NE @ img_all.T).masked_fill(~valid_C, float("-inf"))
+        return 0.5 * (F.cross_entropy(logits_i2t, labels, reduction="sum")
+                      + F.cross_entropy(logits_t2i, labels, reduction="sum"))
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logits: torch.Tensor,
+                labels: torch.Tensor, logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``image_features`` / ``text_features``: this rank's pairs, n x E each, L2-normalised (n may be 0 and may
+        differ between ranks); ``logits``: T x V at this rank's generation targets ``labels`` (T); ``logit_scale``
+        exponentiated."""
+        if image_features.ndim != 2 or image_features.shape != text_features.shape:
+            raise ValueError(f"expected image and text features of the same shape (n, E), got "
+                             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+        if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+            raise ValueError(f"expected logits T x V and labels T, got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        rank, world_size = rank_world(self.group)
+        counts = self._counts(image_features.shape[0], labels.shape[0], image_features.device, world_size)
+        totals = counts.sum(0).clamp(min=1).float()
+        img, txt = image_features.float(), text_features.float()
+        con_sum = self._contrastive_sum(img, txt, logit_scale.float(), counts[:, 0], rank, world_size)
+        gen_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+        generation = gen_sum * world_size / totals[1]
+        contrastive = con_sum * world_size / totals[0]
+        loss = self.generation_weight * generation + self.contrastive_weight * contrastive
+        sums = torch.stack([gen_sum.detach() / totals[1], con_sum.detach() / totals[0]])
+        if world_size > 1:
+            dist.all_reduce(sums, group=self.group)
+        return {"loss": loss, "generation": sums[0], "contrastive": sums[1],
+                "global_loss": self.generation_weight * sums[0] + self.contrastive_weight * sums[1],
+                "pairs": counts[:, 0].sum().float()}
