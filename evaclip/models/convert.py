@@ -3,7 +3,8 @@
 In: the EVA-CLIP release (``visual.*``, ``text.*``, ``logit_scale``; q_proj/k_proj/v_proj + q_bias/v_bias,
 w1/w2/ffn_ln/w3, inner_attn_ln), EVA MIM pre-training (image tower only, no prefix), timm ``eva02_*`` (bare) and
 open_clip ``EVA02-*`` (timm naming under ``visual.trunk.``), OpenAI / open_clip text towers, and evaclip's own files
-(safetensors or torch).
+(safetensors or torch); an evaclip LCL model (``lcl``: its ``visual.*`` image tower, whose CLIP head
+starts fresh, as a CLIP's ``model.image_init``).
 Out: ``to_open_clip_state_dict`` (open_clip's EVA02 layout), ``to_eva_clip_state_dict`` (the EVA-CLIP release layout),
 ``to_eva_mim_state_dict`` (a MIM student in EVA-02's released MIM layout).
 
@@ -27,7 +28,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-FORMATS = ("evaclip", "eva_clip", "eva_mim", "timm", "open_clip", "openai_text")
+FORMATS = ("evaclip", "eva_clip", "eva_mim", "timm", "open_clip", "openai_text", "lcl")
 
 # Keys no evaclip model holds: recomputed tables, pre-training heads, masks. Dropped wherever they appear.
 IGNORABLE = re.compile(
@@ -152,6 +153,8 @@ def detect_format(sd: dict) -> str:
     read as ``evaclip``, which maps them identically."""
     keys = set(sd)
     has = lambda *parts: any(p in k for k in keys for p in parts)
+    if "pooler.pool.query" in keys and any(k.startswith("visual.") for k in keys):
+        return "lcl"  # an evaclip LCL model (evaclip.models.lcl): the CLIP's image tower without its head
     if any(k.startswith("visual.trunk.") for k in keys):
         return "open_clip"
     if any(k.startswith("visual.blocks.") for k in keys):
@@ -203,7 +206,8 @@ def _split(sd: dict, groups=_FUSED) -> dict:
 
 def _visual_part(sd: dict, fmt: str) -> tuple[dict, list]:
     """The image-tower keys of a checkpoint, relative to the tower, in evaclip naming; plus ignored keys."""
-    prefix = {"open_clip": "visual.trunk.", "eva_clip": "visual.", "evaclip": "visual.", "timm": "", "eva_mim": ""}
+    prefix = {"open_clip": "visual.trunk.", "eva_clip": "visual.", "evaclip": "visual.", "timm": "", "eva_mim": "",
+              "lcl": "visual."}
     if fmt not in prefix:
         if "visual.conv1.weight" in sd:  # (openai_vit.is_openai_vit; that module imports this one)
             raise CheckpointError("its image tower is an OpenAI-layout ViT (visual.conv1), not an EVA tower: it can be "
@@ -351,7 +355,7 @@ def load_visual(model, sd: dict, fmt: Optional[str] = None, report: Optional[Loa
         return _load_timm_visual(tower, sd, fmt, report)
     src, ignored = _visual_part(sd, fmt)
     target = _model_sd(tower)
-    fresh_ok = ("head.", "inner_attn_ln.") if fmt == "eva_mim" else ()
+    fresh_ok = ("head.", "inner_attn_ln.") if fmt == "eva_mim" else ("head.",) if fmt == "lcl" else ()
     if fmt == "timm" and "head.weight" not in src:
         fresh_ok = ("head.",)  # timm backbones saved with num_classes=0
     src = _adapt(src, target, "visual.", report)
@@ -389,7 +393,7 @@ def _load_timm_visual(tower, sd: dict, fmt: str, report: LoadReport) -> LoadRepo
     open_clip or evaclip checkpoint loads under ``visual.`` as it is, and a bare timm trunk (``timm``) under
     ``trunk.`` (its projection then stays fresh: timm's classifier is no CLIP projection)."""
     classifier = []  # a bare timm trunk's own classifier: no CLIP projection, dropped (listed as ignored)
-    if fmt in ("open_clip", "evaclip"):
+    if fmt in ("open_clip", "evaclip", "lcl"):
         src = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
     elif fmt == "timm":
         classifier = [k for k in sd if k.startswith("head.")]
@@ -400,7 +404,7 @@ def _load_timm_visual(tower, sd: dict, fmt: str, report: LoadReport) -> LoadRepo
     ignored = [k for k in src if IGNORABLE.search(k)]
     src = {k: v for k, v in src.items() if k not in ignored}
     target = _model_sd(tower)
-    fresh_ok = ("head.",) if fmt == "timm" else ()
+    fresh_ok = ("head.",) if fmt in ("timm", "lcl") else ()
     src = _adapt(src, target, "visual.", report, num_prefix=tower.num_prefix)
     report.fresh += _check_keys(src, target, "visual.", f"image tower of the '{fmt}' checkpoint", fresh_ok)
     report.ignored += [f"visual.{k}" for k in ignored] + classifier
@@ -441,6 +445,9 @@ def load_clip_state_dict(model, sd: dict, fmt: Optional[str] = None) -> LoadRepo
         raise CheckpointError("this is a MIM student (masked image modeling, EVA's layout), not a CLIP: export it "
                               "with `evaclip export RUN --format eva_mim`, monitor it with k-NN (mim.knn_train / "
                               "mim.knn_val), or start a CLIP's image tower from it with model.image_init=RUN")
+    if fmt == "lcl":
+        raise CheckpointError("this is an LCL model (an image tower, a pooler and a language model), not a CLIP: "
+                              "start a CLIP's image tower from it with model.image_init=RUN")
     if fmt not in ("evaclip", "eva_clip", "open_clip"):
         raise CheckpointError(f"a '{fmt}' checkpoint holds one tower only; pass it as image_init= or text_init=")
     report = LoadReport(formats={"pretrained": fmt})

@@ -101,6 +101,29 @@ class AttentivePooler(nn.Module):
         return pooled_BW, attn.out_proj(v_BKW)
 
 
+class LanguageModel(TextTransformer):
+    """The LCL LM: the CLIP text tower (same modules and keys) run over whole rows. ``forward`` does everything that
+    reads the tower's own parameters (embeddings, blocks, ``ln_final``, ``text_projection``) in one call, so FSDP2's
+    hooks on the tower gather them once."""
+
+    def forward(self, tokens_BL: torch.Tensor, latents_NKW: Optional[torch.Tensor], image_id: int,
+                features_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows B x L with the ``image_id`` placeholders replaced by ``latents_NKW`` (row-major order; None: no
+        image) -> (hidden states B x L x W before ``ln_final``, projected features M x E at the M positions of
+        ``features_BL``)."""
+        x_BLW = self.token_embedding(tokens_BL)
+        if latents_NKW is not None:
+            img_BL = tokens_BL == image_id
+            n_slots, (N, K, _) = int(img_BL.sum()), latents_NKW.shape
+            if n_slots != N * K:
+                raise ValueError(f"the token rows hold {n_slots} image placeholders but the batch's {N} images give "
+                                 f"{K} latents each ({N * K}): the data's image_tokens must be the kept patches at "
+                                 "the run's token drop")
+            x_BLW = x_BLW.masked_scatter(img_BL.unsqueeze(-1), latents_NKW.to(x_BLW.dtype))
+        h_BLW = self.transformer(x_BLW + self.positional_embedding[:tokens_BL.shape[1]])
+        return h_BLW, self.ln_final(h_BLW[features_BL]) @ self.text_projection
+
+
 class LCL(nn.Module):
     """Image tower + attentive pooler + causal LM + logit scale; the optimizer hooks are the CLIP model's (the pooler
     and ``latent_proj`` count as the image tower's top layer, ``lm_head`` as the text tower's)."""
@@ -118,7 +141,7 @@ class LCL(nn.Module):
         self.latent_proj = nn.Linear(W, cfg.embed_dim, bias=False) if cfg.embed_dim != W else None
         if self.latent_proj is not None:
             nn.init.normal_(self.latent_proj.weight, std=W ** -0.5)
-        self.text = TextTransformer(cfg.text, cfg.embed_dim, attend)
+        self.text = LanguageModel(cfg.text, cfg.embed_dim, attend)
         self.lm_head = nn.Sequential(nn.LayerNorm(W, eps=cfg.text.ln_eps), nn.Linear(W, cfg.text.vocab_size,
                                                                                     bias=False))
         nn.init.normal_(self.lm_head[1].weight, std=W ** -0.5)
@@ -136,9 +159,22 @@ class LCL(nn.Module):
     # --- the image side -------------------------------------------------------------------------------------------
     def patch_features(self, images_NCHW: torch.Tensor) -> torch.Tensor:
         """The image tower's final-norm tokens, CLS dropped: N x K x D (K kept patches in training with token
-        dropping)."""
-        x_NTD = self.visual.forward_features(images_NCHW)
-        return x_NTD[:, self.visual.num_prefix:]
+        dropping). A timm tower (ViTamin) normalises after its average pool (``fc_norm``, an identity ``norm``): its
+        final LayerNorm is applied to each token here, as LCL's ``ln_post`` to every token before the CLS is
+        dropped."""
+        self._fsdp_methods()
+        return self.visual.final_tokens(images_NCHW)
+
+    def _fsdp_methods(self) -> None:
+        """Under FSDP2 the image tower is a unit whose weights are gathered around its ``__call__``; the pooler reads
+        its ``final_tokens``, registered once as a forward method so it gathers them too."""
+        if getattr(self, "_fsdp_registered", False):
+            return
+        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+        if isinstance(self.visual, FSDPModule):
+            register_fsdp_forward_method(self.visual, "final_tokens")
+        self._fsdp_registered = True
 
     def image_latents(self, images_NCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pooled latent N x E, not normalised; per-patch latents N x K x W, the LM's image tokens)."""
@@ -165,24 +201,11 @@ class LCL(nn.Module):
         if not bool(has_boi_B.all()):
             raise ValueError("encode_text needs a prompt ending with <eot> (or <boi>) in every row")
         pos_L = torch.arange(tokens_BL.shape[1], device=tokens_BL.device)
-        last = int(torch.where(tokens_BL == t.boi, pos_L, -1).max())
-        f_BE = self.text(tokens_BL[:, :last + 1])  # pools at the highest id: boi, the largest id of a prompt row
+        last_B = torch.where(tokens_BL == t.boi, pos_L, -1).max(dim=1).values  # the last boi of each row
+        tokens_BL = tokens_BL[:, :int(last_B.max()) + 1]
+        at_BL = pos_L[:tokens_BL.shape[1]] == last_B[:, None]
+        _, f_BE = self.text(tokens_BL, None, t.image, at_BL)
         return F.normalize(f_BE, dim=-1) if normalize else f_BE
-
-    def _text_features(self, h_MW: torch.Tensor) -> torch.Tensor:
-        return self.text.ln_final(h_MW) @ self.text.text_projection
-
-    def _embed_row(self, tokens_BL: torch.Tensor, latents_NKW: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the ``img`` placeholders replaced by the image latents, plus positions: B x L x W."""
-        img_BL = tokens_BL == self.tokens.image
-        n_slots, (N, K, W) = int(img_BL.sum()), latents_NKW.shape
-        if n_slots != N * K:
-            raise ValueError(f"the token rows hold {n_slots} image placeholders but the batch's {N} images give {K} "
-                             f"latents each ({N * K}): the data's image_tokens must be the kept patches at the run's "
-                             "token drop")
-        x_BLW = self.text.token_embedding(tokens_BL)
-        x_BLW = x_BLW.masked_scatter(img_BL.unsqueeze(-1), latents_NKW.to(x_BLW.dtype))
-        return x_BLW + self.text.positional_embedding[:tokens_BL.shape[1]]
 
     def forward(self, images_NCHW: torch.Tensor, tokens_BL: torch.Tensor) -> LCLOutput:
         """One batch of rows and its images (in ``boi`` order): the contrastive pairs and the generation logits."""
@@ -194,11 +217,10 @@ class LCL(nn.Module):
         if int(boi_BL.sum()) != images_NCHW.shape[0]:
             raise ValueError(f"the token rows hold {int(boi_BL.sum())} <boi> tokens for {images_NCHW.shape[0]} images")
         pooled_NE, latents_NKW = self.image_latents(images_NCHW)
-        h_BLW = self.text.transformer(self._embed_row(tokens_BL, latents_NKW))
         # a boi at position 0 has no text before it: no pair (LCL's get_contrastive_features)
         counts_BL = boi_BL.clone()
         counts_BL[:, 0] = False
-        txt_ME = self._text_features(h_BLW[counts_BL])
+        h_BLW, txt_ME = self.text(tokens_BL, latents_NKW, t.image, counts_BL)
         keep_N = counts_BL[boi_BL]  # the images in boi order, those whose boi counts
         img_ME = pooled_NE[keep_N]
         next_BL = tokens_BL[:, 1:]

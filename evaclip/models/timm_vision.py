@@ -129,6 +129,12 @@ class TimmVisionTower(nn.Module):
         """Every token's final features, B x N x D (N = the stride-16 grid, or the kept tokens when dropping)."""
         return self.trunk.forward_features(img_BCHW)
 
+    def final_tokens(self, img_BCHW: torch.Tensor) -> torch.Tensor:
+        """The trunk's last tokens through its final LayerNorm, per token, prefix dropped: B x K x D (K kept tokens in
+        training with token dropping). ViTamin normalises after its average pool (``fc_norm``; ``norm`` is an
+        identity), so ``fc_norm`` is applied to each token: what a model reading the tokens (LCL's pooler) takes."""
+        return self.trunk.fc_norm(self.forward_features(img_BCHW)[:, self.num_prefix:])
+
     def patch_tokens(self, img_BCHW: torch.Tensor, layer: int = -1, *, norm: bool = False,
                      prefix: bool = False) -> torch.Tensor:
         """The tokens of transformer block ``layer`` (negative from the end), B x P x D over the stride-16 grid:

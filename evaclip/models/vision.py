@@ -292,6 +292,11 @@ class EVAVisionTransformer(nn.Module):
         x_BND, keep_idx = self._embed(img_BCHW, patch_fn)
         return self.norm(self._blocks(x_BND, self._rope(keep_idx), cls_only_last=False))
 
+    def final_tokens(self, img_BCHW: torch.Tensor) -> torch.Tensor:
+        """The patch tokens after the final norm, CLS dropped: B x K x D (K kept patches in training with token
+        dropping, every patch otherwise); what a model reading the patches (LCL's pooler) takes instead of ``head``."""
+        return self.forward_features(img_BCHW)[:, self.num_prefix:]
+
     def _layer_index(self, layer: int) -> int:
         depth = len(self.blocks)
         if not -depth <= layer < depth:
