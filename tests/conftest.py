@@ -42,6 +42,53 @@ def teacher_file(tmp_path_factory):
     return str(path)
 
 
+# ---------------------------------------------------------------------------------------------------- tiny runs
+TINY_RUN = ("demo_cpu", "model.name=EVA02-CLIP-tiny", "data.synthetic=true", "data.batch_size=4", "device=cpu",
+            "name=run", "log.every=1", "log.tensorboard=false", "optim.warmup_steps=1", "model.token_drop_until=null")
+
+
+def _tiny_run_args(output_dir, *extra: str) -> list[str]:
+    return [*TINY_RUN, f"output_dir={output_dir}", *extra]
+
+
+@pytest.fixture
+def run_args(tmp_path):
+    """``run_args(*extra)``: the ``evaclip train`` arguments of a tiny CLIP run in ``tmp_path/run``: the ``demo_cpu``
+    recipe with EVA02-CLIP-tiny on synthetic data, batch 4, one warmup step, every step logged to metrics.jsonl (no
+    TensorBoard). ``extra`` overrides come last, so they win."""
+    return lambda *extra: _tiny_run_args(tmp_path, *extra)
+
+
+@pytest.fixture
+def run_cfg(run_args):
+    """``run_cfg(*extra)``: ``run_args``' run as a validated config."""
+    from evaclip.config import load_config
+
+    def cfg(*extra):
+        args = run_args(*extra)
+        return load_config(args[0], args[1:])
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory):
+    """A tiny CLIP run folder (two synthetic steps; its config.yaml names the architecture), to teach MIM runs."""
+    from evaclip.train import cli
+
+    out = tmp_path_factory.mktemp("teacher_run")
+    assert cli(_tiny_run_args(out, "max_steps=2", "name=clip")) == 0
+    return out / "clip"
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """The digits (``data_tools.make_demo``, one copy per digit, 160 samples a shard): real image-text shards."""
+    from data_tools.make_demo import make_demo
+
+    out = tmp_path_factory.mktemp("digits")
+    return make_demo(str(out), seed=0, copies=1, samples_per_shard=160, show_progress=False)
+
+
 # ------------------------------------------------------------------------------------------- GPU stand-ins
 # A GPU on a CPU: ``torch.cuda`` monkeypatched, fake ``flash_attn`` (FA2) / ``flash_attn.cute`` (FA4) modules in
 # ``sys.modules``, ``meta`` tensors for the device. Shapes: B batch, N tokens, H heads, D head dim.

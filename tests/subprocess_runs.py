@@ -1,6 +1,6 @@
 """Shared pieces of the end-to-end tests that launch evaclip as users do, in subprocesses: tests/test_torchrun.py
-(CLIP) and tests/tasks/test_mim_e2e.py (MIM). Not collected by pytest (no ``test_`` prefix); a test module that imports
-``digits`` gets the fixture.
+(CLIP), tests/tasks/test_mim_e2e.py (MIM) and tests/engine/test_run_lock.py. Not collected by pytest (no ``test_``
+prefix); the ``digits`` data they run on is a fixture of tests/conftest.py.
 
 Runs use the ``demo_cpu`` recipe with the tiny model on the digits (``data_tools.make_demo``, one copy per digit),
 batch 8, one data worker, one thread per process, logging every step.
@@ -27,14 +27,6 @@ TRAIN = [sys.executable, "-m", "evaclip.train"]
 def torchrun(nproc: int) -> list[str]:
     """The launcher prefix of an ``nproc``-process run on this machine (``TRAIN``'s module)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *TRAIN[1:]]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from data_tools.make_demo import make_demo
-
-    out = tmp_path_factory.mktemp("digits")
-    return make_demo(str(out), seed=0, copies=1, samples_per_shard=160, show_progress=False)
 
 
 def env() -> dict:

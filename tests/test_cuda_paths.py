@@ -311,18 +311,13 @@ def test_fp32_on_cuda_gets_tf32_matmuls_unless_switched_off(monkeypatch):
     assert not set_tf32("bf16", cuda) and not set_tf32("fp32", torch.device("cpu")) and seen == []
 
 
-def test_the_training_loop_applies_the_tf32_key(monkeypatch, tmp_path):
-    from evaclip.config import load_config
+def test_the_training_loop_applies_the_tf32_key(monkeypatch, run_cfg):
     from evaclip.engine import loop
     from evaclip.train import main
 
     calls = []
     monkeypatch.setattr(loop, "set_tf32", lambda *a: calls.append(a) or False)
-    cfg = load_config("demo_cpu", ["model.name=EVA02-CLIP-tiny", "data.synthetic=true", "data.batch_size=2",
-                                   "max_steps=1", "optim.warmup_steps=0", "device=cpu", f"output_dir={tmp_path}",
-                                   "name=run", "log.tensorboard=false", "eval.zeroshot=null", "tf32=false",
-                                   "model.token_drop_until=null"])
-    main(cfg)
+    main(run_cfg("data.batch_size=2", "max_steps=1", "optim.warmup_steps=0", "tf32=false"))
     assert calls == [("fp32", torch.device("cpu"), False)]
 
 

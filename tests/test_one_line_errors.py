@@ -17,10 +17,10 @@ from evaclip.train import cli
 MODEL = "EVA02-CLIP-tiny"
 
 
-def _args(tmp_path, *extra):
-    return ["demo_cpu", f"model.name={MODEL}", "data.synthetic=true", "data.batch_size=4", "device=cpu",
-            f"output_dir={tmp_path / 'runs'}", "name=run", "log.tensorboard=false", "optim.warmup_steps=1",
-            "model.token_drop_until=null", "max_steps=2", *extra]
+@pytest.fixture
+def train_args(run_args):
+    """``train_args(*extra)``: tests/conftest.py's tiny run, 2 steps (each case here ends before the first)."""
+    return lambda *extra: run_args("max_steps=2", *extra)
 
 
 def _mim(args: list, *extra) -> list:
@@ -62,14 +62,14 @@ def files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("task", ["clip", "mim"])
-def test_a_zero_byte_shard_is_named_in_one_line(tmp_path, files, capsys, task):
+def test_a_zero_byte_shard_is_named_in_one_line(tmp_path, files, capsys, task, train_args):
     jpg = io.BytesIO()
     Image.new("RGB", (32, 32), "red").save(jpg, format="JPEG")
     with ShardSink(str(tmp_path / "shards"), 4) as sink:
         for i in range(8):
             sink.write({"__key__": f"{i:03d}", "jpg": jpg.getvalue(), "txt": "a red square"})
     (tmp_path / "shards" / "00002.tar").write_bytes(b"")
-    args = _args(tmp_path, "data.synthetic=false", f"data.train={tmp_path / 'shards'}")
+    args = train_args("data.synthetic=false", f"data.train={tmp_path / 'shards'}")
     code = cli(args if task == "clip" else _mim(args, f"mim.teacher={files / 'clip.pt'}", f"mim.teacher_model={MODEL}"))
     _one_line(capsys, code, str(tmp_path / "shards" / "00002.tar"), "0 bytes")
 
@@ -81,13 +81,13 @@ def test_a_zero_byte_shard_is_named_in_one_line(tmp_path, files, capsys, task):
     ("model.image_init", "export/text", ["holds a text tower only", "model.text_init"]),
     ("model.text_init", "mim.safetensors", ["is a MIM student", "model.image_init"]),
 ])
-def test_an_init_file_of_the_wrong_kind_is_one_line(tmp_path, files, capsys, key, name, must):
-    _one_line(capsys, cli(_args(tmp_path, f"{key}={files / name}")), key, str(files / name), *must)
+def test_an_init_file_of_the_wrong_kind_is_one_line(files, capsys, key, name, must, train_args):
+    _one_line(capsys, cli(train_args(f"{key}={files / name}")), key, str(files / name), *must)
 
 
-def test_an_image_init_of_another_architecture_is_a_short_line(tmp_path, files, capsys):
+def test_an_image_init_of_another_architecture_is_a_short_line(files, capsys, train_args):
     """Before: a 41-line traceback ending in a 4.6 kB list of every shape."""
-    err = _one_line(capsys, cli(_args(tmp_path, "model.name=EVA02-CLIP-demo", f"model.image_init={files / 'clip.pt'}")),
+    err = _one_line(capsys, cli(train_args("model.name=EVA02-CLIP-demo", f"model.image_init={files / 'clip.pt'}")),
                     "tensors do not fit the model's shapes", "another architecture", "visual.cls_token")
     assert len(err) < 500, len(err)
 
@@ -100,7 +100,7 @@ def test_an_image_init_of_another_architecture_is_a_short_line(tmp_path, files, 
     ("mim.safetensors", [f"mim.teacher_model={MODEL}"], ["is a MIM student", "not a CLIP"]),
     ("clip.pt", [], ["cannot tell which architecture", "set mim.teacher_model=NAME"]),
 ])
-def test_a_teacher_of_the_wrong_kind_is_one_line_in_the_words_of_training(tmp_path, files, capsys, name, extra, must):
-    err = _one_line(capsys, cli(_mim(_args(tmp_path), f"mim.teacher={files / name}", *extra)),
+def test_a_teacher_of_the_wrong_kind_is_one_line_in_the_words_of_training(files, capsys, name, extra, must, train_args):
+    err = _one_line(capsys, cli(_mim(train_args(), f"mim.teacher={files / name}", *extra)),
                     f"mim.teacher {files / name}", *must)
     assert "--model" not in err and "model.pretrained" not in err and "model.image_init " not in err

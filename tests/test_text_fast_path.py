@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
+from subprocess_runs import records
 from test_models import _randomize
-from test_train import _cfg, _records
 
 import evaclip.data.transforms
 from evaclip.data.transforms import trim_padding
@@ -169,7 +169,7 @@ def test_trimmed_batch_gives_the_same_features(eots):
     torch.testing.assert_close(tower(trimmed), tower(tokens_BL), rtol=1e-5, atol=1e-6)
 
 
-def test_train_loop_trims_and_gives_the_same_losses(tmp_path, monkeypatch):
+def test_train_loop_trims_and_gives_the_same_losses(monkeypatch, run_cfg):
     """Two tiny steps with trimming on and off: the same losses; with it on the text batch really is shorter."""
     seen = []
 
@@ -181,9 +181,9 @@ def test_train_loop_trims_and_gives_the_same_losses(tmp_path, monkeypatch):
     monkeypatch.setattr(evaclip.data.transforms, "trim_padding", spy)
     losses = {}
     for trim in (True, False):
-        run = main(_cfg(tmp_path / str(trim), "max_steps=2", "model.attn_backend=eager",
-                        f"data.trim_text_padding={str(trim).lower()}"))
-        losses[trim] = [r["train/loss"] for r in _records(run.run_dir) if "train/loss" in r]
+        run = main(run_cfg(f"name=trim_{trim}", "max_steps=2", "optim.lr=1e-3", "model.token_drop=0.0",
+                           "model.attn_backend=eager", f"data.trim_text_padding={str(trim).lower()}"))
+        losses[trim] = [r["train/loss"] for r in records(run.run_dir) if "train/loss" in r]
     assert len(losses[True]) == 2 and len(seen) == 2  # the spy ran in the trimming run only
     assert all(n < full and n % 8 == 0 for full, n in seen)
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=1e-5)

@@ -10,13 +10,12 @@ import sys
 import time
 
 import pytest
-from subprocess_runs import MODEL, TRAIN, assert_continues_like, digits, kill_after_checkpoint, torchrun
+from subprocess_runs import MODEL, TRAIN, assert_continues_like, kill_after_checkpoint, torchrun
 from subprocess_runs import env as _env
 from subprocess_runs import overrides as _overrides
 from subprocess_runs import records as _records
 
 pytestmark = pytest.mark.slow
-__all__ = ["digits"]  # the shared fixture
 
 
 def test_torchrun_two_processes_gloo_finishes_and_writes_checkpoints(digits, tmp_path):

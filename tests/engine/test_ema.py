@@ -6,21 +6,18 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from subprocess_runs import TRAIN, env, torchrun
 from torch import nn
 from toy_task import ToyTask  # noqa: I001  (tests/engine/toy_task.py)
 
 from evaclip.config import TASKS, EmaCfg, load_config
 from evaclip.engine import train
 from evaclip.engine.ema import WeightEMA
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from subprocess_runs import MODEL, TRAIN, env, torchrun  # noqa: E402
 
 
 @pytest.mark.parametrize("warmup", [False, True])
@@ -98,14 +95,12 @@ def _final_ema(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc,strategy", [(1, "ddp"), (2, "ddp"), (1, "fsdp"), (2, "fsdp")])
-def test_resume_mid_run_reproduces_the_uninterrupted_ema_bitwise(tmp_path, nproc, strategy):
+def test_resume_mid_run_reproduces_the_uninterrupted_ema_bitwise(tmp_path, nproc, strategy, run_args):
     """A run killed after its step-3 checkpoint (its later checkpoint and log dropped) resumes to the same averages,
     bitwise, as the run that was never interrupted; then ``evaclip export --ema`` exports exactly those averages."""
     launch = TRAIN if nproc == 1 else torchrun(nproc)
-    args = ["demo_cpu", f"model.name={MODEL}", "data.synthetic=true", "data.batch_size=4", "device=cpu",
-            f"dist.strategy={strategy}", f"output_dir={tmp_path}", "name=run", "log.every=1", "log.tensorboard=false",
-            "optim.warmup_steps=1", "model.token_drop_until=null", "model.token_drop=0.5", "max_steps=6",
-            "ckpt.every=3", "ckpt.keep_last=5", "ema.decay=0.9", "ema.warmup=true", "ema.eval=false"]
+    args = run_args(f"dist.strategy={strategy}", "model.token_drop=0.5", "max_steps=6", "ckpt.every=3",
+                    "ckpt.keep_last=5", "ema.decay=0.9", "ema.warmup=true", "ema.eval=false")
     run = tmp_path / "run"
 
     def go(*extra):

@@ -16,7 +16,6 @@ from subprocess_runs import (
     MODEL,
     TRAIN,
     assert_continues_like,
-    digits,
     env,
     kill_after_checkpoint,
     overrides,
@@ -25,21 +24,6 @@ from subprocess_runs import (
 )
 
 pytestmark = pytest.mark.slow
-__all__ = ["digits"]  # the shared fixture
-
-
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory):
-    """An evaclip CLIP run folder: the tiny model after two synthetic steps (config.yaml names the architecture)."""
-    from evaclip.config import load_config
-    from evaclip.engine import train
-    from evaclip.tasks.clip import ClipTask
-
-    out = tmp_path_factory.mktemp("teacher")
-    cfg = load_config("demo_cpu", [f"model.name={MODEL}", "data.synthetic=true", "data.batch_size=8", "max_steps=2",
-                                   "optim.warmup_steps=1", "model.token_drop_until=null", "device=cpu",
-                                   f"output_dir={out}", "name=clip", "log.tensorboard=false"])
-    return train(cfg, ClipTask).run_dir
 
 
 def _mim(digits, out_dir, name, teacher, *extra) -> list[str]:

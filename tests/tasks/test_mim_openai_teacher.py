@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from subprocess_runs import digits  # noqa: F401  (the shared fixture)
 
 from evaclip.config import load_config
 from evaclip.models.convert import CheckpointError
@@ -83,7 +82,7 @@ def test_openai_layout_teacher_errors_are_one_line(tmp_path):
         create_model("EVA02-CLIP-tiny", image_init=str(tmp_path / "clip.pt"), attn_backend="sdpa")
 
 
-def test_mim_run_on_the_digits_from_an_openai_layout_teacher(tmp_path, digits):  # noqa: F811
+def test_mim_run_on_the_digits_from_an_openai_layout_teacher(tmp_path, digits):
     """task=mim with an OpenAI-layout teacher file: the run trains (loss falls) and its student initialises a CLIP."""
     from evaclip.train import main as train
 

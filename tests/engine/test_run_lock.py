@@ -18,13 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from subprocess_runs import MODEL, TRAIN, digits, env, overrides, records, torchrun
+from subprocess_runs import TRAIN, env, overrides, records, torchrun
 
 from evaclip import checkpoint as ckpt
 from evaclip.engine.run_dir import LOCK_NAME, RunFolderInUse, RunLock
 from evaclip.train import cli
-
-__all__ = ["digits"]  # the shared fixture
 
 _HOLD = ("import sys, time; from evaclip.engine.run_dir import RunLock; RunLock(sys.argv[1]).acquire(); "
          "print('held', flush=True); time.sleep(600)")
@@ -37,10 +35,7 @@ def _holder(run_dir: Path) -> subprocess.Popen:
     return proc
 
 
-def _args(tmp_path, *extra):
-    return ["demo_cpu", f"model.name={MODEL}", "data.synthetic=true", "data.batch_size=4", "device=cpu",
-            f"output_dir={tmp_path}", "name=run", "log.every=1", "log.tensorboard=false", "optim.warmup_steps=1",
-            "model.token_drop_until=null", *extra]
+
 
 
 def test_a_second_process_refuses_a_held_folder_naming_the_holder_then_takes_over_a_stale_lock(tmp_path, caplog):
@@ -66,8 +61,8 @@ def test_a_second_process_refuses_a_held_folder_naming_the_holder_then_takes_ove
     assert not (run / LOCK_NAME).exists()
 
 
-def test_train_and_resume_into_a_live_runs_folder_refuse_in_one_line_and_touch_nothing(tmp_path, capsys):
-    assert cli(_args(tmp_path, "max_steps=2", "ckpt.every=1", "ckpt.keep_last=5")) == 0
+def test_train_and_resume_into_a_live_runs_folder_refuse_in_one_line_and_touch_nothing(tmp_path, capsys, run_args):
+    assert cli(run_args("max_steps=2", "ckpt.every=1", "ckpt.keep_last=5")) == 0
     run = tmp_path / "run"
     assert not (run / LOCK_NAME).exists()  # released at the end
     (run / "ckpt" / ".tmp_step_00000003").mkdir()  # a live run's checkpoint being written
@@ -76,7 +71,7 @@ def test_train_and_resume_into_a_live_runs_folder_refuse_in_one_line_and_touch_n
     try:
         for extra in (["resume=auto", "max_steps=4"], ["name=run", "optim.lr=1e-3"]):
             capsys.readouterr()
-            assert cli(_args(tmp_path, *extra)) == 2
+            assert cli(run_args(*extra)) == 2
             err = capsys.readouterr().err.strip()
             assert len(err.splitlines()) == 1 and f"is in use by process {holder.pid}" in err, err
     finally:
@@ -87,9 +82,9 @@ def test_train_and_resume_into_a_live_runs_folder_refuse_in_one_line_and_touch_n
     assert after == before and (run / "ckpt" / ".tmp_step_00000003").is_dir()  # run_info.json and temp files kept
 
 
-def test_a_run_that_fails_after_taking_the_lock_leaves_no_folder(tmp_path, capsys):
+def test_a_run_that_fails_after_taking_the_lock_leaves_no_folder(tmp_path, capsys, run_args):
     # global_batch is checked once the process group is up (after the lock): the folder the lock created goes again
-    assert cli(_args(tmp_path, "global_batch=7")) == 2
+    assert cli(run_args("global_batch=7")) == 2
     assert "global_batch" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -97,14 +92,6 @@ def test_a_run_that_fails_after_taking_the_lock_leaves_no_folder(tmp_path, capsy
 # ----------------------------------------------------------------------------------------------------------------------
 # two processes 2 s apart, as users start them
 # ----------------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory):
-    """A tiny CLIP run folder (two synthetic steps) to teach the MIM runs."""
-    out = tmp_path_factory.mktemp("teacher")
-    assert cli(_args(out, "max_steps=2", "name=clip")) == 0
-    return out / "clip"
-
-
 def _launch(prefix: list[str], args: list[str], cwd) -> subprocess.Popen:
     return subprocess.Popen(prefix + args, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)

@@ -18,10 +18,10 @@ from evaclip.train import cli
 MODEL = "EVA02-CLIP-tiny"
 
 
-def _args(tmp_path, *extra):
-    return ["demo_cpu", f"model.name={MODEL}", "data.synthetic=true", "data.batch_size=4", "device=cpu",
-            f"output_dir={tmp_path}", "name=run", "log.every=1", "log.tensorboard=false", "optim.warmup_steps=1",
-            "model.token_drop_until=null", "ckpt.every=2", *extra]
+@pytest.fixture
+def train_args(run_args):
+    """``train_args(*extra)``: tests/conftest.py's tiny run with a checkpoint every 2 steps."""
+    return lambda *extra: run_args("ckpt.every=2", *extra)
 
 
 def _steps(run):
@@ -29,23 +29,23 @@ def _steps(run):
             if "train/loss" in line]
 
 
-def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path, capsys):
-    assert cli(_args(tmp_path, "max_steps=4")) == 0
+def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path, capsys, train_args):
+    assert cli(train_args("max_steps=4")) == 0
     run = tmp_path / "run"
     config_before = (run / "config.yaml").read_text()
     capsys.readouterr()
-    assert cli(_args(tmp_path, "max_steps=2", "optim.lr=1e-3")) == 2
+    assert cli(train_args("max_steps=2", "optim.lr=1e-3")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert str(run) in err and "resume=auto" in err and "name=" in err
     # nothing was touched: the old run's checkpoints and config are as they were
     assert [p.name for p in ckpt.list_checkpoints(run / "ckpt")] == ["step_00000004", "step_00000002"]
     assert (run / "config.yaml").read_text() == config_before
-    assert cli(_args(tmp_path, "max_steps=2", "name=other")) == 0  # another name= is the way on
+    assert cli(train_args("max_steps=2", "name=other")) == 0  # another name= is the way on
 
 
-def test_resume_auto_keeps_the_stored_config(tmp_path, capsys):
-    assert cli(_args(tmp_path, "max_steps=3", "optim.lr=1e-3")) == 0
+def test_resume_auto_keeps_the_stored_config(tmp_path, capsys, train_args):
+    assert cli(train_args("max_steps=3", "optim.lr=1e-3")) == 0
     stored = str(tmp_path / "run" / "config.yaml")
     # named explicitly, the stored config is the config (the recipe demo_cpu says max_steps 300 and lr 3e-3)
     cfg = reconcile_resume(load_config(stored, ["resume=auto"]), {"resume": "auto"}, recipe=stored)
@@ -64,34 +64,34 @@ def test_resume_auto_keeps_the_stored_config(tmp_path, capsys):
     assert "optim.lr (0.001 -> 0.002)" in err and "max_steps" not in err.split("different")[1]
 
 
-def test_resume_auto_with_another_recipe_or_task_is_refused_naming_both(tmp_path, capsys):
+def test_resume_auto_with_another_recipe_or_task_is_refused_naming_both(tmp_path, capsys, train_args):
     """The recipe a resume names must be the run's: the demo_cpu recipe on a MIM run folder (or on a CLIP run
     started with other settings) is refused with the keys that differ; RUN/config.yaml continues the run."""
     mim = ["mim.teacher_model=EVA02-CLIP-tiny", "mim.teacher=" + str(tmp_path / "t")]
-    assert cli(_args(tmp_path, "max_steps=2", "name=teacher")) == 0
+    assert cli(train_args("max_steps=2", "name=teacher")) == 0
     (tmp_path / "t").symlink_to(tmp_path / "teacher")
-    assert cli(["demo_mim_cpu", *_args(tmp_path, "max_steps=2", "name=mimrun", *mim)[1:]]) == 0
+    assert cli(["demo_mim_cpu", *train_args("max_steps=2", "name=mimrun", *mim)[1:]]) == 0
     capsys.readouterr()
-    assert cli(_args(tmp_path, "name=mimrun", "resume=auto", "max_steps=2")) == 2
+    assert cli(train_args("name=mimrun", "resume=auto", "max_steps=2")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert "recipe demo_cpu (task clip)" in err and "(task mim)" in err and "task ('mim' -> 'clip')" in err, err
     assert f"evaclip train {tmp_path / 'mimrun' / 'config.yaml'} resume=auto" in err
     # the same recipe with a setting the run was not started with: refused too, naming the key
-    assert cli(_args(tmp_path, "name=teacher", "resume=auto", "max_steps=2", "seed=1")) == 2
+    assert cli(train_args("name=teacher", "resume=auto", "max_steps=2", "seed=1")) == 2
     assert "seed (0 -> 1)" in capsys.readouterr().err
     # asked for explicitly, the stored config continues the MIM run
     assert cli([str(tmp_path / "mimrun" / "config.yaml"), "resume=auto"]) == 0
     assert "is finished (step 2 of 2)" in capsys.readouterr().out
 
 
-def test_extending_a_finished_run_says_what_happens_to_the_schedule(tmp_path, capsys):
+def test_extending_a_finished_run_says_what_happens_to_the_schedule(tmp_path, capsys, train_args):
     """max_steps past a finished run's schedule: refused until optim.extend says how; segment = a new warmup +
     cosine over the added steps (open_clip's cosine_lr over the segment), tail = the schedule's floor. The resume
     line says which."""
     from open_clip_train.scheduler import cosine_lr
 
-    assert cli(_args(tmp_path, "max_steps=3", "optim.lr=1e-3")) == 0
+    assert cli(train_args("max_steps=3", "optim.lr=1e-3")) == 0
     stored = str(tmp_path / "run" / "config.yaml")
     capsys.readouterr()
     assert cli([stored, "resume=auto", "max_steps=9"]) == 2
@@ -115,25 +115,25 @@ def test_extending_a_finished_run_says_what_happens_to_the_schedule(tmp_path, ca
             if "train/lr/visual" in r][-2:] == [0.0, 0.0]
 
 
-def test_reconcile_refuses_changed_keys_with_their_list(tmp_path):
-    assert cli(_args(tmp_path, "max_steps=2")) == 0
-    cfg = load_config("demo_cpu", _args(tmp_path, "resume=auto", "data.batch_size=8", "seed=3")[1:])
+def test_reconcile_refuses_changed_keys_with_their_list(train_args):
+    assert cli(train_args("max_steps=2")) == 0
+    cfg = load_config("demo_cpu", train_args("resume=auto", "data.batch_size=8", "seed=3")[1:])
     with pytest.raises(ConfigError, match=r"data\.batch_size \(4 -> 8\), seed \(0 -> 3\)"):
         reconcile_resume(cfg, {"resume": "auto", "data.batch_size": "8", "seed": "3"})
 
 
-def test_a_run_that_fails_validation_writes_nothing(tmp_path, capsys):
-    assert cli(_args(tmp_path, "max_steps=20", "optim.warmup_steps=50")) == 2
+def test_a_run_that_fails_validation_writes_nothing(tmp_path, capsys, train_args):
+    assert cli(train_args("max_steps=20", "optim.warmup_steps=50")) == 2
     assert "optim.warmup_steps" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     # the same in a folder of an earlier run: its files stay as they were
-    assert cli(_args(tmp_path, "max_steps=2")) == 0
+    assert cli(train_args("max_steps=2")) == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
-    assert cli(_args(tmp_path, "resume=auto", "max_steps=4", "optim.warmup_steps=50", "optim.extend=segment")) == 2
+    assert cli(train_args("resume=auto", "max_steps=4", "optim.warmup_steps=50", "optim.extend=segment")) == 2
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
 
 
-def test_a_second_ctrl_c_waits_for_the_checkpoint_write(tmp_path, monkeypatch):
+def test_a_second_ctrl_c_waits_for_the_checkpoint_write(tmp_path, monkeypatch, train_args):
     """Ctrl-C twice, the second during the checkpoint write: the write completes (a verified checkpoint), then the
     run stops; the next start removes a leftover temporary folder with a log line."""
     real_save = ckpt.save_checkpoint
@@ -157,7 +157,7 @@ def test_a_second_ctrl_c_waits_for_the_checkpoint_write(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         from evaclip.train import main
 
-        main(load_config("demo_cpu", _args(tmp_path, "max_steps=50")[1:]))
+        main(load_config("demo_cpu", train_args("max_steps=50")[1:]))
     (newest,) = ckpt.list_checkpoints(tmp_path / "run" / "ckpt")
     ckpt.verify_checkpoint(newest)
     assert calls["n"] == 1
@@ -165,11 +165,11 @@ def test_a_second_ctrl_c_waits_for_the_checkpoint_write(tmp_path, monkeypatch):
     monkeypatch.undo()
     stale = tmp_path / "run" / "ckpt" / ".tmp_step_00000009"
     stale.mkdir()
-    assert cli(_args(tmp_path, "resume=auto", "max_steps=2")) == 0
+    assert cli(train_args("resume=auto", "max_steps=2")) == 0
     assert not stale.exists()
 
 
-def test_the_ctrl_c_line_names_the_step_that_saves(tmp_path, monkeypatch, capsys):
+def test_the_ctrl_c_line_names_the_step_that_saves(tmp_path, monkeypatch, capsys, train_args):
     """Ctrl-C during step 3 (its stop flag already read): the line says the checkpoint is step 4's, and it is."""
     from evaclip.engine import loop
 
@@ -189,7 +189,7 @@ def test_the_ctrl_c_line_names_the_step_that_saves(tmp_path, monkeypatch, capsys
         return step
 
     monkeypatch.setattr(loop, "build_step", build_step_with_ctrl_c)
-    assert cli(_args(tmp_path, "max_steps=50")) == 128 + signal.SIGINT
+    assert cli(train_args("max_steps=50")) == 128 + signal.SIGINT
     out = capsys.readouterr()
     assert "received SIGINT: saving a checkpoint at the end of step 4," in out.out + out.err
     assert "stopped by SIGINT at step 4" in out.err
