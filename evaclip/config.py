@@ -37,6 +37,7 @@ __all__ = ["TASKS", "CkptCfg", "ConfigError", "DataCfg", "DistCfg", "EmaCfg", "E
 TASKS = {
     "clip": "evaclip.tasks.clip:ClipTask",
     "mim": "evaclip.tasks.mim:MIMTask",
+    "lcl": "evaclip.tasks.lcl:LCLTask",
 }
 
 
