@@ -18,8 +18,8 @@ from typing import Any, Optional
 # subcommand -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS = {
     "train": ("evaclip.train", "cli", "train from a recipe: evaclip train RECIPE [key=value ...]"),
-    "eval": ("evaclip.evals", "cli", "zero-shot / retrieval evaluation of a run folder or checkpoint"),
-    "export": ("evaclip.export", "cli", "export encoders of a run or checkpoint (safetensors, open_clip, ONNX)"),
+    "eval": ("evaclip.evals", "main", "zero-shot / retrieval evaluation of a run folder or checkpoint"),
+    "export": ("evaclip.export", "main", "export encoders of a run or checkpoint (safetensors, open_clip, ONNX)"),
     "bench": ("evaclip.bench", "cli", "throughput / memory benchmarks against open_clip"),
     "config": ("evaclip.cli", "config_cli", "print a recipe's resolved config (every key, default, comment) as YAML"),
 }
@@ -50,11 +50,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"evaclip {name}: this installation has no {module_name} ({e})", file=sys.stderr)
             return 2
         raise
-    entry = getattr(module, func_name, None) or getattr(module, "main", None)
-    if entry is None:
-        print(f"evaclip {name}: {module_name} has no command-line entry point ({func_name}/main)", file=sys.stderr)
-        return 2
-    rc = entry(rest)
+    rc = getattr(module, func_name)(rest)
     return int(rc or 0)
 
 

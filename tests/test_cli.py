@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from evaclip.cli import main
+from evaclip.cli import COMMANDS, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +28,14 @@ def test_top_level_usage_lists_every_command(capsys):
         assert f"\n  {cmd} " in out
     assert "python -m evaclip" in out
     assert main(["nope"]) == 2
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_names_an_entry_point_its_module_has(name):
+    import importlib
+
+    module, func, _ = COMMANDS[name]
+    assert callable(getattr(importlib.import_module(module), func, None)), f"{module}.{func}"
 
 
 def test_python_dash_m_evaclip(tmp_path):

@@ -282,13 +282,14 @@ def _loop(run: _Run) -> TrainResult:
             micro = [task.to_device(next_batch(batches, epoch)) for _ in range(cfg.accum_freq)]
             out, upd = run.step(micro, stop.poll(state.step + 1))
             consecutive_bad = state.record_update(upd.bad)
-            if upd.bad:
-                logger.event("bad_step", step=state.step, loss_nonfinite=upd.bad_loss, grad_nonfinite=upd.bad_grad,
-                             consecutive=consecutive_bad)
-                log.warning("step %d: non-finite %s, update skipped (%d in a row, %d total)", state.step,
+            if upd.bad:  # named by its number in the metrics log and the checkpoints: state.step + 1
+                logger.event("bad_step", step=state.step + 1, loss_nonfinite=upd.bad_loss,
+                             grad_nonfinite=upd.bad_grad, consecutive=consecutive_bad)
+                log.warning("step %d: non-finite %s, update skipped (%d in a row, %d total)", state.step + 1,
                             "loss" if upd.bad_loss else "gradient norm", consecutive_bad, state.bad_steps_total)
                 if consecutive_bad >= cfg.max_bad_steps:
-                    raise TrainingStopped(_diverged_message(consecutive_bad, state.step, cfg.max_bad_steps, last_ckpt))
+                    raise TrainingStopped(_diverged_message(consecutive_bad, state.step + 1, cfg.max_bad_steps,
+                                                            last_ckpt))
             else:
                 loss_sum += out["loss"].float()
                 loss_n += 1
