@@ -89,6 +89,16 @@ def digits(tmp_path_factory):
     return make_demo(str(out), seed=0, copies=1, samples_per_shard=160, show_progress=False)
 
 
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test's gloo process group (``MASTER_PORT``)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # ------------------------------------------------------------------------------------------- GPU stand-ins
 # A GPU on a CPU: ``torch.cuda`` monkeypatched, fake ``flash_attn`` (FA2) / ``flash_attn.cute`` (FA4) modules in
 # ``sys.modules``, ``meta`` tensors for the device. Shapes: B batch, N tokens, H heads, D head dim.

@@ -184,12 +184,14 @@ def test_data_bench_section_and_budget(tmp_path, monkeypatch):
     assert [r["host_samples_s"] for r in budget["rows"]] == [6400.0, 800.0]
 
 
-def test_open_clip_twin_has_open_clips_own_eva02_b16_shapes():
-    # The --vs open_clip model is built from our config; for a released shape it must be open_clip's model exactly.
-    open_clip = pytest.importorskip("open_clip")
-    dims = train_bench.model_dims("EVA02-CLIP-B-16", {})
-    twin = train_bench.open_clip_model(dims, 0.5, torch.device("meta"))
-    ref = open_clip.create_model("EVA02-B-16", device="meta")
+@pytest.mark.parametrize("ours,theirs", [("EVA02-CLIP-B-16", "EVA02-B-16"), ("ViTamin-S", "ViTamin-S")])
+def test_open_clip_twin_is_open_clips_own_model(ours, theirs):
+    """``bench train --vs open_clip`` builds its twin from evaclip's config; for a released shape it must be open_clip's
+    own model (its config), key by key, with timm's patch dropout at the benchmarked ratio."""
+    import open_clip
+
+    twin = train_bench.open_clip_model(train_bench.model_dims(ours, {}), 0.5, torch.device("meta"))
+    ref = open_clip.create_model(theirs, device="meta")
     assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     assert twin.visual.trunk.patch_drop.prob == 0.5
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -468,12 +467,6 @@ def test_clamp_logit_scale():
 # ---------------------------------------------------------------------------------------------- sharded (DTensor) path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dtensor_worker(rank: int, world: int, port: int, full: list, grads: list, out_path: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -505,7 +498,7 @@ def _dtensor_worker(rank: int, world: int, port: int, full: list, grads: list, o
         dist.destroy_process_group()
 
 
-def test_lamb_on_dtensor_shards_matches_single_process(tmp_path):
+def test_lamb_on_dtensor_shards_matches_single_process(tmp_path, free_port):
     import torch.multiprocessing as mp
 
     torch.manual_seed(0)
@@ -514,7 +507,7 @@ def test_lamb_on_dtensor_shards_matches_single_process(tmp_path):
     grads = [[torch.randn_like(t) for t in full] for _ in range(3)]
     out_path = str(tmp_path / "sharded.pt")
     # fork: the children reuse this process's imports (spawn re-imports torch in each, seconds on a loaded box)
-    mp.start_processes(_dtensor_worker, args=(2, _free_port(), full, grads, out_path), nprocs=2, join=True,
+    mp.start_processes(_dtensor_worker, args=(2, free_port, full, grads, out_path), nprocs=2, join=True,
                        start_method="fork")
 
     params = [nn.Parameter(t.clone()) for t in full]

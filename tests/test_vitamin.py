@@ -352,21 +352,8 @@ def test_grad_checkpointing_gives_the_same_gradients():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# benchmark: the open_clip twin and a tiny run (figures: the commands in docs/BENCHMARKS.md)
+# benchmark: a tiny run (the open_clip twin: tests/test_bench.py; figures: the commands in docs/BENCHMARKS.md)
 # ----------------------------------------------------------------------------------------------------------------------
-def test_bench_open_clip_twin_is_open_clips_vitamin_s():
-    """``bench train --model ViTamin-S --vs open_clip`` builds open_clip's own ViTamin-S (its config), with timm's
-    patch dropout at the benchmarked ratio."""
-    import open_clip
-
-    from evaclip.bench import train as train_bench
-
-    twin = train_bench.open_clip_model(train_bench.model_dims("ViTamin-S", {}), 0.5, torch.device("meta"))
-    ref = open_clip.create_model("ViTamin-S", device="meta")
-    assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
-    assert twin.visual.trunk.patch_drop.prob == 0.5
-
-
 @pytest.mark.slow
 def test_bench_train_runs_vitamin_vs_open_clip_at_tiny_settings(tmp_path):
     from evaclip.bench.__main__ import main as bench_main
