@@ -91,13 +91,22 @@ def read_encoder_config(path: Union[str, Path], tower: Optional[str] = None) -> 
     return cfg
 
 
-def build_tower(model_cfg: dict, tower: str, attn_backend: str = "sdpa") -> nn.Module:
+def build_tower(model_cfg: dict, tower: str, attn_backend: str = "sdpa", kind: str = "clip") -> nn.Module:
     """One tower (``image`` or ``text``) of the architecture ``model_cfg`` (a ``CLIPCfg`` as a dict), weights
-    uninitialised-but-valid; only the model definitions are imported."""
+    uninitialised-but-valid; only the model definitions are imported. ``kind="lcl"``: an LCL model's image tower +
+    pooler (pooled latent) or its LM read at ``<boi>`` (``evaclip.models.lcl.LCLImageTower`` / ``LCLTextTower``)."""
     from evaclip.models.attention import Attend, resolve_backend
     from evaclip.models.registry import TextCfg, VisionCfg
 
     attend = Attend(resolve_backend(attn_backend))
+    if kind == "lcl":
+        from evaclip.models.lcl import LCLImageTower, LCLTextTower
+        from evaclip.models.registry import cfg_from_dict
+
+        cfg = cfg_from_dict(model_cfg)
+        return LCLImageTower.build(cfg, attend) if tower == "image" else LCLTextTower.build(cfg, attend)
+    if kind != "clip":
+        raise ValueError(f"unknown encoder kind {kind!r} (this evaclip builds 'clip' and 'lcl' encoders)")
     if tower == "image":
         from evaclip.models.towers import vision_tower
 
@@ -131,7 +140,8 @@ def load_encoder(path: Union[str, Path], tower: str = "image", device: Union[str
                                 f"{path / 'model.onnx'})")
     from safetensors.torch import load_file
 
-    enc = (ImageEncoder if tower == "image" else TextEncoder)(build_tower(cfg["model_cfg"], tower), cfg)
+    enc = (ImageEncoder if tower == "image" else TextEncoder)(build_tower(cfg["model_cfg"], tower,
+                                                                          kind=cfg.get("kind", "clip")), cfg)
     sd = load_file(str(weights))
     missing, unexpected = enc.tower.load_state_dict(sd, strict=False)
     if missing or unexpected:

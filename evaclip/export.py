@@ -89,7 +89,13 @@ def _mean_std(v: dict) -> tuple[list, list]:
     return list(v.get("mean") or MEAN), list(v.get("std") or STD)
 
 
+def _is_lcl(model) -> bool:
+    return callable(getattr(model, "image_tower", None))  # evaclip.models.lcl.LCL (export does not import it)
+
+
 def _wrap(model, tower: str, cfg: dict):
+    if _is_lcl(model):  # the pooled latent / the LM at <boi>: build_tower(kind="lcl") rebuilds them
+        return ImageEncoder(model.image_tower(), cfg) if tower == "image" else TextEncoder(model.text_tower(), cfg)
     return ImageEncoder(model.visual, cfg) if tower == "image" else TextEncoder(model.text, cfg)
 
 
@@ -147,6 +153,8 @@ def export_safetensors(model, model_cfg, architecture: str, out_dir: Path) -> li
         d = out_dir / tower
         d.mkdir(parents=True, exist_ok=True)
         cfg = encoder_config(model_cfg, architecture, tower)
+        if _is_lcl(model):
+            cfg["kind"] = "lcl"
         sd = {k: v.detach().contiguous().cpu() for k, v in _wrap(model, tower, cfg).tower.state_dict().items()}
         save_safetensors(sd, d / "model.safetensors", metadata={"format": "pt", "evaclip_tower": tower})
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -636,6 +644,9 @@ def export(checkpoint: str, out_dir: str, fmt: Sequence[str] | str = "safetensor
         return written + write_eva_mim_card(student, model_name or str(checkpoint), out)
     model, name = load_model(checkpoint, model_name, "cpu", attn_backend=EXPORT_ATTN_BACKEND, ema=ema)
     model = model.float().eval()
+    if _is_lcl(model) and fmts != ["safetensors"]:
+        raise ValueError("an LCL run exports as --format safetensors (evaclip.load_encoder: image/ holds the image "
+                         "tower + pooler, text/ the LM read at <boi>); open_clip / onnx are for CLIP checkpoints")
     model_cfg = model_config_of(model, name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

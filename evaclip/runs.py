@@ -55,7 +55,8 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", 
     ``amp``, else fp32), so ``attn_backend=auto`` picks flash-attn only for a bf16 CUDA evaluation.
 
     ``checkpoint`` is a run folder (its newest complete checkpoint is used), a training checkpoint folder (``model.pt``
-    + the run's ``config.yaml``), or a state-dict file
+    + the run's ``config.yaml``; a ``task: lcl`` run builds its ``evaclip.models.lcl.LCL``, whose ``encode_image`` /
+    ``encode_text`` are the pooled latent and the LM at ``<boi>``), or a state-dict file
     (safetensors / torch) with ``model_name`` naming the architecture (or a ``config.yaml`` beside it). ``ema``: the
     weight-EMA averages of a training checkpoint instead of its raw weights.
     """
@@ -84,7 +85,14 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", 
     if model_name is None:
         raise ValueError(f"cannot tell which architecture {path} is: pass --model NAME (see evaclip.list_models())")
     precision = "bf16" if amp and torch.device(device).type == "cuda" else "fp32"  # what autocast() runs
-    model = create_model(model_name, attn_backend=attn_backend, device=device, precision=precision, **overrides)
+    lcl = run_cfg is not None and run_cfg.get("task") == "lcl"
+    if lcl:  # an LCL run: its image tower + pooler and its LM (evaluated as a CLIP's two towers)
+        from evaclip.models.lcl import create_lcl
+
+        model = create_lcl(model_name, run_cfg["lcl_data"]["context_length"], attn_backend=attn_backend,
+                           device=device, precision=precision, **overrides)
+    else:
+        model = create_model(model_name, attn_backend=attn_backend, device=device, precision=precision, **overrides)
     sd = load_full_state_dict(weights) if sharded is not None else load_state_dict_file(weights)
     if ema:
         if not path.is_dir():
@@ -92,7 +100,7 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, device="cpu", 
         averaged = ema_weights(path)
         sd = {k: averaged[k].to(v.dtype) if k in averaged else v for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    if (missing or unexpected) and sharded is None:
+    if (missing or unexpected) and sharded is None and not lcl:
         # not evaclip's own layout: an EVA-CLIP release / open_clip file, which convert.py maps (strictly)
         load_pretrained(model, pretrained=str(weights))
     elif missing or unexpected:

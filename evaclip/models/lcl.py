@@ -50,7 +50,8 @@ from .text import TextTransformer
 from .token_drop import num_kept
 from .towers import vision_tower
 
-__all__ = ["LCL", "LCLOutput", "create_lcl", "image_latents_per_image", "lcl_model_cfg"]
+__all__ = ["LCL", "LCLImageTower", "LCLOutput", "LCLTextTower", "LanguageModel", "create_lcl",
+           "image_latents_per_image", "lcl_model_cfg"]
 
 log = logging.getLogger("evaclip.models")
 
@@ -123,6 +124,64 @@ class LanguageModel(TextTransformer):
         h_BLW = self.transformer(x_BLW + self.positional_embedding[:tokens_BL.shape[1]])
         return h_BLW, self.ln_final(h_BLW[features_BL]) @ self.text_projection
 
+    def encode_prompts(self, tokens_BL: torch.Tensor, ids: LCLTokens = LCLTokens()) -> torch.Tensor:
+        """CLIP-tokenized prompts B x L (sot ... eot, padded) -> B x E: ``eot`` becomes ``boi`` and the hidden state
+        there goes through ``ln_final`` and ``text_projection`` (LCL's ``encode_text``). The rows are cut after their
+        last ``boi`` (exact: the LM is causal)."""
+        tokens_BL = torch.where(tokens_BL == ids.eot, torch.full_like(tokens_BL, ids.boi), tokens_BL)
+        if not bool((tokens_BL == ids.boi).any(dim=1).all()):
+            raise ValueError("encode_text needs a prompt ending with <eot> (or <boi>) in every row")
+        pos_L = torch.arange(tokens_BL.shape[1], device=tokens_BL.device)
+        last_B = torch.where(tokens_BL == ids.boi, pos_L, -1).max(dim=1).values  # the last boi of each row
+        tokens_BL = tokens_BL[:, :int(last_B.max()) + 1]
+        return self(tokens_BL, None, ids.image, pos_L[:tokens_BL.shape[1]] == last_B[:, None])[1]
+
+
+class LCLImageTower(nn.Module):
+    """The image side of an LCL model alone (``visual``, ``pooler``, ``latent_proj``, same keys): images -> the pooled
+    latent, B x E, what an exported LCL image encoder computes (``evaclip.load_encoder``)."""
+
+    def __init__(self, cfg: CLIPCfg, visual: nn.Module, pooler: AttentivePooler, latent_proj: Optional[nn.Linear]):
+        super().__init__()
+        self.cfg, self.visual, self.pooler, self.latent_proj = cfg, visual, pooler, latent_proj
+
+    @classmethod
+    def build(cls, cfg: CLIPCfg, attend: Attend, token_drop: float = 0.0) -> "LCLImageTower":
+        """Fresh modules: the image tower without its CLS readout (``head``), the pooler (text width W), and
+        ``latent_proj`` (W -> E) when E != W."""
+        W = cfg.text.width
+        visual = vision_tower(cfg.vision, cfg.embed_dim, attend, token_drop)
+        visual.head = None  # the CLS readout is not used: the pooler reads the patch tokens
+        latent_proj = nn.Linear(W, cfg.embed_dim, bias=False) if cfg.embed_dim != W else None
+        if latent_proj is not None:
+            nn.init.normal_(latent_proj.weight, std=W ** -0.5)
+        return cls(cfg, visual, AttentivePooler(W, cfg.vision.width, heads=cfg.text.heads), latent_proj)
+
+    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        pooled_BW, _ = self.pooler(self.visual.final_tokens(images_BCHW))
+        return pooled_BW if self.latent_proj is None else self.latent_proj(pooled_BW)
+
+    def patch_tokens(self, images_BCHW: torch.Tensor, layer: int = -1, *, norm: bool = False,
+                     prefix: bool = False) -> torch.Tensor:
+        """The image tower's per-patch tokens of block ``layer`` (see ``EVAVisionTransformer.patch_tokens``)."""
+        return self.visual.patch_tokens(images_BCHW, layer, norm=norm, prefix=prefix)
+
+
+class LCLTextTower(nn.Module):
+    """The LM as a text encoder alone (``lm``: the LCL model's ``text`` keys under ``lm.``): CLIP-tokenized prompts
+    -> B x E at ``<boi>`` (``LanguageModel.encode_prompts``), what an exported LCL text encoder computes."""
+
+    def __init__(self, cfg: CLIPCfg, lm: LanguageModel):
+        super().__init__()
+        self.cfg, self.lm = cfg, lm
+
+    @classmethod
+    def build(cls, cfg: CLIPCfg, attend: Attend) -> "LCLTextTower":
+        return cls(cfg, LanguageModel(cfg.text, cfg.embed_dim, attend))
+
+    def forward(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+        return self.lm.encode_prompts(tokens_BL)
+
 
 class LCL(nn.Module):
     """Image tower + attentive pooler + causal LM + logit scale; the optimizer hooks are the CLIP model's (the pooler
@@ -134,13 +193,9 @@ class LCL(nn.Module):
             raise ValueError(f"the LM's vocabulary is {cfg.text.vocab_size} ids, LCL's tokens need "
                              f"{tokens.vocab_size}: build the config with lcl_model_cfg")
         self.cfg, self.tokens = cfg, tokens
-        W, D = cfg.text.width, cfg.vision.width
-        self.visual = vision_tower(cfg.vision, cfg.embed_dim, attend, token_drop)
-        self.visual.head = None  # the CLS readout is not used: the pooler reads the patch tokens
-        self.pooler = AttentivePooler(W, D, heads=cfg.text.heads)
-        self.latent_proj = nn.Linear(W, cfg.embed_dim, bias=False) if cfg.embed_dim != W else None
-        if self.latent_proj is not None:
-            nn.init.normal_(self.latent_proj.weight, std=W ** -0.5)
+        W = cfg.text.width
+        image = LCLImageTower.build(cfg, attend, token_drop)  # its modules, under the CLIP model's names
+        self.visual, self.pooler, self.latent_proj = image.visual, image.pooler, image.latent_proj
         self.text = LanguageModel(cfg.text, cfg.embed_dim, attend)
         self.lm_head = nn.Sequential(nn.LayerNorm(W, eps=cfg.text.ln_eps), nn.Linear(W, cfg.text.vocab_size,
                                                                                     bias=False))
@@ -176,6 +231,14 @@ class LCL(nn.Module):
             register_fsdp_forward_method(self.visual, "final_tokens")
         self._fsdp_registered = True
 
+    def image_tower(self) -> LCLImageTower:
+        """The image side as an ``LCLImageTower`` sharing this model's modules (for export)."""
+        return LCLImageTower(self.cfg, self.visual, self.pooler, self.latent_proj)
+
+    def text_tower(self) -> LCLTextTower:
+        """The LM as an ``LCLTextTower`` sharing this model's modules (for export)."""
+        return LCLTextTower(self.cfg, self.text)
+
     def image_latents(self, images_NCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pooled latent N x E, not normalised; per-patch latents N x K x W, the LM's image tokens)."""
         pooled_NW, latents_NKW = self.pooler(self.patch_features(images_NCHW))
@@ -192,19 +255,9 @@ class LCL(nn.Module):
 
     # --- the text side --------------------------------------------------------------------------------------------
     def encode_text(self, tokens_BL: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """CLIP-tokenized prompts B x L (sot ... eot, padded) -> B x E: ``eot`` becomes ``boi`` and the LM's hidden
-        state there goes through ``ln_final`` and ``text_projection`` (LCL's ``encode_text``). The rows are cut after
-        their last ``boi`` (exact: the LM is causal)."""
-        t = self.tokens
-        tokens_BL = torch.where(tokens_BL == t.eot, torch.full_like(tokens_BL, t.boi), tokens_BL)
-        has_boi_B = (tokens_BL == t.boi).any(dim=1)
-        if not bool(has_boi_B.all()):
-            raise ValueError("encode_text needs a prompt ending with <eot> (or <boi>) in every row")
-        pos_L = torch.arange(tokens_BL.shape[1], device=tokens_BL.device)
-        last_B = torch.where(tokens_BL == t.boi, pos_L, -1).max(dim=1).values  # the last boi of each row
-        tokens_BL = tokens_BL[:, :int(last_B.max()) + 1]
-        at_BL = pos_L[:tokens_BL.shape[1]] == last_B[:, None]
-        _, f_BE = self.text(tokens_BL, None, t.image, at_BL)
+        """CLIP-tokenized prompts B x L (sot ... eot, padded) -> B x E: the LM's state at ``boi``, which the prompt's
+        ``eot`` becomes (``LanguageModel.encode_prompts``, LCL's ``encode_text``)."""
+        f_BE = self.text.encode_prompts(tokens_BL, self.tokens)
         return F.normalize(f_BE, dim=-1) if normalize else f_BE
 
     def forward(self, images_NCHW: torch.Tensor, tokens_BL: torch.Tensor) -> LCLOutput:
