@@ -86,7 +86,8 @@ class LCLTrainCfg(TrainCfg):
             raise ConfigError("config keys 'lcl.knn_train' and 'lcl.knn_val' go together (memory bank and queries)")
         if m.caption_val_samples is not None and m.caption_val_samples < 1:
             raise ConfigError(f"config key 'lcl.caption_val_samples' must be >= 1, got {m.caption_val_samples}")
-        self.lcl_data.check(has_pairs=bool(self.data.train))
+        if self.data.train or self.lcl_data.docs:  # neither (a recipe's placeholder): LCLTask.check says so
+            self.lcl_data.check(has_pairs=bool(self.data.train))
 
 
 def _exists(key: str, path: Optional[str]) -> None:

@@ -51,6 +51,8 @@ def test_check_names_missing_files_and_a_context_too_short(tmp_path):
         LCLTask.check(_cfg(tmp_path, f"lcl.text_init={tmp_path}/none.pt"))
     with pytest.raises(ConfigError, match=r"^config key 'lcl_data.context_length' \(20\) leaves no room"):
         LCLTask.check(_cfg(tmp_path, "lcl_data.context_length=20"))  # 16 latents + boi/eoi + sot/eot + text
+    with pytest.raises(ConfigError, match=r"^config key 'lcl_data.docs': LCL needs pairs"):
+        LCLTask.check(_cfg(tmp_path, "data.train=null"))
     assert LCLTask.image_tokens(_cfg(tmp_path)) == 16
     assert LCLTask.image_tokens(_cfg(tmp_path, "model.token_drop=0.5")) == 8
 
