@@ -24,7 +24,7 @@ LAYERS = [
     ["config"],
     ["engine"],
     ["tasks"],
-    ["train", "export", "bench", "demo", "demo_ltt", "memory", "cli", "__main__"],
+    ["train", "export", "bench", "demo", "demo_ltt", "demo_lcl", "memory", "cli", "__main__"],
 ]
 
 
