@@ -17,13 +17,14 @@ from typing import Callable
 
 import torch
 
-from evaclip.bench import attention, data, mim, optimizer
+from evaclip.bench import attention, data, lcl, mim, optimizer
 from evaclip.bench import train as train_bench
 from evaclip.bench.report import machine_info, markdown, section, write_report
 
 __all__ = ["BENCHMARKS", "exit_code", "failed_section", "main", "parser", "run_sections"]
 
-BENCHMARKS = {"train": train_bench, "attention": attention, "optimizer": optimizer, "data": data, "mim": mim}
+BENCHMARKS = {"train": train_bench, "attention": attention, "optimizer": optimizer, "data": data, "mim": mim,
+              "lcl": lcl}
 
 # `make bench` on a CPU: a small EVA-02 CLIP at 224 px, image-dominated (a 2-layer narrow text tower), so the
 # token-drop ratio is visible in the step time; alternating with open_clip's equivalent.
@@ -40,6 +41,7 @@ ALL_ARGS = {
                   ["--model", "EVA02-CLIP-B-16", "--device", "cuda"]),
     "mim": (["--student", "EVA02-CLIP-S-16", "--teacher", "EVA02-CLIP-S-16", "--batch", "4", "--steps", "1",
              "--rounds", "2", "--device", "cpu"], ["--device", "cuda"]),
+    "lcl": (["--device", "cpu", "--steps", "1", "--rounds", "3"], ["--device", "cuda"]),
     "data": ([], []),
 }
 # `make gpu-check`: B/16 in bf16 at token drop 0 and 0.5 vs open_clip, once per attention backend (train options
