@@ -112,10 +112,11 @@ def seed_runs(info: dict, docs: dict, runs: Path, seed: int, clip_batch: int, ex
     row = {"seed": seed, "seconds": {}, "zeroshot": {}, "knn": {}}
     for name in ARMS:
         if name == "clip":
-            s = run_stage(TEACHER, [f"output_dir={d}", f"name={name}", "resume=auto", f"data.train={info['train']}",
-                                    f"eval.zeroshot={info['zeroshot']}", f"eval.every={EVAL_EVERY}",
-                                    "model.token_drop_until=null", f"data.batch_size={clip_batch}",
-                                    "log.tensorboard=false", f"seed={seed}", *extra])
+            # the caller's overrides first: the batch and the constant token drop are what make the FLOPs equal
+            s = run_stage(TEACHER, [*extra, f"output_dir={d}", f"name={name}", "resume=auto",
+                                    f"data.train={info['train']}", f"eval.zeroshot={info['zeroshot']}",
+                                    f"eval.every={EVAL_EVERY}", "model.token_drop_until=null",
+                                    f"data.batch_size={clip_batch}", "log.tensorboard=false", f"seed={seed}"])
             row["knn"][name] = {s["steps"]: clip_knn(s, info)}
         else:
             c0 = ["lcl.contrastive_weight=0"] if name == "lcl_c0" else []
