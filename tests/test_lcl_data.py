@@ -313,3 +313,15 @@ def test_images_go_before_or_after_their_sentence():
     assert sides == {True, False}
     fixed = [DocImage("0.jpg", 1, None, "before"), DocImage("1.jpg", 1, None, "after")]
     assert document_pieces(texts, fixed, random.Random(0), 0.5) == [[1], 0, [2], 1, [3]]
+
+
+def test_a_long_document_is_tokenized_only_as_far_as_a_row_reaches(tmp_path):
+    """Sentences after the one where the text alone fills the row are not read, their images not decoded: a corrupt
+    image there is not even seen."""
+    texts = ["start"] + [" ".join(f"w{i}x{j}" for j in range(10)) for i in range(20)] + ["late"]
+    doc = _doc(texts, [(0, 0.5), (21, 0.5)], where="after")
+    _write_docs(tmp_path / "d.tar", [("long", doc, {"0.png": _png(1), "1.png": b"garbage"})])
+    info = _loader(None, str(tmp_path / "d.tar"), batch=1, L=32)
+    (b,) = list(info.loader)
+    _check_batch(b, L=32)
+    assert b.images_NCHW.shape[0] == 1 and info.skipped() == 0

@@ -267,8 +267,16 @@ class DocStream(ShardStream):
         texts, images = s["__doc__"]
         rng = random.Random(_seed_int("doc", spec.seed, spec.epoch, s.get("__url__"), s.get("__key__")))
         chosen = select_images(images, rng, lcl.sim_threshold, lcl.max_images, lcl.one_image_per_sentence)
+        # tokenize the sentences up to the one where the text alone fills the row: nothing after it can be kept
+        # (an MMC4 document can be much longer than a row), so its images are neither decoded nor placed
+        ids, total = [], 0
+        for t in texts:
+            if total >= self.builder.L:
+                break
+            ids.append(self.builder.encode(t) if t.strip() else [])
+            total += len(ids[-1])
         decoded = []
-        for im in chosen:
+        for im in (im for im in chosen if im.sentence < len(ids)):
             data = s.get(im.file.lower())
             if data is None:
                 self._skip("doc_missing_image", s)
@@ -278,8 +286,7 @@ class DocStream(ShardStream):
             except Exception as e:  # PIL raises many types on bad bytes
                 self._skip("doc_corrupt_image", s)
                 log.debug("dropping image %s of %s from %s: %s", im.file, s.get("__key__"), s.get("__url__"), e)
-        pieces = document_pieces([self.builder.encode(t) if t.strip() else [] for t in texts],
-                                 [im for im, _ in decoded], rng, lcl.img_first_prob)
+        pieces = document_pieces(ids, [im for im, _ in decoded], rng, lcl.img_first_prob)
         row, kept = self.builder.row(pieces)
         if not kept:
             self._skip("doc_no_image", s)
