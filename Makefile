@@ -26,7 +26,7 @@ demo: $(STAMP)
 
 # pytest exit code 5 (no tests collected) is not a failure of the suite
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests -m "not gpu" -p no:cacheprovider; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+	$(BIN)/python -m pytest -q tests -m "not gpu" -p no:cacheprovider --durations=25; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m "not slow and not gpu" -p no:cacheprovider; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
