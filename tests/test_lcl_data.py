@@ -325,3 +325,30 @@ def test_a_long_document_is_tokenized_only_as_far_as_a_row_reaches(tmp_path):
     (b,) = list(info.loader)
     _check_batch(b, L=32)
     assert b.images_NCHW.shape[0] == 1 and info.skipped() == 0
+
+
+def test_each_image_of_a_batch_belongs_to_its_block(tmp_path):
+    """images_NCHW follows the boi order row by row: every image's pixel value is the number its sentence names."""
+    with wds.TarWriter(str(tmp_path / "p.tar")) as w:
+        for i in range(12):
+            w.write({"__key__": f"p{i}", "png": _png(20 + i), "txt": f"color {20 + i}"})
+    docs = []
+    for d in range(12):
+        vals = [100 + 10 * d + k for k in range(1 + d % 3)]
+        docs.append((f"d{d}", _doc([f"color {v}" for v in vals], [(k, 0.5) for k in range(len(vals))],
+                                   where="after"), {f"{k}.png": _png(v) for k, v in enumerate(vals)}))
+    _write_docs(tmp_path / "d.tar", docs)
+    for workers in (0, 1):
+        for b in _loader(str(tmp_path / "p.tar"), str(tmp_path / "d.tar"), batch=4, workers=workers, L=64).loader:
+            _check_batch(b, L=64)
+            k = 0
+            for r in _rows(b):
+                # the number named right before each block (documents: image after its sentence), or the pair's caption
+                for j in [j for j, t in enumerate(r) if t == IDS.boi]:
+                    start = max([i + 1 for i, t in enumerate(r[:j]) if t == IDS.eoi], default=0)
+                    before = [t for t in r[start:j] if t < IDS.sot]
+                    after = [t for t in r[j:] if t < IDS.sot]  # an image-first pair: its caption follows
+                    words = TOK.decode(before or after).split()  # CLIP's BPE writes 123 as 1 2 3
+                    assert words[0] == "color" and round(float(b.images_NCHW[k].mean()) * 255) == int("".join(words[1:]))
+                    k += 1
+            assert k == b.images_NCHW.shape[0]
