@@ -39,15 +39,12 @@ import torch
 from torch import nn
 
 from evaclip import distributed as du
+from evaclip.errors import CheckpointError  # noqa: F401 (re-exported: one class for every checkpoint error)
 from evaclip.logging import get_logger
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 log = get_logger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupt, or does not match the run it is loaded into."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------

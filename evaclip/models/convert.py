@@ -28,6 +28,8 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from evaclip.errors import CheckpointError  # noqa: F401 (re-exported: one class for every checkpoint error)
+
 FORMATS = ("evaclip", "eva_clip", "eva_mim", "timm", "open_clip", "openai_text", "lcl")
 
 # Keys no evaclip model holds: recomputed tables, pre-training heads, masks. Dropped wherever they appear.
@@ -36,10 +38,6 @@ IGNORABLE = re.compile(
     r"|vocab_size)$|(^|\.)lm_head\.")
 
 _WRAPPERS = ("state_dict", "model", "module", "model_ema", "ema")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read, its format is not recognised, or its keys do not match the model."""
 
 
 @dataclass
