@@ -70,6 +70,9 @@ def count_flops(fn: Callable[[], Any]) -> int:
     """
     # Per-module totals are not returned: the counter's module tracker attributes backward ops to the wrong
     # modules (a 2-layer text tower "costs" as much as the image tower), so only the global total is trustworthy.
+    # fa4_op registers FA4's flop formulas: FlopCounterMode copies the registry when it is built, so an op module
+    # first imported inside fn() (the model's first FA4 call) would count 0 (the test passed only after another)
+    from evaclip.models import fa4_op  # noqa: F401
     from evaclip.models.attention import untraced_attention_flops
 
     counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
