@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import sys
 from typing import Optional
 
 from PIL import Image
@@ -115,6 +116,22 @@ class ShardSink:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def tally_line(what: str, counts: dict) -> str:
+    """One line for a tool's summary: ``WHAT N: reason: n, ...`` of a ``{reason: count}`` tally, reasons sorted."""
+    return f"{what} {sum(counts.values())}: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+
+
+def report_end(summary: dict) -> int:
+    """The end of a shard tool's report: the skipped examples it kept, then its exit code (1, with one line on stderr,
+    when nothing was written)."""
+    for e in summary["skipped_examples"]:
+        print(f"  {e['path']}: {e['reason']}")
+    if summary["written"] == 0:
+        print("error: nothing written", file=sys.stderr)
+        return 1
+    return 0
 
 
 def progress(iterable=None, **kw):

@@ -36,7 +36,7 @@ import time
 import zipfile
 from typing import Iterator, Optional
 
-from data_tools.common import ShardSink, clean_caption, progress
+from data_tools.common import ShardSink, clean_caption, progress, report_end, tally_line
 from data_tools.make_shards import HelpFormatter, prepare_output, process_item
 
 _IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -275,13 +275,8 @@ def main(argv=None) -> int:
           f"({s['spec']}) in {s['seconds']}s")
     for what, key in (("skipped documents", "skipped"), ("dropped images", "images_dropped")):
         if s[key]:
-            print(f"{what} {sum(s[key].values())}: " + ", ".join(f"{k}: {v}" for k, v in sorted(s[key].items())))
-    for e in s["skipped_examples"]:
-        print(f"  {e['path']}: {e['reason']}")
-    if s["written"] == 0:
-        print("error: nothing written", file=sys.stderr)
-        return 1
-    return 0
+            print(tally_line(what, s[key]))
+    return report_end(s)
 
 
 if __name__ == "__main__":

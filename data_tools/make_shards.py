@@ -39,7 +39,16 @@ from typing import Iterator, Optional
 
 from PIL import Image
 
-from data_tools.common import ShardSink, clean_caption, encode_image, progress, resize_shorter, to_rgb
+from data_tools.common import (
+    ShardSink,
+    clean_caption,
+    encode_image,
+    progress,
+    report_end,
+    resize_shorter,
+    tally_line,
+    to_rgb,
+)
 
 TOOL_FILES = ("sizes.json", "summary.json", "classnames.txt")  # what make_shards writes beside the shards
 
@@ -344,16 +353,11 @@ def main(argv=None) -> int:
         print(f"{len(classnames)} classes from the sub-folders of {a.input} (classnames.txt)")
     print(f"wrote {s['written']} of {s['inputs']} samples in {s['shards']} shard(s) ({s['spec']}) in {s['seconds']}s")
     if s["skipped_total"]:
-        print(f"skipped {s['skipped_total']}: " + ", ".join(f"{k}: {v}" for k, v in sorted(s["skipped"].items())))
-        for e in s["skipped_examples"]:
-            print(f"  {e['path']}: {e['reason']}")
-        if s["skipped"].get("empty caption") and os.path.isdir(a.input):
-            print("  (empty caption: an image without a non-empty .txt next to it; --images-only writes image-only "
-                  "shards)")
-    if s["written"] == 0:
-        print("error: nothing written", file=sys.stderr)
-        return 1
-    return 0
+        print(tally_line("skipped", s["skipped"]))
+    code = report_end(s)
+    if s["skipped"].get("empty caption") and os.path.isdir(a.input):
+        print("  (empty caption: an image without a non-empty .txt next to it; --images-only writes image-only shards)")
+    return code
 
 
 if __name__ == "__main__":
