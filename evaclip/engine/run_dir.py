@@ -59,10 +59,28 @@ def _holder_text(holder: dict) -> str:
     return f"process {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')}{job})"
 
 
+_HELD: "set[RunLock]" = set()  # the locks this process holds (until ``release``)
+
+
+def _drop_held_locks_in_child() -> None:
+    """After a fork without exec (DataLoader workers, multiprocessing): close the child's copy of every held lock's
+    descriptor. An ``flock`` belongs to the open file, which a forked child shares, so otherwise a data worker that
+    outlives its killed parent for a few seconds would keep the run folder locked and refuse the resume."""
+    for lock in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(lock._fd)
+        lock._fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_held_locks_in_child)
+
+
 class RunLock:
     """An advisory lock on a run folder: ``RUN/run.lock`` holds the holder's host, pid, start time and torchrun job,
     and an ``flock`` on it lasts as long as the holding process (the kernel drops it when the process dies, however it
-    dies, so a lock file left by a killed run is recognised as stale and taken over with a line saying so). On a file
+    dies, so a lock file left by a killed run is recognised as stale and taken over with a line saying so; forked
+    children such as data workers drop their copy at the fork, so they never hold it past the holder). On a file
     system without ``flock`` the pid is checked instead (on this host; a holder on another host is trusted).
 
     One process per run takes it (rank 0, see ``hold_run_folder``); a second one gets ``RunFolderInUse`` naming the
@@ -124,6 +142,7 @@ class RunLock:
         os.write(fd, json.dumps(me).encode())
         os.fsync(fd)
         self._fd = fd
+        _HELD.add(self)
 
     @staticmethod
     def _stale(holder: dict) -> bool:
@@ -138,6 +157,7 @@ class RunLock:
             self.path.unlink()  # before the unlock: a process that opened the old file sees it is gone and retries
         os.close(self._fd)
         self._fd = None
+        _HELD.discard(self)
         if self._created_dir:
             with contextlib.suppress(OSError):
                 self.run_dir.rmdir()  # only if empty: a run that failed before writing leaves no folder

@@ -7,6 +7,7 @@ first finishes with its own config and checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,7 +36,30 @@ def _holder(run_dir: Path) -> subprocess.Popen:
     return proc
 
 
+# The holder forks a child that outlives it (as DataLoader workers do for a few seconds after their parent is killed)
+_HOLD_AND_FORK = ("import os, sys, time; from evaclip.engine.run_dir import RunLock; RunLock(sys.argv[1]).acquire(); "
+                  "pid = os.fork()\n"
+                  "if pid == 0: time.sleep(60); os._exit(0)\n"
+                  "print(pid, flush=True); time.sleep(600)")
 
+
+def test_a_forked_child_of_the_holder_does_not_keep_the_lock_after_the_holder_is_killed(tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_AND_FORK, str(run)], env=env(), stdout=subprocess.PIPE,
+                              text=True)
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(RunFolderInUse):
+            RunLock(run).acquire()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(child, 0)  # the child is still alive ...
+        lock = RunLock(run)
+        lock.acquire()  # ... and the folder is free: it was the old code's RunFolderInUse
+        lock.release()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_a_second_process_refuses_a_held_folder_naming_the_holder_then_takes_over_a_stale_lock(tmp_path, caplog):
