@@ -106,11 +106,12 @@ def clip_knn(summary: dict, info: dict) -> Optional[float]:
     return res["knn/top1"]
 
 
-def seed_runs(info: dict, docs: dict, runs: Path, seed: int, clip_batch: int, extra: list[str]) -> dict:
-    """The three runs of one seed; returns their zero-shot and k-NN curves and seconds."""
+def seed_runs(info: dict, docs: dict, runs: Path, seed: int, clip_batch: int, extra: list[str],
+              arms: tuple[str, ...] = ARMS) -> dict:
+    """The runs of one seed (``arms``, all three by default); returns their zero-shot and k-NN curves and seconds."""
     d = runs / f"seed{seed}"
     row = {"seed": seed, "seconds": {}, "zeroshot": {}, "knn": {}}
-    for name in ARMS:
+    for name in arms:
         if name == "clip":
             # the caller's overrides first: the batch and the constant token drop are what make the FLOPs equal
             s = run_stage(TEACHER, [*extra, f"output_dir={d}", f"name={name}", "resume=auto",
@@ -201,6 +202,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--runs", type=Path, default=Path("runs/lcl"), help="run folders: RUNS/seed<N>/...")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the runs")
     p.add_argument("--table", type=Path, default=None, help="write the table between the lcl-seeds markers")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                   help="only these runs of each seed (to spread a table's runs over processes; no table then: run "
+                        "again without --arms, which finds them finished)")
     p.add_argument("--flops", action="store_true", help="only print the image-tower FLOPs per image of both models")
     p.add_argument("overrides", nargs="*", help="key=value for every run (e.g. max_steps=20)")
     args = p.parse_args(argv)
@@ -215,7 +219,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     clip_batch = clip_batch_size(per_step, flops)
     print(f"[demo_lcl] LCL feeds {per_step['mean']:.1f} images per step: CLIP batch {clip_batch} (the same image-side "
           "FLOPs per step)")
-    rows = [seed_runs(info, docs, args.runs, s, clip_batch, args.overrides) for s in args.seeds]
+    arms = tuple(a for a in ARMS if a in args.arms)
+    rows = [seed_runs(info, docs, args.runs, s, clip_batch, args.overrides, arms) for s in args.seeds]
+    if arms != ARMS:
+        print(f"[demo_lcl] ran {', '.join(arms)} of seeds {args.seeds}; the table needs all three runs of each seed")
+        return 0
     table = lcl_table(rows, per_step, flops)
     print(table)
     if args.table is not None:
