@@ -40,7 +40,14 @@ def test_demo_lcl_end_to_end_on_the_digits(digits, tmp_path):
     table.write_text("# x\n")
     argv = ["max_steps=1", "optim.warmup_steps=0", "data.batch_size=8", "eval.batch_size=256", "--data", str(data),
             "--runs", str(tmp_path / "runs"), "--seeds", "0", "--table", str(table)]
+    # --arms: one run of the seed, no table; the full invocation then finds that run finished and trains the others
+    assert demo_lcl.main([*argv, "--arms", "clip"]) == 0
+    assert (tmp_path / "runs" / "seed0" / "clip").is_dir() and not (tmp_path / "runs" / "seed0" / "lcl").exists()
+    assert table.read_text() == "# x\n"
     assert demo_lcl.main(argv) == 0
+    clip_events = [json.loads(x).get("event") for x in
+                   (tmp_path / "runs" / "seed0" / "clip" / "metrics.jsonl").read_text().splitlines()]
+    assert clip_events.count("start") == 1  # trained once, by the --arms call
     text = table.read_text()
     assert text.startswith("# x\n") and demo_lcl.TABLE_BEGIN in text and demo_lcl.TABLE_END in text
     for a in demo_lcl.ARMS:
