@@ -116,10 +116,13 @@ def test_ctrl_c_saves_once_says_how_to_resume_and_exits_130(digits, tmp_path):
     from evaclip.checkpoint import list_checkpoints
 
     assert list_checkpoints(tmp_path / "ctrlc" / "ckpt")
-    # the command it prints continues the run (here: finished at once with max_steps set to where it stopped)
+    # the command it prints continues the run (here: max_steps set to where it stopped, so the run is at its end
+    # without its final evaluation, which it runs, then ends)
     step = _records(tmp_path / "ctrlc")[-1]["step"]
     again = subprocess.run([sys.executable, "-m", "evaclip.train", str(tmp_path / "ctrlc" / "config.yaml"),
                             "resume=auto", f"max_steps={step}"], cwd=tmp_path, env=_env(), capture_output=True,
                            text=True, timeout=240)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert "is finished" in again.stdout + again.stderr
+    assert "stopped before its final evaluation; evaluating now" in again.stdout + again.stderr
+    end = _records(tmp_path / "ctrlc")[-1]
+    assert (end["event"], end["step"], end["status"]) == ("end", step, "finished")

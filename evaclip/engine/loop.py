@@ -9,6 +9,7 @@ checkpoint is on disk before any evaluation starts, so a slow or failing eval ne
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,10 +237,26 @@ def _setup(cfg: TrainCfg, task, env: du.DistEnv) -> _Run:
     return run
 
 
+def _ended(run_dir: Path, step: int) -> bool:
+    """Whether the run's metrics log ends (its last start / resume / end event) with a finished ``end`` at ``step``: a
+    run killed or stopped between its final checkpoint and the end of its final evaluation has none. A run folder
+    without a metrics log counts as ended."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return True
+    for line in reversed(path.read_text().splitlines()):
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if record.get("event") in ("end", "resume", "start"):
+                return (record.get("event"), record.get("step"), record.get("status")) == ("end", step, "finished")
+    return False
+
+
 def _run(cfg: TrainCfg, task, env: du.DistEnv) -> TrainResult:
     run = _setup(cfg, task, env)
     state, total_steps = run.state, run.total_steps
-    if state.step >= total_steps:
+    finished = state.step >= total_steps
+    if finished and du.broadcast_object(_ended(run.run_dir, state.step) if env.is_main else None):
         log.info("run %s is finished (step %d of %d): nothing to do; train longer with resume=auto max_steps=N "
                  "optim.extend=segment (a new warmup + schedule over the added steps) or optim.extend=tail (the added "
                  "steps at the schedule's final lr)",
@@ -248,6 +265,18 @@ def _run(cfg: TrainCfg, task, env: du.DistEnv) -> TrainResult:
                            bad_steps=state.bad_steps_total)
     run.logger = logger = MetricLogger(run.run_dir, cfg.log, rank=env.rank, total_steps=total_steps,
                                        run_name=cfg.name or "run", config=to_dict(cfg))
+    if finished:  # stopped after its final checkpoint, before its final evaluation and end: do those now
+        log.info("run %s: its final checkpoint (step %d) is saved but the run stopped before its final evaluation; "
+                 "evaluating now", run.run_dir, state.step)
+        logger.event("resume", step=state.step, world_size=env.world_size, checkpoint=str(run.resume_from),
+                      global_batch=state.global_batch, total_steps=total_steps, task=cfg.task)
+        try:
+            eval_results = run.evaluate()
+            logger.event("end", step=state.step, status="finished")
+        finally:
+            logger.close()
+        return TrainResult(run_dir=run.run_dir, step=state.step, status="finished", checkpoint=run.resume_from,
+                           bad_steps=state.bad_steps_total, eval=eval_results)
     logger.event("resume" if run.resume_from else "start", step=state.step, world_size=env.world_size,
                  checkpoint=str(run.resume_from) if run.resume_from else None, global_batch=state.global_batch,
                  total_steps=total_steps, task=cfg.task)

@@ -207,3 +207,30 @@ def test_stop_signal_defers_a_second_interrupt_inside_critical():
         assert done
         with pytest.raises(KeyboardInterrupt):
             stop._handle(signal.SIGINT, None)  # outside a write: at once
+
+
+def test_a_run_stopped_after_its_final_checkpoint_gets_its_final_evaluation_on_resume(tmp_path, capsys, train_args,
+                                                                                        digits):
+    """Killed between its final checkpoint and the end of its final evaluation (the save comes first), a run's
+    ``resume=auto`` evaluates the final weights and logs the end, instead of 'nothing to do' without the figure."""
+    args = train_args("max_steps=2", f"eval.zeroshot={digits['zeroshot']}", "eval.every=0")
+    assert cli(args) == 0
+    path = tmp_path / "run" / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    final_eval = [r for r in records if "eval/zeroshot/top1" in r]
+    assert [r["step"] for r in final_eval] == [2] and records[-1]["event"] == "end"
+    cut = max(i for i, r in enumerate(records) if r.get("event") == "checkpoint") + 1
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:cut]))  # what a kill during the eval leaves
+    capsys.readouterr()
+
+    assert cli(train_args("max_steps=2", f"eval.zeroshot={digits['zeroshot']}", "eval.every=0", "resume=auto")) == 0
+    assert "stopped before its final evaluation; evaluating now" in capsys.readouterr().out
+    after = [json.loads(line) for line in path.read_text().splitlines()][cut:]
+    assert [r.get("event") for r in after if "event" in r] == ["resume", "end"]
+    again = [r for r in after if "eval/zeroshot/top1" in r]
+    assert len(again) == 1 and again[0]["step"] == 2
+    assert again[0]["eval/zeroshot/top1"] == final_eval[0]["eval/zeroshot/top1"]  # the same weights, the same figure
+    assert not any("train/loss" in r for r in after)  # no step was trained again
+
+    assert cli(train_args("max_steps=2", f"eval.zeroshot={digits['zeroshot']}", "eval.every=0", "resume=auto")) == 0
+    assert "is finished (step 2 of 2): nothing to do" in capsys.readouterr().out
