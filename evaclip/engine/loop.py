@@ -265,11 +265,12 @@ def _run(cfg: TrainCfg, task, env: du.DistEnv) -> TrainResult:
                            bad_steps=state.bad_steps_total)
     run.logger = logger = MetricLogger(run.run_dir, cfg.log, rank=env.rank, total_steps=total_steps,
                                        run_name=cfg.name or "run", config=to_dict(cfg))
+    logger.event("resume" if run.resume_from else "start", step=state.step, world_size=env.world_size,
+                 checkpoint=str(run.resume_from) if run.resume_from else None, global_batch=state.global_batch,
+                 total_steps=total_steps, task=cfg.task)
     if finished:  # stopped after its final checkpoint, before its final evaluation and end: do those now
         log.info("run %s: its final checkpoint (step %d) is saved but the run stopped before its final evaluation; "
                  "evaluating now", run.run_dir, state.step)
-        logger.event("resume", step=state.step, world_size=env.world_size, checkpoint=str(run.resume_from),
-                      global_batch=state.global_batch, total_steps=total_steps, task=cfg.task)
         try:
             eval_results = run.evaluate()
             logger.event("end", step=state.step, status="finished")
@@ -277,9 +278,6 @@ def _run(cfg: TrainCfg, task, env: du.DistEnv) -> TrainResult:
             logger.close()
         return TrainResult(run_dir=run.run_dir, step=state.step, status="finished", checkpoint=run.resume_from,
                            bad_steps=state.bad_steps_total, eval=eval_results)
-    logger.event("resume" if run.resume_from else "start", step=state.step, world_size=env.world_size,
-                 checkpoint=str(run.resume_from) if run.resume_from else None, global_batch=state.global_batch,
-                 total_steps=total_steps, task=cfg.task)
     log.info("run %s (%s): %d steps of %d samples (%d per rank x %d accum x %d ranks), %d steps per epoch, %s on %s",
              run.run_dir, cfg.task, total_steps, state.global_batch, cfg.data.batch_size, cfg.accum_freq,
              env.world_size, state.steps_per_epoch, cfg.precision, env.device)
