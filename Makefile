@@ -30,6 +30,7 @@ demo: $(STAMP)
 TEST_WORKERS ?= 2
 PYTEST_CPU := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 test: $(STAMP)
+	$(BIN)/ruff check evaclip data_tools tests
 	$(PYTEST_CPU) -m "not gpu" --durations=25; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 test-fast: $(STAMP)

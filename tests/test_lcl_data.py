@@ -20,8 +20,16 @@ from PIL import Image
 from torchvision import transforms as T
 
 from evaclip.config import DataCfg
-from evaclip.data.interleaved import (DocBatch, DocImage, LCLDataCfg, RowBuilder, build_lcl_loader,
-                                      document_pieces, parse_document, select_images)
+from evaclip.data.interleaved import (
+    DocBatch,
+    DocImage,
+    LCLDataCfg,
+    RowBuilder,
+    build_lcl_loader,
+    document_pieces,
+    parse_document,
+    select_images,
+)
 from evaclip.errors import ConfigError
 from evaclip.models.lcl_tokens import LCLTokens
 
@@ -349,6 +357,7 @@ def test_each_image_of_a_batch_belongs_to_its_block(tmp_path):
                     before = [t for t in r[start:j] if t < IDS.sot]
                     after = [t for t in r[j:] if t < IDS.sot]  # an image-first pair: its caption follows
                     words = TOK.decode(before or after).split()  # CLIP's BPE writes 123 as 1 2 3
-                    assert words[0] == "color" and round(float(b.images_NCHW[k].mean()) * 255) == int("".join(words[1:]))
+                    shade = round(float(b.images_NCHW[k].mean()) * 255)
+                    assert words[0] == "color" and shade == int("".join(words[1:]))
                     k += 1
             assert k == b.images_NCHW.shape[0]

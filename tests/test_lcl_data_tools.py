@@ -16,7 +16,8 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 from torchvision import transforms as T
 
-from data_tools import make_demo_docs, make_interleaved_shards as mis
+from data_tools import make_demo_docs
+from data_tools import make_interleaved_shards as mis
 from evaclip.config import DataCfg
 from evaclip.data.interleaved import LCLDataCfg, build_lcl_loader
 from evaclip.models.lcl_tokens import LCLTokens
@@ -125,7 +126,7 @@ def test_cli_errors_are_one_line(tmp_path, mmc4):
 
 def test_demo_documents_are_deterministic_and_load(tmp_path):
     a = make_demo_docs.make_demo_docs(str(tmp_path / "a"), seed=0, docs_per_digit=1, samples_per_shard=200)
-    b = make_demo_docs.make_demo_docs(str(tmp_path / "b"), seed=0, docs_per_digit=1, samples_per_shard=200)
+    make_demo_docs.make_demo_docs(str(tmp_path / "b"), seed=0, docs_per_digit=1, samples_per_shard=200)
     for split in ("docs", "docs_val"):
         fa = sorted((tmp_path / "a" / split).glob("*.tar"))
         assert fa and [f.read_bytes() for f in fa] == [(tmp_path / "b" / split / f.name).read_bytes() for f in fa]

@@ -15,7 +15,6 @@ images, bf16.
 from __future__ import annotations
 
 import argparse
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +143,25 @@ def _time(fn, args, device) -> float:
     return median([time_calls(fn, args.steps, device) for _ in range(args.rounds)])
 
 
+def _lcl_row(args, model_name: str, device, precision: str, rows: int, peak: float):
+    """The LCL step's row (and its config): the whole step, then the language model's part alone."""
+    cfg, task, model, train_step, micro, L = _lcl(args, model_name, device, precision, rows)
+    n_images = micro[0][0].shape[0]
+
+    def lcl_step():
+        train_step(micro)
+
+    lcl_s = _time(lcl_step, args, device)
+    lm = _lm_only(model, micro, train_step.ctx)
+    lm_s = _time(lm, args, device)
+    lcl_flops, lm_flops = count_flops(lcl_step), count_flops(lm)
+    row = {"task": "lcl", "model": model_name, "precision": precision, "rows": rows, "images": n_images,
+           "context": L, "images_per_s": n_images / lcl_s, "step_ms": 1e3 * lcl_s, "lm_ms": 1e3 * lm_s,
+           "lm_share_pct": 100 * lm_s / lcl_s, "gflops_per_image": lcl_flops / n_images / 1e9,
+           "mfu_pct": 100 * mfu(lcl_flops, lcl_s, peak), "_lm_flops_share": lm_flops / lcl_flops}
+    return cfg, row
+
+
 def run(args: argparse.Namespace) -> dict:
     """Two rows: the LCL step and the CLIP step of ``args.model`` on as many images."""
     from evaclip.bench.train import resolve_device, resolve_dtype
@@ -159,21 +177,10 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--rows, --images-per-row and --text-per-image must be >= 1")
     peak = matmul_peak_flops(device, dtype)
 
-    cfg, task, model, train_step, micro, L = _lcl(args, model_name, device, precision, rows)
-    n_images = micro[0][0].shape[0]
-
-    def lcl_step():
-        train_step(micro)
-
-    lcl_s = _time(lcl_step, args, device)
-    lm = _lm_only(model, micro, train_step.ctx)
-    lm_s = _time(lm, args, device)
-    lcl_flops, lm_flops = count_flops(lcl_step), count_flops(lm)
-    out = [{"task": "lcl", "model": model_name, "precision": precision, "rows": rows, "images": n_images,
-            "context": L, "images_per_s": n_images / lcl_s, "step_ms": 1e3 * lcl_s, "lm_ms": 1e3 * lm_s,
-            "lm_share_pct": 100 * lm_s / lcl_s, "gflops_per_image": lcl_flops / n_images / 1e9,
-            "mfu_pct": 100 * mfu(lcl_flops, lcl_s, peak)}]
-    del model, train_step, micro, task
+    cfg, row = _lcl_row(args, model_name, device, precision, rows, peak)  # its model is freed on return
+    lm_share = row.pop("_lm_flops_share")
+    out = [row]
+    n_images = row["images"]
 
     ccfg, cmodel, ctrain_step, cmicro = _clip(args, model_name, device, precision, n_images)
 
@@ -187,9 +194,10 @@ def run(args: argparse.Namespace) -> dict:
                 "step_ms": 1e3 * clip_s, "lm_ms": None, "lm_share_pct": None,
                 "gflops_per_image": clip_flops / n_images / 1e9, "mfu_pct": 100 * mfu(clip_flops, clip_s, peak)})
     notes = [f"engine step (build_step) of task=lcl ({rows} rows of {args.images_per_row} image(s) and "
-             f"{args.text_per_image} text tokens before each image and at the end, context {L}) and of task=clip on "
-             f"the same {n_images} images, token drop {args.token_drop}, LAMB, grad clip {cfg.optim.grad_clip_norm}; "
-             f"{args.rounds} rounds of {args.steps} steps, median; LM = the language model's forward over the rows "
-             "(image latents fixed), its head at the generation targets, the cross-entropy and its backward, timed "
-             f"alone ({100 * lm_flops / lcl_flops:.0f} % of the LCL step's FLOPs); MFU against a measured matmul peak"]
+             f"{args.text_per_image} text tokens before each image and at the end, context {row['context']}) and of "
+             f"task=clip on the same {n_images} images, token drop {args.token_drop}, LAMB, grad clip "
+             f"{cfg.optim.grad_clip_norm}; {args.rounds} rounds of {args.steps} steps, median; LM = the language "
+             "model's forward over the rows (image latents fixed), its head at the generation targets, the "
+             f"cross-entropy and its backward, timed alone ({100 * lm_share:.0f} % of the LCL step's FLOPs); MFU "
+             "against a measured matmul peak"]
     return section(f"LCL step beside the CLIP step: {model_name}", COLUMNS, out, notes)

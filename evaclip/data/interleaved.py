@@ -51,8 +51,20 @@ import torch
 from evaclip.errors import ConfigError
 from evaclip.models.lcl_tokens import LCLTokens
 
-from .shards import (DataInfo, ShardStream, SkipCounter, _aug_seed, _seed_int, _split_keys, _StreamSpec,
-                     batches_per_rank, crop_size, decode_image, plan_shards, worker_count)
+from .shards import (
+    DataInfo,
+    ShardStream,
+    SkipCounter,
+    _aug_seed,
+    _seed_int,
+    _split_keys,
+    _StreamSpec,
+    batches_per_rank,
+    crop_size,
+    decode_image,
+    plan_shards,
+    worker_count,
+)
 
 log = logging.getLogger(__name__)
 

@@ -294,7 +294,6 @@ def _loop(run: _Run) -> TrainResult:
     data.set_epoch(epoch, state.batch_in_epoch)
     batches = fresh_iter(data.loader)
     last_ckpt, status, eval_results = run.resume_from, "finished", {}
-    loss_sum, loss_n = torch.zeros((), device=run.env.device), 0
     meter = Throughput(state.step, run.total_steps)
     model.train()
     with StopSignal() as stop:
@@ -318,16 +317,13 @@ def _loop(run: _Run) -> TrainResult:
                     raise TrainingStopped(_diverged_message(consecutive_bad, state.step + 1, cfg.max_bad_steps,
                                                             last_ckpt))
             else:
-                loss_sum += out["loss"].float()
-                loss_n += 1
+                state.add_loss(out["loss"])
             run.scheduler.step()  # also on skipped steps: the schedule follows the data
             state.step += 1
             step, last = state.step, state.step == run.total_steps
 
             if step % cfg.log.every == 0 or last:
-                run.log_step(out, upd, (loss_sum / loss_n).item() if loss_n else float("nan"), meter)
-                loss_sum.zero_()
-                loss_n = 0
+                run.log_step(out, upd, state.pop_mean_loss(), meter)
             if upd.stop:
                 status = "preempted"
                 last_ckpt = run.save(stop)

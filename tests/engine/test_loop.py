@@ -63,6 +63,21 @@ def test_a_toy_task_trains_accumulates_and_resumes_exactly(tmp_path):
     assert all(torch.equal(final[k], uninterrupted[k]) for k in final)  # bitwise
 
 
+def test_the_first_log_after_a_mid_window_resume_averages_the_same_steps(tmp_path):
+    """A log step's ``train/loss`` is the mean over the steps since the previous log step; a run resumed from a
+    checkpoint inside that window logs the same mean as the uninterrupted run (the window is in the checkpoint)."""
+    args = ("max_steps=8", "log.every=4", "ckpt.every=2")
+    ref = _losses(train(_cfg(tmp_path, "win", *args), ToyTask).run_dir)
+    assert sorted(ref) == [4, 8]
+    run_dir = tmp_path / "win"
+    for later in ("step_00000004", "step_00000006", "step_00000008"):  # killed after step 2's checkpoint
+        shutil.rmtree(run_dir / "ckpt" / later)
+    (run_dir / "metrics.jsonl").unlink()
+    resumed = _losses(train(_cfg(tmp_path, "win", *args, "resume=auto"), ToyTask).run_dir)
+    assert resumed[4] == pytest.approx(ref[4], rel=1e-6)  # steps 1-4, not only 3-4
+    assert resumed[8] == pytest.approx(ref[8], rel=1e-6)
+
+
 def test_a_task_in_one_file_and_one_registry_line_runs_from_the_command_line(tmp_path, capsys):
     """Nothing in evaclip names the toy task: its schema is found by its name, its ``toy`` section is checked by its
     own rule, the default step accumulates its ``loss``, its ``pred_mean`` extra is logged, its ``decoder`` tower
