@@ -513,8 +513,9 @@ def _init_logit_scale(model, sd: dict, report: LoadReport) -> None:
     if scale is None:
         return
     if "logit_scale" not in sd:
+        init = float(scale.detach())
         report.notes.append("text_init has no logit_scale: logit_scale keeps its init "
-                            f"({float(scale):.4f}, temperature 1/{math.exp(float(scale)):.1f})")
+                            f"({init:.4f}, temperature 1/{math.exp(init):.1f})")
         return
     value = min(float(sd["logit_scale"].float().reshape(())), math.log(100.0))
     with torch.no_grad():
