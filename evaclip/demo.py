@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from evaclip.logging import read_metrics
+
 TEACHER, MIM, EVA_CLIP = "demo_cpu", "demo_mim_cpu", "demo_eva_clip_cpu"  # stage recipes = run folder names
 TEACHER_EVAL_EVERY = 50
 TOP1 = "eval/zeroshot/top1"
@@ -75,13 +77,6 @@ def stage_config(recipe: str, overrides: list[str]):
     from evaclip.engine.run_dir import reconcile_resume
 
     return reconcile_resume(load_config(recipe, overrides), parse_overrides(overrides))
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def curve(run_dir: Path, key: str = TOP1) -> dict[int, float]:

@@ -22,6 +22,21 @@ def get_logger(name: str = _ROOT) -> _logging.Logger:
     return _logging.getLogger(name if name.startswith(_ROOT) else f"{_ROOT}.{name}")
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of ``RUN/metrics.jsonl`` in order (``[]`` without one); a line that does not parse (the partial
+    last line of a writer killed mid-line) is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 def setup_console(rank: int = 0, level: int = _logging.INFO) -> None:
     """Console handler for the ``evaclip`` loggers: rank 0 logs at ``level``, other ranks only warnings and errors."""
     logger = _logging.getLogger(_ROOT)

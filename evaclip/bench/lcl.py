@@ -144,7 +144,8 @@ def _time(fn, args, device) -> float:
 
 
 def _lcl_row(args, model_name: str, device, precision: str, rows: int, peak: float):
-    """The LCL step's row (and its config): the whole step, then the language model's part alone."""
+    """The LCL step's row, its config and the LM's share of the step's FLOPs: the whole step, then the language
+    model's part alone."""
     cfg, task, model, train_step, micro, L = _lcl(args, model_name, device, precision, rows)
     n_images = micro[0][0].shape[0]
 
@@ -158,8 +159,8 @@ def _lcl_row(args, model_name: str, device, precision: str, rows: int, peak: flo
     row = {"task": "lcl", "model": model_name, "precision": precision, "rows": rows, "images": n_images,
            "context": L, "images_per_s": n_images / lcl_s, "step_ms": 1e3 * lcl_s, "lm_ms": 1e3 * lm_s,
            "lm_share_pct": 100 * lm_s / lcl_s, "gflops_per_image": lcl_flops / n_images / 1e9,
-           "mfu_pct": 100 * mfu(lcl_flops, lcl_s, peak), "_lm_flops_share": lm_flops / lcl_flops}
-    return cfg, row
+           "mfu_pct": 100 * mfu(lcl_flops, lcl_s, peak)}
+    return cfg, row, lm_flops / lcl_flops
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -177,8 +178,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--rows, --images-per-row and --text-per-image must be >= 1")
     peak = matmul_peak_flops(device, dtype)
 
-    cfg, row = _lcl_row(args, model_name, device, precision, rows, peak)  # its model is freed on return
-    lm_share = row.pop("_lm_flops_share")
+    cfg, row, lm_share = _lcl_row(args, model_name, device, precision, rows, peak)  # its model is freed on return
     out = [row]
     n_images = row["images"]
 

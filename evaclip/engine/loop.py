@@ -9,7 +9,6 @@ checkpoint is on disk before any evaluation starts, so a slow or failing eval ne
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from evaclip.engine.rng import fresh_iter, host_rng_untouched, next_batch, seed_
 from evaclip.engine.signals import StopSignal
 from evaclip.engine.state import TrainerState
 from evaclip.engine.step import Step, build_step, lr_by_tower
-from evaclip.logging import MetricLogger, Throughput, get_logger, setup_console
+from evaclip.logging import MetricLogger, Throughput, get_logger, read_metrics, setup_console
 from evaclip.optim import build_optimizer, build_scheduler
 from evaclip.parallel import gathered, wrap_model
 from evaclip.precision import set_tf32
@@ -241,14 +240,11 @@ def _ended(run_dir: Path, step: int) -> bool:
     """Whether the run's metrics log ends (its last start / resume / end event) with a finished ``end`` at ``step``: a
     run killed or stopped between its final checkpoint and the end of its final evaluation has none. A run folder
     without a metrics log counts as ended."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    if not (Path(run_dir) / "metrics.jsonl").is_file():
         return True
-    for line in reversed(path.read_text().splitlines()):
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if record.get("event") in ("end", "resume", "start"):
-                return (record.get("event"), record.get("step"), record.get("status")) == ("end", step, "finished")
+    for record in reversed(read_metrics(run_dir)):
+        if record.get("event") in ("end", "resume", "start"):
+            return (record.get("event"), record.get("step"), record.get("status")) == ("end", step, "finished")
     return False
 
 

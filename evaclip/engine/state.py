@@ -63,8 +63,8 @@ class TrainerState:
         self.step = int(state["step"])
         self.bad_steps_total = int(state.get("bad_steps_total", 0))
         self.bad_steps_in_a_row = int(state.get("bad_steps_in_a_row", 0))
-        loss_sum, self.loss_n = state.get("loss_window", (0.0, 0))  # absent in older checkpoints: a fresh window
-        self.loss_n = int(self.loss_n)
+        loss_sum, loss_n = state.get("loss_window", (0.0, 0))  # absent in older checkpoints: a fresh window
+        self.loss_n = int(loss_n)
         # a 0-d CPU tensor adds to a loss on any device; float32 holds the saved float32 sum exactly
         self.loss_sum = torch.tensor(loss_sum, dtype=torch.float32) if self.loss_n else None
         saved = state.get("steps_per_epoch")
