@@ -78,6 +78,22 @@ def test_the_first_log_after_a_mid_window_resume_averages_the_same_steps(tmp_pat
     assert resumed[8] == pytest.approx(ref[8], rel=1e-6)
 
 
+def test_a_checkpoint_from_before_the_loss_window_resumes_with_a_fresh_window():
+    """``trainer.pt`` files written before the window was checkpointed have no ``loss_window``: they load, and the
+    first log averages the steps after the resume (what every resume did then)."""
+    from evaclip.engine.state import TrainerState
+
+    old = {"step": 6, "epoch": 0, "batch_in_epoch": 6, "steps_per_epoch": 10, "samples_seen": 48,
+           "bad_steps_total": 0, "bad_steps_in_a_row": 0}
+    state = TrainerState(steps_per_epoch=10, global_batch=8)
+    state.load_state_dict(old)
+    assert state.step == 6 and state.loss_n == 0 and state.loss_sum is None
+    state.add_loss(torch.tensor(2.0))
+    state.add_loss(torch.tensor(4.0))
+    assert state.pop_mean_loss() == 3.0 and state.loss_n == 0
+    assert state.state_dict()["loss_window"] == [0.0, 0]
+
+
 def test_a_task_in_one_file_and_one_registry_line_runs_from_the_command_line(tmp_path, capsys):
     """Nothing in evaclip names the toy task: its schema is found by its name, its ``toy`` section is checked by its
     own rule, the default step accumulates its ``loss``, its ``pred_mean`` extra is logged, its ``decoder`` tower
