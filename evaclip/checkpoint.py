@@ -217,6 +217,29 @@ def _save_entry(folder: Path, name: str, state: dict, rank: int) -> None:
         atomic_torch_save(state, folder / f"{name}.pt")
 
 
+def _is_write_failure(e: RuntimeError) -> bool:
+    """torch.save's zip writer reports a failed write (a full disk, a file size limit) as a RuntimeError."""
+    return any(k in str(e) for k in ("PytorchStreamWriter", "inline_container", "file write failed"))
+
+
+def _save_failed(root: Path, tmp: Path, step: int, e: BaseException) -> CheckpointError:
+    """The one line for a save that could not write (a full disk most often): the partial folder is removed (the space
+    it took is given back; the complete checkpoints are untouched) and the line says what is left to resume from."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError) and e.strerror:
+        reason = e.strerror
+    else:  # torch's writer: "[enforce fail at inline_container.cc:672] . unexpected pos 1472 vs 1372"
+        reason = f"a file write failed: torch.save: {str(e).strip().splitlines()[-1].split('] ')[-1].strip(' .')[:160]}"
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**30:.2f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    newest = list_checkpoints(root)
+    left = (f"the newest complete checkpoint, {newest[0].name}, is intact: free some space, then resume=auto continues "
+            f"from it" if newest else "no earlier checkpoint exists")
+    return CheckpointError(f"checkpoint save of step {step} under {root} failed ({reason}; {free}); {left}")
+
+
 def _written_files(tmp: Path) -> list[str]:
     return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
 
@@ -251,16 +274,21 @@ def save_checkpoint(
         tmp.mkdir()
     du.barrier()
     io = get_state_io(strategy)
-    io.save(tmp, model, optimizer, rank)
-    for name, obj in states.items():
-        state = obj.state_dict() if obj is not None else None
-        if name == "trainer":
-            state = dict(state or {}, step=step, config_yaml=config_yaml)
-        if state is not None:
-            _save_entry(tmp, name, state, rank)
-    atomic_torch_save(get_rng_state(), tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        atomic_write_text(config_yaml, tmp / "config.yaml")
+    try:
+        io.save(tmp, model, optimizer, rank)
+        for name, obj in states.items():
+            state = obj.state_dict() if obj is not None else None
+            if name == "trainer":
+                state = dict(state or {}, step=step, config_yaml=config_yaml)
+            if state is not None:
+                _save_entry(tmp, name, state, rank)
+        atomic_torch_save(get_rng_state(), tmp / f"rng_rank{rank}.pt")
+        if rank == 0:
+            atomic_write_text(config_yaml, tmp / "config.yaml")
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _is_write_failure(e):
+            raise
+        raise _save_failed(root, tmp, step, e) from e
     du.barrier()
     if rank == 0:
         names = _written_files(tmp)

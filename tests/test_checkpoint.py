@@ -101,6 +101,33 @@ def test_keep_last_and_tmp_folders_are_ignored(tmp_path):
     assert ckpt.find_resume_checkpoint(tmp_path).name == "step_00000050"
 
 
+def test_a_save_the_disk_cannot_take_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """A real failed write (a file size limit: the kernel refuses the write as a full disk does) in the middle of
+    model.pt: CheckpointError says which step, why, the space left and what to resume from; the partial folder is
+    gone and the earlier checkpoint still verifies."""
+    import resource
+    import signal
+
+    model, opt, _ = _trained()
+    model.big = nn.Linear(128, 128)  # model.pt about 68 kB
+    _save(tmp_path, 10, model, opt)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing us
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, old_limit[1]))
+    try:
+        with pytest.raises(ckpt.CheckpointError) as err:
+            _save(tmp_path, 20, model, opt)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"checkpoint save of step 20 under {tmp_path} failed (a file write failed: torch.save: "), msg
+    assert "GiB free there" in msg and "step_00000010, is intact" in msg and "resume=auto" in msg, msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000010"]
+    ckpt.verify_checkpoint(tmp_path / "step_00000010")
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_meta"])
 def test_damaged_newest_checkpoint_is_reported_and_previous_used(tmp_path, caplog, damage):
     model, opt, _ = _trained()

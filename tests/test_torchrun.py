@@ -58,18 +58,25 @@ def test_sigkill_then_resume_auto_continues_exactly(digits, tmp_path):
     assert_continues_like(tmp_path / "victim", tmp_path / "ref", resumed_at=4, last_step=14)
 
 
+def _signal_at_step_2(proc: subprocess.Popen, metrics, send) -> None:
+    """Wait (at most 2 min) until the run has logged step 2, then ``send()`` its signal; a run that ended before
+    that fails here with its own output."""
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and '"step": 2,' not in (
+            metrics.read_text() if metrics.is_file() else ""):
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        raise AssertionError(f"the run ended (exit {proc.returncode}) before the signal:\n{proc.stdout.read()[-3000:]}")
+    send()
+
+
 def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
     """A scheduler's SIGTERM: the current step finishes, a checkpoint is written, the exit code says 'not finished'."""
     cmd = [sys.executable, "-m", "evaclip.train", "demo_cpu", f"model.name={MODEL}", "data.synthetic=true",
            "data.batch_size=4", "device=cpu", f"output_dir={tmp_path}", "name=term", "log.every=1",
            "log.tensorboard=false", "max_steps=100000", "optim.warmup_steps=1", "model.token_drop_until=null"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "term" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline and '"step": 2,' not in (
-            metrics.read_text() if metrics.is_file() else ""):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    _signal_at_step_2(proc, tmp_path / "term" / "metrics.jsonl", lambda: proc.send_signal(signal.SIGTERM))
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     end = _records(tmp_path / "term")[-1]
@@ -102,12 +109,7 @@ def test_ctrl_c_saves_once_says_how_to_resume_and_exits_130(digits, tmp_path):
     cmd = [sys.executable, "-m", "evaclip.train", *_overrides(digits, tmp_path, "ctrlc", "max_steps=100000")]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    metrics = tmp_path / "ctrlc" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline and '"step": 2,' not in (
-            metrics.read_text() if metrics.is_file() else ""):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
+    _signal_at_step_2(proc, tmp_path / "ctrlc" / "metrics.jsonl", lambda: os.killpg(proc.pid, signal.SIGINT))
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, out[-3000:]
     assert out.count("received SIGINT") == 1, out[-3000:]
