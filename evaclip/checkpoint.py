@@ -240,6 +240,25 @@ def _save_failed(root: Path, tmp: Path, step: int, e: BaseException) -> Checkpoi
     return CheckpointError(f"checkpoint save of step {step} under {root} failed ({reason}; {free}); {left}")
 
 
+def _write_meta(tmp: Path, step: int, expected: list[str], world_size: int, strategy: str, states: dict,
+                checksum: bool) -> None:
+    """Check that every file of the step is there, fsync each, and write ``meta.json`` (their sizes and sha256)."""
+    names = _written_files(tmp)
+    expected = expected + ["config.yaml"] + [f"rng_rank{r}.pt" for r in range(world_size)]
+    for name in expected:
+        if name not in names:
+            raise CheckpointError(f"checkpoint save of step {step}: {name} was not written")
+    files = {}
+    for name in names:
+        p = tmp / name
+        _fsync_file(p)
+        files[name] = {"size": p.stat().st_size, "sha256": sha256_file(p) if checksum else None}
+    meta = {"format": FORMAT_VERSION, "step": step, "world_size": world_size, "strategy": strategy,
+            "entries": sorted(n for n, o in states.items() if o is not None), "files": files}
+    atomic_write_text(json.dumps(meta, indent=1), tmp / "meta.json")
+    _fsync_dir(tmp)
+
+
 def _written_files(tmp: Path) -> list[str]:
     return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
 
@@ -274,7 +293,7 @@ def save_checkpoint(
         tmp.mkdir()
     du.barrier()
     io = get_state_io(strategy)
-    try:
+    try:  # a write the disk refuses, in any file or in meta.json, is one line (the partial folder removed)
         io.save(tmp, model, optimizer, rank)
         for name, obj in states.items():
             state = obj.state_dict() if obj is not None else None
@@ -285,26 +304,14 @@ def save_checkpoint(
         atomic_torch_save(get_rng_state(), tmp / f"rng_rank{rank}.pt")
         if rank == 0:
             atomic_write_text(config_yaml, tmp / "config.yaml")
+        du.barrier()
+        if rank == 0:
+            _write_meta(tmp, step, io.files(world_size), world_size, strategy, states, checksum)
     except (OSError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not _is_write_failure(e):
             raise
         raise _save_failed(root, tmp, step, e) from e
-    du.barrier()
     if rank == 0:
-        names = _written_files(tmp)
-        expected = io.files(world_size) + ["config.yaml"] + [f"rng_rank{r}.pt" for r in range(world_size)]
-        for name in expected:
-            if name not in names:
-                raise CheckpointError(f"checkpoint save of step {step}: {name} was not written")
-        files = {}
-        for name in names:
-            p = tmp / name
-            _fsync_file(p)
-            files[name] = {"size": p.stat().st_size, "sha256": sha256_file(p) if checksum else None}
-        meta = {"format": FORMAT_VERSION, "step": step, "world_size": world_size, "strategy": strategy,
-                "entries": sorted(n for n, o in states.items() if o is not None), "files": files}
-        atomic_write_text(json.dumps(meta, indent=1), tmp / "meta.json")
-        _fsync_dir(tmp)
         if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
